@@ -1,0 +1,1 @@
+"""Decoding core (torch only): item trie, constrained beam search, speculative beam search."""

@@ -1,0 +1,187 @@
+"""Batched, trie-constrained beam search on one model with a KV cache and one prompt prefill per user.
+
+Contract: for B prompts, return each user's top-K items under the model's cumulative log-probability of the SID
+(the same ranking as transformers ``generate(num_beams=K, length_penalty=0)`` with the trie as
+``prefix_allowed_tokens_fn``). Cost: exactly L model calls (one prefill, then L - 1 cached steps of B*K rows).
+Beam state lives in ``[B, K, ...]`` tensors; every step is tensor operations, nothing per beam in Python.
+
+The pieces (prefill, masked level log-probs, top-K selection, item expansion) are public because speculative beam
+search reuses them: it must make exactly the same choices as this function to be lossless.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from atspeed_exp.decoding.protocol import DecoderLM, mask_value
+from atspeed_exp.decoding.trie import ItemTrie
+
+
+@dataclass
+class BeamSearchOutput:
+    items: torch.Tensor  # [B, K] long, -1 where fewer than K items exist
+    scores: torch.Tensor  # [B, K] float, cumulative log-prob of each item's SID (-inf for -1 items)
+    sequences: torch.Tensor  # [B, K, L] long: the K beams' SID token ids, best first
+    sequence_scores: torch.Tensor  # [B, K] float
+    model_calls: int  # forward calls of the model for the whole batch
+    tokens_processed: int  # tokens fed to the model (prompt tokens incl. padding + beam tokens)
+
+
+def left_pad(prompts: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D prompts to ``ids [B, P]`` and ``mask [B, P]`` (bool), padded on the left so that every
+    prompt ends at column P - 1."""
+    if len(prompts) == 0:
+        raise ValueError("no prompts given")
+    lengths = [int(p.numel()) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError(f"empty prompt at position {lengths.index(0)}")
+    width = max(lengths)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for row, prompt in enumerate(prompts):  # once per batch, not per step
+        ids[row, width - lengths[row] :] = prompt
+        mask[row, width - lengths[row] :] = True
+    return ids, mask
+
+
+def prompt_positions(prompt_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids ``[B, P]`` of left-padded prompts: 0 at each prompt's first real token."""
+    return (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def causal_prefill_mask(prompt_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask ``[B, 1, P, P]``: causal, and padding keys hidden."""
+    width = prompt_mask.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=prompt_mask.device).tril()
+    visible = causal[None] & prompt_mask[:, None, :]  # [B, P, P]
+    return additive(visible[:, None], dtype)
+
+
+def additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool visibility -> additive float mask (0 where visible)."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, mask_value(dtype))
+
+
+def prefill(model: DecoderLM, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """One forward over the (left-padded) prompts; returns the last position's logits ``[B, V]`` and the cache."""
+    logits, cache = model(
+        prompt_ids,
+        prompt_positions(prompt_mask),
+        causal_prefill_mask(prompt_mask, model.dtype),
+        model.new_cache(),
+    )
+    return logits[:, -1], cache
+
+
+def level_log_probs(logits: torch.Tensor, trie: ItemTrie, depth: int, nodes: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of the level-``depth`` codes, normalised over the full vocabulary (as the model's
+    likelihood and transformers' beam search are), with codes that leave the trie set to -inf.
+
+    logits: ``[..., V]``; nodes: ``[...]`` trie nodes at ``depth``. Returns ``[..., block_size]``.
+    """
+    start, end = trie.block(depth)
+    log_probs = torch.log_softmax(logits.float(), dim=-1)[..., start:end]
+    return log_probs.masked_fill(~trie.allowed_mask(depth, nodes), float("-inf"))
+
+
+def select_top_k(
+    beam_scores: torch.Tensor, step_log_probs: torch.Tensor, num_beams: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top ``num_beams`` continuations of all beams.
+
+    beam_scores: ``[B, M]``; step_log_probs: ``[B, M, S]``. Returns (scores ``[B, num_beams]`` descending,
+    parent beam ``[B, num_beams]``, local code ``[B, num_beams]``). Missing candidates come back as -inf.
+    """
+    batch, beams, size = step_log_probs.shape
+    total = (beam_scores[:, :, None] + step_log_probs).reshape(batch, beams * size)  # [B, M*S]
+    if total.shape[1] < num_beams:  # fewer candidates than beams: pad with impossible ones
+        pad = total.new_full((batch, num_beams - total.shape[1]), float("-inf"))
+        total = torch.cat([total, pad], dim=1)
+    scores, flat = total.topk(num_beams, dim=1)
+    flat = flat.clamp(max=beams * size - 1)
+    return scores, flat // size, flat % size
+
+
+def expand_items(
+    trie: ItemTrie, leaves: torch.Tensor, scores: torch.Tensor, num_items: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn ranked leaves ``[B, M]`` into ranked items ``[B, num_items]``: a SID shared by several items expands to
+    all of them (ascending id) in its rank; the list is cut at ``num_items``; -1 / -inf pad short lists."""
+    batch = leaves.shape[0]
+    items = trie.items_of_leaves(leaves).reshape(batch, -1)  # [B, M*C], rank order kept
+    width = trie.leaf_items.shape[1]
+    item_scores = scores[:, :, None].expand(-1, -1, width).reshape(batch, -1)
+    valid = items >= 0
+    # stable compaction: valid entries first, in their original order
+    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+    items = items.gather(1, order)[:, :num_items]
+    item_scores = item_scores.gather(1, order)[:, :num_items]
+    item_scores = item_scores.masked_fill(items < 0, float("-inf"))
+    if items.shape[1] < num_items:
+        pad = num_items - items.shape[1]
+        items = torch.cat([items, items.new_full((batch, pad), -1)], dim=1)
+        item_scores = torch.cat([item_scores, item_scores.new_full((batch, pad), float("-inf"))], dim=1)
+    return items, item_scores
+
+
+def check_beam_settings(trie: ItemTrie, num_beams: int) -> None:
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    if num_beams > trie.num_leaves:
+        raise ValueError(f"num_beams={num_beams} exceeds the number of distinct valid SIDs ({trie.num_leaves})")
+
+
+@torch.inference_mode()
+def beam_search(
+    model: DecoderLM,
+    prompt_ids: torch.Tensor,  # [B, P] left-padded
+    prompt_mask: torch.Tensor,  # [B, P] bool
+    trie: ItemTrie,
+    num_beams: int,
+) -> BeamSearchOutput:
+    """Trie-constrained beam search with ``num_beams`` beams for each of B prompts (see module docstring)."""
+    check_beam_settings(trie, num_beams)
+    batch, prompt_width = prompt_ids.shape
+    device = prompt_ids.device
+    num_levels = trie.num_levels
+
+    last_logits, cache = prefill(model, prompt_ids, prompt_mask)
+    # Level 0: one live beam per user (the prompt); its K copies come from the cache reorder below.
+    nodes = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    beam_scores = torch.zeros(batch, 1, device=device)
+    step_logp = level_log_probs(last_logits[:, None], trie, 0, nodes)  # [B, 1, S0]
+    beam_scores, parent, codes = select_top_k(beam_scores, step_logp, num_beams)
+    nodes = trie.advance(0, nodes.gather(1, parent), codes)
+    nodes = torch.where(torch.isinf(beam_scores), trie.dead_node(1), nodes)
+    sequences = codes[:, :, None] + trie.block(0)[0]  # [B, K, 1]
+    rows = torch.arange(batch, device=device)
+    cache = model.reorder_cache(cache, rows.repeat_interleave(num_beams))
+    key_mask = prompt_mask.repeat_interleave(num_beams, dim=0)  # [B*K, P]
+    positions = prompt_mask.long().sum(-1).repeat_interleave(num_beams)  # [B*K] next position per row
+    calls, tokens = 1, batch * prompt_width
+
+    for depth in range(1, num_levels):
+        key_mask = torch.cat([key_mask, key_mask.new_ones(batch * num_beams, 1)], dim=1)
+        logits, cache = model(
+            sequences[:, :, -1].reshape(-1, 1),  # [B*K, 1]
+            (positions + depth - 1)[:, None],
+            additive(key_mask[:, None, None, :], model.dtype),  # [B*K, 1, 1, P + depth]
+            cache,
+        )
+        calls, tokens = calls + 1, tokens + batch * num_beams
+        step_logp = level_log_probs(logits[:, -1].view(batch, num_beams, -1), trie, depth, nodes)
+        beam_scores, parent, codes = select_top_k(beam_scores, step_logp, num_beams)
+        nodes = trie.advance(depth, nodes.gather(1, parent), codes)
+        nodes = torch.where(torch.isinf(beam_scores), trie.dead_node(depth + 1), nodes)
+        sequences = torch.cat(
+            [sequences.gather(1, parent[:, :, None].expand(-1, -1, depth)), (codes + trie.block(depth)[0])[:, :, None]],
+            dim=2,
+        )
+        if depth < num_levels - 1:
+            cache = model.reorder_cache(cache, (rows[:, None] * num_beams + parent).reshape(-1))
+
+    items, item_scores = expand_items(trie, nodes, beam_scores, num_beams)
+    return BeamSearchOutput(items, item_scores, sequences, beam_scores, calls, tokens)

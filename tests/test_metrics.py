@@ -1,0 +1,50 @@
+import math
+
+import pytest
+import torch
+
+from atspeed_exp.metrics import most_popular_lists, pad_ground_truth, recall_ndcg, recall_ndcg_per_user
+
+
+def test_recall_ndcg_hand_computed_table():
+    ranked = torch.tensor(
+        [
+            [1, 2, 3, 4, 5],  # G = {2, 5, 9}: hits at ranks 1 and 4 (0-based)
+            [7, 8, 9, 10, 11],  # G = {7}: hit at rank 0
+            [1, 1, 2, 3, -1],  # G = {1, 3}: repeated 1 counts once, padding never hits
+            [4, 5, 6, 7, 8],  # G = {}: excluded
+        ]
+    )
+    truth = pad_ground_truth([[2, 5, 9], [7], [1, 3], []])
+    out = recall_ndcg_per_user(ranked, truth, cutoffs=(5,))
+    assert out["recall@5"].tolist() == pytest.approx([2 / 3, 1.0, 1.0])
+    ndcg_user0 = (1 / math.log2(3) + 1 / math.log2(6)) / (1 + 1 / math.log2(3) + 1 / math.log2(4))  # 0.47762
+    ndcg_user2 = (1 + 1 / math.log2(5)) / (1 + 1 / math.log2(3))  # 0.98162
+    assert out["ndcg@5"].tolist() == pytest.approx([ndcg_user0, 1.0, ndcg_user2])
+    assert ndcg_user0 == pytest.approx(0.47762, abs=1e-5)
+    mean = recall_ndcg(ranked, truth, cutoffs=(5,))
+    assert mean["recall@5"] == pytest.approx((2 / 3 + 2) / 3)
+
+
+def test_recall_ndcg_cutoffs_and_ideal_length():
+    ranked = torch.arange(20).unsqueeze(0)  # items 0..19
+    truth = pad_ground_truth([[0, 12, 30]])
+    out = recall_ndcg(ranked, truth, cutoffs=(5, 10, 20, 50))
+    assert set(out) == {"recall@5", "ndcg@5", "recall@10", "ndcg@10", "recall@20", "ndcg@20"}
+    assert out["recall@5"] == pytest.approx(1 / 3)
+    assert out["recall@10"] == pytest.approx(1 / 3)
+    assert out["recall@20"] == pytest.approx(2 / 3)
+    idcg3 = 1 + 1 / math.log2(3) + 1 / math.log2(4)
+    assert out["ndcg@10"] == pytest.approx(1 / idcg3)
+    assert out["ndcg@20"] == pytest.approx((1 + 1 / math.log2(14)) / idcg3)
+
+
+def test_recall_ndcg_rejects_misaligned_inputs():
+    with pytest.raises(ValueError, match="ranked lists"):
+        recall_ndcg(torch.zeros(2, 5, dtype=torch.long), pad_ground_truth([[1]]))
+
+
+def test_most_popular_lists_ties_by_item_id():
+    popularity = torch.tensor([3, 5, 5, 0, 9])
+    lists = most_popular_lists(popularity, num_users=2, k=3)
+    assert lists.tolist() == [[4, 1, 2], [4, 1, 2]]
