@@ -1,0 +1,98 @@
+"""Lightning DataModule for target fine-tuning: batches of (prompt + response) with response-only labels."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from atspeed_exp.data.prompts import IGNORE_INDEX
+from atspeed_exp.data.recdata import EncodedSplit, RecData
+
+
+class _TrainingExamples(Dataset):
+    def __init__(self, split: EncodedSplit, limit: int | None = None) -> None:
+        self.split = split
+        self.size = len(split) if limit is None else min(limit, len(split))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> tuple[list[int], list[int]]:
+        return self.split.training_item(index)
+
+
+def collate_right_padded(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence of the batch; padding gets no loss and no attention."""
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (ids, labs) in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(labs)] = torch.tensor(labs)
+        attention_mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+class LengthBucketBatchSampler(Sampler[list[int]]):
+    """Random batches of similar length: shuffle, sort within pools of ``pool_batches`` batches by length, cut into
+    batches, shuffle the batches. Right padding then costs little (histories range from 1 to 20 items).
+    A new order every epoch, reproducible from ``seed``."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, pool_batches: int = 50) -> None:
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.seed = seed
+        self.pool = batch_size * pool_batches
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.epoch += 1
+        order = torch.randperm(len(self.lengths), generator=gen).tolist()
+        batches = []
+        for start in range(0, len(order), self.pool):
+            pool = sorted(order[start : start + self.pool], key=self.lengths.__getitem__)
+            batches += [pool[i : i + self.batch_size] for i in range(0, len(pool), self.batch_size)]
+        for index in torch.randperm(len(batches), generator=gen).tolist():
+            yield batches[index]
+
+
+class TargetDataModule(pl.LightningDataModule):
+    def __init__(
+        self, data: RecData, batch_size: int = 64, eval_batch_size: int = 128, val_limit: int | None = None,
+        num_workers: int = 0, seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.data = data
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.val_limit = val_limit
+        self.num_workers = num_workers
+        self.seed = seed
+
+    def _collate(self, batch):
+        return collate_right_padded(batch, self.data.pad_id)
+
+    def train_dataloader(self) -> DataLoader:
+        split = self.data.splits["train"]
+        lengths = [len(p) + len(r) for p, r in zip(split.prompts, split.responses)]
+        return DataLoader(
+            _TrainingExamples(split),
+            batch_sampler=LengthBucketBatchSampler(lengths, self.batch_size, seed=self.seed),
+            collate_fn=self._collate,
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            _TrainingExamples(self.data.splits["valid"], self.val_limit),
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            collate_fn=self._collate,
+            num_workers=self.num_workers,
+        )
