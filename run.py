@@ -1,0 +1,21 @@
+"""Entry point: `python run.py [+experiment=NAME] [key=value ...]` (Hydra). Builds the pipeline from the config."""
+
+import os
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("WANDB_MODE", "offline")  # never try to reach W&B servers without being asked
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local directories only
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from atspeed_exp.pipeline import format_summary, run
+
+    summary = run(cfg)
+    print(format_summary(summary, tuple(n for n in cfg.eval.cutoffs if n <= cfg.eval.num_beams)))
+
+
+if __name__ == "__main__":
+    main()

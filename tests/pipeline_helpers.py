@@ -1,0 +1,34 @@
+"""Hydra configs for tests: the real conf/ tree composed with overrides that make runs tiny and local."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def tiny_overrides(tmp_path: Path) -> list[str]:
+    return [
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.artifacts_dir={tmp_path / 'artifacts'}",
+        f"paths.output_dir={tmp_path / 'out'}",
+        "data.synthetic.num_users=150",
+        "data.synthetic.num_items=120",
+        "model.hidden_size=32",
+        "model.intermediate_size=64",
+        "model.num_hidden_layers=1",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+        "target_training.val_users=20",
+        "eval.max_users=20",
+        "eval.num_beams=10",
+        "logger=csv",
+    ]
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)

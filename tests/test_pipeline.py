@@ -1,0 +1,127 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from omegaconf import OmegaConf
+from pipeline_helpers import CONF_DIR, compose_config, tiny_overrides
+
+from atspeed_exp import pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("experiment", [None] + sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
+def test_config_every_experiment_composes_and_resolves(experiment, tmp_path):
+    overrides = [f"paths.output_dir={tmp_path}"] + ([f"+experiment={experiment}"] if experiment else [])
+    cfg = compose_config(overrides)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["model"]["_target_"].startswith("atspeed_exp.models.factory.")
+    assert resolved["trainer"]["_target_"] == "lightning.pytorch.Trainer"
+    if experiment:
+        assert resolved["experiment_name"] == experiment
+
+
+def test_pipeline_synthetic_end_to_end_and_stage_reuse(tmp_path):
+    cfg = compose_config(tiny_overrides(tmp_path))
+    summary = pipeline.run(cfg)
+    metrics = summary["metrics"]
+    for name in ("target", "most_popular"):
+        for n in (5, 10):
+            assert 0.0 <= metrics[f"eval/{name}/recall@{n}"] <= 1.0
+    stage_dir = Path(summary["target_dir"])
+    stage = json.loads((stage_dir / "stage.json").read_text())
+    assert stage["stage"] == "target" and stage["best_checkpoint"]
+    assert (stage_dir / "model").is_dir() and (stage_dir / "tokenizer").is_dir()
+    text = pipeline.format_summary(summary, (5, 10))
+    assert "most_popular" in text and "R@10" in text
+
+    # Same settings: the stage is reused, not retrained (its stage.json stays untouched).
+    mtime = (stage_dir / "stage.json").stat().st_mtime_ns
+    again = pipeline.run(compose_config(tiny_overrides(tmp_path)))
+    assert again["target_dir"] == summary["target_dir"]
+    assert (stage_dir / "stage.json").stat().st_mtime_ns == mtime
+    assert again["metrics"]["eval/target/recall@10"] == pytest.approx(metrics["eval/target/recall@10"])
+
+    # A setting that changes the target gets its own stage.
+    other = compose_config(tiny_overrides(tmp_path) + ["target_training.lr=1e-3"])
+    assert pipeline.target_stage_dir(other) != stage_dir
+
+
+class _StopAtEpoch(pl.Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, module):
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("simulated crash")
+
+
+class _RecordFirstEpoch(pl.Callback):
+    first: int | None = None
+
+    def on_train_epoch_start(self, trainer, module):
+        if self.first is None:
+            self.first = trainer.current_epoch
+
+
+def test_target_training_resumes_after_interruption(tmp_path):
+    cfg = compose_config(tiny_overrides(tmp_path) + ["trainer.max_epochs=2"])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pipeline.train_target(cfg, logger=False, extra_callbacks=[_StopAtEpoch(1)])
+    stage_dir = pipeline.target_stage_dir(cfg)
+    assert (stage_dir / "checkpoints" / "last.ckpt").exists()
+    assert not pipeline.stage_done(stage_dir)  # a crashed stage is never trusted
+
+    recorder = _RecordFirstEpoch()
+    pipeline.train_target(cfg, logger=False, extra_callbacks=[recorder])
+    assert recorder.first == 1  # continued where it stopped, not from scratch
+    assert pipeline.stage_done(stage_dir)
+
+
+def _save_tiny_pretrained(directory: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "the", "user", "item", "next", "a", "b", "c"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    config = LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, bos_token_id=1, eos_token_id=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def test_pipeline_pretrained_lora_target(tmp_path):
+    _save_tiny_pretrained(tmp_path / "pretrained")
+    scratch_only = ("model.hidden_size", "model.intermediate_size", "model.num_hidden_layers")
+    cfg = compose_config(
+        [o for o in tiny_overrides(tmp_path) if not o.startswith(scratch_only)]
+        + ["model=pretrained_lora", f"model.path={tmp_path / 'pretrained'}", "data.prompt_format=alpaca"]
+    )
+    summary = pipeline.run(cfg)
+    stage_dir = Path(summary["target_dir"])
+    manifest = json.loads((stage_dir / "model" / "atspeed_model.json").read_text())
+    assert manifest["format"] == "peft_lora"
+    assert summary["stage"]["parameters"]["trainable"] < summary["stage"]["parameters"]["total"]
+    assert 0.0 <= summary["metrics"]["eval/target/recall@10"] <= 1.0
+
+
+@pytest.mark.slow
+def test_run_py_multirun_over_two_seeds(tmp_path):
+    overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith("paths.output_dir")]
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "run.py", "-m", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'multirun'}", *overrides],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("most_popular") == 2
+    stages = list((tmp_path / "artifacts" / "target").glob("synthetic-*/stage.json"))
+    assert len(stages) == 2  # the seed changes the target, so each job trained its own
