@@ -110,3 +110,21 @@ def test_beam_search_rejects_bad_settings():
         beam_search(ToyLM(vocab), ids, mask, trie, 0)
     with pytest.raises(ValueError, match="empty prompt"):
         left_pad([torch.tensor([5, 6]), torch.tensor([], dtype=torch.long)], pad_id=0)
+
+
+def test_beam_search_recorded_logits_match_teacher_forcing():
+    trie, item_ids, tokens, vocab = make_trie(num_items=60, num_collisions=2, seed=7)
+    model = ToyLM(vocab, seed=7)
+    prompts = random_prompts(3, vocab, seed=7)
+    ids, mask = left_pad(prompts, pad_id=0)
+    out = beam_search(model, ids, mask, trie, 5, record_logits=True)
+    plain = beam_search(model, ids, mask, trie, 5)
+    assert torch.equal(out.sequences, plain.sequences) and out.model_calls == 4
+    for row, prompt in enumerate(prompts):
+        for k in range(5):
+            full = model.full_sequence_logits(torch.cat([prompt, out.sequences[row, k]]))  # [T, V]
+            for depth in range(4):
+                start, end = trie.block(depth)
+                context_logits = full[prompt.numel() - 1 + depth]
+                torch.testing.assert_close(out.level_logits[depth][row, k], context_logits[start:end], atol=1e-5, rtol=0)
+                torch.testing.assert_close(out.full_logsumexp[row, k, depth], torch.logsumexp(context_logits, -1), atol=1e-5, rtol=0)

@@ -28,6 +28,11 @@ class BeamSearchOutput:
     sequence_scores: torch.Tensor  # [B, K] float
     model_calls: int  # forward calls of the model for the whole batch
     tokens_processed: int  # tokens fed to the model (prompt tokens incl. padding + beam tokens)
+    # With record_logits: for each final beam k and position t, the model's raw logits over level t's block at
+    # the context (prompt + beam k's first t tokens): a list over t of [B, K, S_t]; and the log-normaliser over the
+    # full vocabulary at the same contexts [B, K, L] (full-vocab log-prob = logit - lse). Teacher data for drafts.
+    level_logits: list[torch.Tensor] | None = None
+    full_logsumexp: torch.Tensor | None = None
 
 
 def left_pad(prompts: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,19 +146,27 @@ def beam_search(
     prompt_mask: torch.Tensor,  # [B, P] bool
     trie: ItemTrie,
     num_beams: int,
+    record_logits: bool = False,
 ) -> BeamSearchOutput:
-    """Trie-constrained beam search with ``num_beams`` beams for each of B prompts (see module docstring)."""
+    """Trie-constrained beam search with ``num_beams`` beams for each of B prompts (see module docstring).
+    ``record_logits`` also returns, per final beam, the level logits at each of its positions (no extra calls:
+    a final beam's prefixes were all beams when their logits were computed)."""
     check_beam_settings(trie, num_beams)
     batch, prompt_width = prompt_ids.shape
     device = prompt_ids.device
     num_levels = trie.num_levels
 
     last_logits, cache = prefill(model, prompt_ids, prompt_mask)
+    recorded: list[tuple[torch.Tensor, torch.Tensor]] = []  # per depth: (level logits [B, M, S], lse [B, M])
+    parents: list[torch.Tensor] = []  # per depth: parent beam [B, K] of each new beam
+    if record_logits:
+        recorded.append(_level_record(last_logits[:, None], trie, 0))
     # Level 0: one live beam per user (the prompt); its K copies come from the cache reorder below.
     nodes = torch.zeros(batch, 1, dtype=torch.long, device=device)
     beam_scores = torch.zeros(batch, 1, device=device)
     step_logp = level_log_probs(last_logits[:, None], trie, 0, nodes)  # [B, 1, S0]
     beam_scores, parent, codes = select_top_k(beam_scores, step_logp, num_beams)
+    parents.append(parent)
     nodes = trie.advance(0, nodes.gather(1, parent), codes)
     nodes = torch.where(torch.isinf(beam_scores), trie.dead_node(1), nodes)
     sequences = codes[:, :, None] + trie.block(0)[0]  # [B, K, 1]
@@ -172,8 +185,12 @@ def beam_search(
             cache,
         )
         calls, tokens = calls + 1, tokens + batch * num_beams
-        step_logp = level_log_probs(logits[:, -1].view(batch, num_beams, -1), trie, depth, nodes)
+        step_logits = logits[:, -1].view(batch, num_beams, -1)  # [B, K, V]
+        if record_logits:
+            recorded.append(_level_record(step_logits, trie, depth))
+        step_logp = level_log_probs(step_logits, trie, depth, nodes)
         beam_scores, parent, codes = select_top_k(beam_scores, step_logp, num_beams)
+        parents.append(parent)
         nodes = trie.advance(depth, nodes.gather(1, parent), codes)
         nodes = torch.where(torch.isinf(beam_scores), trie.dead_node(depth + 1), nodes)
         sequences = torch.cat(
@@ -184,4 +201,29 @@ def beam_search(
             cache = model.reorder_cache(cache, (rows[:, None] * num_beams + parent).reshape(-1))
 
     items, item_scores = expand_items(trie, nodes, beam_scores, num_beams)
-    return BeamSearchOutput(items, item_scores, sequences, beam_scores, calls, tokens)
+    output = BeamSearchOutput(items, item_scores, sequences, beam_scores, calls, tokens)
+    if record_logits:
+        output.level_logits, output.full_logsumexp = _backtrack_records(recorded, parents)
+    return output
+
+
+def _level_record(logits: torch.Tensor, trie: ItemTrie, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    start, end = trie.block(depth)
+    return logits[..., start:end].float(), torch.logsumexp(logits.float(), dim=-1)
+
+
+def _backtrack_records(
+    recorded: list[tuple[torch.Tensor, torch.Tensor]], parents: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Align per-depth records with the final beams: the depth-t context of final beam k is its ancestor at
+    depth t, found by following parent pointers back from the last step."""
+    num_levels = len(recorded)
+    ancestor = torch.arange(parents[-1].shape[1], device=parents[-1].device).expand_as(parents[-1])  # [B, K]
+    level_logits: list[torch.Tensor] = [None] * num_levels  # type: ignore[list-item]
+    lse: list[torch.Tensor] = [None] * num_levels  # type: ignore[list-item]
+    for depth in range(num_levels - 1, -1, -1):
+        ancestor = parents[depth].gather(1, ancestor)  # beam index at depth `depth` (0 at the prompt)
+        logits, norm = recorded[depth]
+        level_logits[depth] = logits.gather(1, ancestor[:, :, None].expand(-1, -1, logits.shape[-1]))
+        lse[depth] = norm.gather(1, ancestor)
+    return level_logits, torch.stack(lse, dim=-1)

@@ -1,0 +1,189 @@
+"""Teacher data for draft alignment (SPEC section 4): the target's top-K_t beams for every training example, with
+the target's level-restricted logits at the 4 positions of each beam, stored compactly and resumably.
+
+Layout of a teacher directory:
+- ``manifest.json``: which target made it (``target_id``: the target stage and a hash of its weights), K_t, the
+  level blocks, the shard size and the number of examples. Written first; a directory whose manifest names another
+  target or other settings is refused, never mixed.
+- ``shard-NNNNN.pt``: examples ``[first, first + shard_size)``, each written atomically (temp file + rename), so a
+  shard either exists whole or not at all. A rerun computes only the missing shards; since every shard is a pure
+  function of (target, examples, settings), the result equals an uninterrupted run.
+Per shard (n examples, K = K_t beams, L levels):
+``sequences`` int32 ``[n, K, L]`` token ids; ``scores`` float32 ``[n, K]``; ``logits_0`` fp16 ``[n, S_0]`` (the first
+position's context is the prompt, shared by all beams, stored once); ``logits_t`` fp16 ``[n, K, S_t]`` for t >= 1;
+``logsumexp`` fp16 ``[n, K, L]`` (full-vocabulary normaliser, for unconstrained objectives).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from atspeed_exp.decoding.beam_search import beam_search, left_pad
+from atspeed_exp.decoding.protocol import DecoderLM
+from atspeed_exp.decoding.trie import ItemTrie
+
+MANIFEST = "manifest.json"
+
+
+class TeacherDataError(ValueError):
+    """Teacher data that is missing, incomplete, or made by another target or with other settings."""
+
+
+def weights_fingerprint(model_dir: str | Path) -> str:
+    """A hash of every file in a saved model directory (weights, config, tokenizer)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_dir).rglob("*")):
+        if path.is_file():
+            digest.update(path.relative_to(model_dir).as_posix().encode())
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _atomic_torch_save(payload: dict, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _write_manifest(directory: Path, manifest: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{MANIFEST}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(tmp, directory / MANIFEST)
+
+
+def _check_manifest(directory: Path, expected: dict) -> None:
+    found = json.loads((directory / MANIFEST).read_text())
+    for key, value in expected.items():
+        if found.get(key) != value:
+            raise TeacherDataError(
+                f"{directory / MANIFEST}: {key} is {found.get(key)!r} but this run expects {value!r}; the teacher "
+                f"data was made by another target or with other settings (delete the directory to regenerate)"
+            )
+
+
+def shard_path(directory: Path, index: int) -> Path:
+    return directory / f"shard-{index:05d}.pt"
+
+
+def generate_teacher_data(
+    target: DecoderLM,
+    prompts: list[list[int]],
+    trie: ItemTrie,
+    directory: str | Path,
+    target_id: str,
+    num_beams: int = 20,
+    shard_size: int = 1024,
+    batch_size: int = 64,
+    pad_id: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Run the target's constrained beam search over ``prompts`` and store the teacher data (see module docstring).
+    Resumes: shards already on disk are kept. Returns the directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "target_id": target_id,
+        "num_beams": num_beams,
+        "num_examples": len(prompts),
+        "shard_size": shard_size,
+        "level_blocks": [list(b) for b in trie.level_blocks],
+        "prompts_sha": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16],
+    }
+    if (directory / MANIFEST).exists():
+        _check_manifest(directory, manifest)
+    else:
+        _write_manifest(directory, manifest)
+
+    num_shards = (len(prompts) + shard_size - 1) // shard_size
+    todo = [s for s in range(num_shards) if not shard_path(directory, s).exists()]
+    bar = tqdm(total=sum(min(shard_size, len(prompts) - s * shard_size) for s in todo), desc="teacher beams",
+               disable=not progress, unit="ex")
+    for shard in todo:
+        first = shard * shard_size
+        rows = list(range(first, min(first + shard_size, len(prompts))))
+        parts: list[dict[str, torch.Tensor]] = []
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            ids, mask = left_pad([torch.tensor(prompts[i], dtype=torch.long) for i in batch], pad_id)
+            out = beam_search(target, ids.to(target.device), mask.to(target.device), trie, num_beams,
+                              record_logits=True)
+            part = {
+                "sequences": out.sequences.int().cpu(),
+                "scores": out.sequence_scores.float().cpu(),
+                "logsumexp": out.full_logsumexp.half().cpu(),
+                "logits_0": out.level_logits[0][:, 0].half().cpu(),  # [b, S_0]: every beam shares the prompt
+            }
+            for depth in range(1, trie.num_levels):
+                part[f"logits_{depth}"] = out.level_logits[depth].half().cpu()
+            parts.append(part)
+            bar.update(len(batch))
+        payload = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+        payload["example_index"] = torch.tensor(rows, dtype=torch.long)
+        _atomic_torch_save(payload, shard_path(directory, shard))
+    bar.close()
+    return directory
+
+
+@dataclass
+class TeacherData:
+    """All shards of a complete teacher directory, concatenated (examples in order)."""
+
+    manifest: dict
+    tensors: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return int(self.tensors["example_index"].numel())
+
+    def example(self, index: int) -> dict[str, torch.Tensor]:
+        return {key: value[index] for key, value in self.tensors.items()}
+
+    def level_logits(self, index: int, depth: int) -> torch.Tensor:
+        """Target logits over level ``depth``'s block for each beam of example ``index``: ``[K, S_depth]``."""
+        if depth == 0:
+            return self.tensors["logits_0"][index].expand(self.manifest["num_beams"], -1)
+        return self.tensors[f"logits_{depth}"][index]
+
+
+def load_teacher_data(directory: str | Path, target_id: str | None = None, num_beams: int | None = None) -> TeacherData:
+    """Load a complete teacher directory; TeacherDataError if it is missing, incomplete or made by another target."""
+    directory = Path(directory)
+    if not (directory / MANIFEST).exists():
+        raise TeacherDataError(f"no teacher data at {directory} (missing {MANIFEST}); run the teacher stage first")
+    manifest = json.loads((directory / MANIFEST).read_text())
+    expected = {k: v for k, v in (("target_id", target_id), ("num_beams", num_beams)) if v is not None}
+    _check_manifest(directory, expected)
+    num_shards = (manifest["num_examples"] + manifest["shard_size"] - 1) // manifest["shard_size"]
+    missing = [s for s in range(num_shards) if not shard_path(directory, s).exists()]
+    if missing:
+        raise TeacherDataError(
+            f"teacher data at {directory} is incomplete: {len(missing)} of {num_shards} shards missing "
+            f"(first: {shard_path(directory, missing[0]).name}); rerun the teacher stage to finish it"
+        )
+    shards = [torch.load(shard_path(directory, s), weights_only=True) for s in range(num_shards)]
+    tensors = {key: torch.cat([s[key] for s in shards]) for key in shards[0]}
+    return TeacherData(manifest, tensors)
+
+
+def iter_shards(directory: str | Path) -> Iterator[Path]:
+    yield from sorted(Path(directory).glob("shard-*.pt"))
+
+
+def teacher_size_bytes(directory: str | Path) -> int:
+    return sum(p.stat().st_size for p in iter_shards(directory))

@@ -1,0 +1,23 @@
+"""The core (decoding, losses, metrics) depends on torch only; frameworks live at the edges (STYLE.md)."""
+
+import subprocess
+import sys
+
+import pytest
+
+FORBIDDEN = ("lightning", "pytorch_lightning", "hydra", "omegaconf", "wandb", "transformers", "peft")
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["atspeed_exp.decoding.beam_search", "atspeed_exp.decoding.trie", "atspeed_exp.metrics", "atspeed_exp.losses"]
+    + (["atspeed_exp.decoding.speculative"] if __import__("importlib").util.find_spec("atspeed_exp.decoding.speculative") else []),
+)
+def test_core_module_imports_no_framework(module):
+    code = (
+        f"import sys, {module}\n"
+        f"bad = sorted({{m.split('.')[0] for m in sys.modules}} & set({FORBIDDEN!r}))\n"
+        "print(','.join(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"{module} pulls in {out.stdout.strip()}"
