@@ -87,3 +87,19 @@ def test_teacher_data_from_another_target_is_refused(tmp_path):
         load_teacher_data(tmp_path, num_beams=10)
     with pytest.raises(TeacherDataError, match="no teacher data"):
         load_teacher_data(tmp_path / "missing")
+
+
+def test_teacher_data_ground_truth_logits_match_teacher_forcing(tmp_path):
+    trie, vocab, prompts = _setup()
+    _, _, tokens, _ = make_trie(num_items=60, num_collisions=2, seed=11)
+    responses = [tokens[i % len(tokens)].tolist() + [2] for i in range(len(prompts))]  # SID + EOS
+    model = ToyLM(vocab, seed=2)
+    generate_teacher_data(model, prompts, trie, tmp_path, "toy-2", num_beams=5, shard_size=8, batch_size=4,
+                          progress=False, responses=responses)
+    data = load_teacher_data(tmp_path)
+    for index in (0, 13):
+        full = model.full_sequence_logits(torch.tensor(prompts[index] + responses[index][:3]))
+        for depth in range(4):
+            start, end = trie.block(depth)
+            expected = full[len(prompts[index]) - 1 + depth, start:end]
+            torch.testing.assert_close(data.tensors[f"gt_logits_{depth}"][index].float(), expected, atol=2e-2, rtol=1e-3)

@@ -12,6 +12,9 @@ Per shard (n examples, K = K_t beams, L levels):
 ``sequences`` int32 ``[n, K, L]`` token ids; ``scores`` float32 ``[n, K]``; ``logits_0`` fp16 ``[n, S_0]`` (the first
 position's context is the prompt, shared by all beams, stored once); ``logits_t`` fp16 ``[n, K, S_t]`` for t >= 1;
 ``logsumexp`` fp16 ``[n, K, L]`` (full-vocabulary normaliser, for unconstrained objectives).
+With ground-truth responses given (for the objectives defined at the ground-truth positions, KL and TVD):
+``gt_logits_t`` fp16 ``[n, S_t]``: the target's level logits at the true response's position t, and
+``gt_logsumexp`` fp16 ``[n, L]``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from atspeed_exp.decoding.beam_search import beam_search, left_pad
+from atspeed_exp.decoding.beam_search import beam_search, causal_prefill_mask, left_pad, prompt_positions
 from atspeed_exp.decoding.protocol import DecoderLM
 from atspeed_exp.decoding.trie import ItemTrie
 
@@ -93,8 +96,10 @@ def generate_teacher_data(
     batch_size: int = 64,
     pad_id: int = 0,
     progress: bool = True,
+    responses: list[list[int]] | None = None,
 ) -> Path:
     """Run the target's constrained beam search over ``prompts`` and store the teacher data (see module docstring).
+    ``responses``: each example's true SID token ids (at least L), to store the target at the true positions too.
     Resumes: shards already on disk are kept. Returns the directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -105,6 +110,7 @@ def generate_teacher_data(
         "shard_size": shard_size,
         "level_blocks": [list(b) for b in trie.level_blocks],
         "prompts_sha": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16],
+        "responses_sha": hashlib.sha256(json.dumps(responses).encode()).hexdigest()[:16] if responses else None,
     }
     if (directory / MANIFEST).exists():
         _check_manifest(directory, manifest)
@@ -132,6 +138,9 @@ def generate_teacher_data(
             }
             for depth in range(1, trie.num_levels):
                 part[f"logits_{depth}"] = out.level_logits[depth].half().cpu()
+            if responses is not None:
+                part.update(_ground_truth_logits(target, [prompts[i] for i in batch],
+                                                 [responses[i] for i in batch], trie, pad_id))
             parts.append(part)
             bar.update(len(batch))
         payload = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
@@ -139,6 +148,22 @@ def generate_teacher_data(
         _atomic_torch_save(payload, shard_path(directory, shard))
     bar.close()
     return directory
+
+
+@torch.inference_mode()
+def _ground_truth_logits(
+    target: DecoderLM, prompts: list[list[int]], responses: list[list[int]], trie: ItemTrie, pad_id: int
+) -> dict[str, torch.Tensor]:
+    """The target's level logits at each true response position (one teacher-forced call)."""
+    levels = trie.num_levels
+    ids, mask = left_pad([torch.tensor(p + r[: levels - 1], dtype=torch.long) for p, r in zip(prompts, responses)],
+                         pad_id)
+    logits, _ = target(ids.to(target.device), prompt_positions(mask).to(target.device),
+                       causal_prefill_mask(mask.to(target.device), target.dtype), target.new_cache())
+    tail = logits[:, -levels:].float()  # [b, L, V]: position t predicts response token t (left padding)
+    out = {f"gt_logits_{t}": tail[:, t, slice(*trie.block(t))].half().cpu() for t in range(levels)}
+    out["gt_logsumexp"] = torch.logsumexp(tail, dim=-1).half().cpu()
+    return out
 
 
 @dataclass
