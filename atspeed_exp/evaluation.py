@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from atspeed_exp.decoding.beam_search import beam_search, left_pad
 from atspeed_exp.decoding.protocol import DecoderLM
+from atspeed_exp.decoding.speculative import speculative_beam_search
 from atspeed_exp.decoding.trie import ItemTrie
 from atspeed_exp.metrics import most_popular_lists, pad_ground_truth, recall_ndcg
 
@@ -61,3 +62,90 @@ def most_popular_accuracy(
 ) -> dict[str, float]:
     lists = most_popular_lists(popularity, len(ground_truth), max(cutoffs))
     return accuracy(lists, ground_truth, cutoffs)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def evaluate_speculative(
+    target: DecoderLM,
+    draft: DecoderLM,
+    prompts: list[list[int]],
+    ground_truth: list[tuple[int, ...]],
+    trie: ItemTrie,
+    modes: tuple[str, ...] = ("strict",),
+    ks: tuple[int, ...] = (10,),
+    draft_beams: int = 40,
+    gamma: int = 3,
+    cutoffs: tuple[int, ...] = (5, 10, 20),
+    warmup: int = 2,
+    seed: int = 0,
+    progress: bool = True,
+    prefix: str = "eval",
+) -> dict[str, float]:
+    """Speculative beam search with ``draft`` against target-only beam search, user by user (batch 1, as the paper
+    measures), in the same call on the same users, so the speedup compares like with like.
+
+    For each K in ``ks`` and each mode, returns ``{prefix}/{mode}/k{K}/...``: ``acceptance_rate`` (accepted / drafted
+    steps over all lists), ``target_calls_per_list``, ``draft_calls_per_list``, ``target_tokens_per_list``,
+    ``draft_tokens_per_list``, ``walltime_s`` (mean per list), ``speedup`` (baseline total / SD total) and
+    ``speedup_mean_ratio`` (mean of per-list ratios, the paper's form), ``recall@n``/``ndcg@n`` (n <= K); and for
+    the baseline ``{prefix}/beam/k{K}/walltime_s``, ``recall@n``, ``ndcg@n``. The first ``warmup`` users are decoded
+    once untimed (first-call allocations and kernel selection).
+    """
+    device = target.device
+    tensors = [torch.tensor(p, dtype=torch.long, device=device)[None] for p in prompts]
+    masks = [torch.ones_like(t, dtype=torch.bool) for t in tensors]
+    metrics: dict[str, float] = {}
+    for k in ks:
+        base_times: list[float] = []
+        base_items: list[torch.Tensor] = []
+        sd = {m: {"times": [], "items": [], "stats": []} for m in modes}
+        users = range(-min(warmup, len(prompts)), len(prompts))
+        for user in tqdm(users, desc=f"speculative eval K={k}", disable=not progress, unit="user"):
+            index = user if user >= 0 else user + min(warmup, len(prompts))  # warm-up re-uses the first users
+            ids, mask = tensors[index], masks[index]
+            _sync(device)
+            start = time.perf_counter()
+            base = beam_search(target, ids, mask, trie, k)
+            _sync(device)
+            base_time = time.perf_counter() - start
+            runs = {}
+            for mode in modes:
+                generator = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + index)
+                start = time.perf_counter()
+                out = speculative_beam_search(target, draft, ids, mask, trie, k, draft_beams=draft_beams,
+                                              gamma=gamma, mode=mode, generator=generator)
+                _sync(device)
+                runs[mode] = (time.perf_counter() - start, out)
+            if user < 0:
+                continue
+            base_times.append(base_time)
+            base_items.append(base.items[0].cpu())
+            for mode, (elapsed, out) in runs.items():
+                sd[mode]["times"].append(elapsed)
+                sd[mode]["items"].append(out.items[0].cpu())
+                sd[mode]["stats"].append(out.stats)
+        ks_cutoffs = tuple(n for n in cutoffs if n <= k)
+        base_total = sum(base_times)
+        metrics[f"{prefix}/beam/k{k}/walltime_s"] = base_total / len(base_times)
+        for name, value in accuracy(torch.stack(base_items), ground_truth, ks_cutoffs).items():
+            metrics[f"{prefix}/beam/k{k}/{name}"] = value
+        for mode in modes:
+            stats, times = sd[mode]["stats"], sd[mode]["times"]
+            key = f"{prefix}/{mode}/k{k}"
+            drafted = sum(s.drafted_steps for s in stats)
+            metrics[f"{key}/acceptance_rate"] = sum(s.accepted_steps for s in stats) / drafted if drafted else 0.0
+            for field, name in (("target_calls", "target_calls_per_list"), ("draft_calls", "draft_calls_per_list"),
+                                ("target_tokens", "target_tokens_per_list"), ("draft_tokens", "draft_tokens_per_list")):
+                metrics[f"{key}/{name}"] = sum(getattr(s, field) for s in stats) / len(stats)
+            for phase in ("draft", "verify", "accept", "other"):
+                metrics[f"{key}/{phase}_time_s"] = sum(getattr(s, f"{phase}_time_s") for s in stats) / len(stats)
+            metrics[f"{key}/walltime_s"] = sum(times) / len(times)
+            metrics[f"{key}/speedup"] = base_total / sum(times)
+            metrics[f"{key}/speedup_mean_ratio"] = sum(b / s for b, s in zip(base_times, times)) / len(times)
+            for name, value in accuracy(torch.stack(sd[mode]["items"]), ground_truth, ks_cutoffs).items():
+                metrics[f"{key}/{name}"] = value
+    return metrics

@@ -1,4 +1,5 @@
-"""The experiment pipeline: data -> target fine-tuning -> test evaluation, with stage outputs cached on disk.
+"""The experiment pipeline: target fine-tuning -> teacher data -> draft alignment -> evaluation, with stage outputs
+cached on disk.
 
 A stage's output directory is named by a hash of exactly the settings that affect it, so a sweep over settings of
 later stages reuses it, and a changed setting can never silently reuse a stale artifact. A stage is complete only
@@ -23,11 +24,21 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
 
+from atspeed_exp.callbacks.speculative_eval import SpeculativeEvalCallback
 from atspeed_exp.data.datamodule import TargetDataModule
-from atspeed_exp.data.recdata import RecData
+from atspeed_exp.data.draft_batches import DraftDataModule
+from atspeed_exp.data.atspeed_format import build_examples
+from atspeed_exp.data.recdata import EncodedSplit, RecData
 from atspeed_exp.data.synthetic import ensure_synthetic_dataset
+from atspeed_exp.data.teacher import (
+    generate_teacher_data,
+    load_teacher_data,
+    teacher_size_bytes,
+    weights_fingerprint,
+)
 from atspeed_exp.data.tokenizer import save_tokenizer
-from atspeed_exp.evaluation import accuracy, generate_lists, most_popular_accuracy
+from atspeed_exp.evaluation import accuracy, evaluate_speculative, generate_lists, most_popular_accuracy
+from atspeed_exp.lit.draft_module import DraftAlignmentModule
 from atspeed_exp.lit.target_module import TargetFinetuneModule
 from atspeed_exp.models.adapter import HFDecoderLM
 from atspeed_exp.models.build import count_parameters, load_model, merge_lora, save_model
@@ -173,11 +184,168 @@ def load_target(stage_dir: Path, device: str = "cpu") -> HFDecoderLM:
     return HFDecoderLM.from_model(model.to(device))
 
 
+# -- teacher stage -----------------------------------------------------------------------------------------------
+def teacher_split(cfg: DictConfig, data: RecData, split: str, limit: int | None) -> EncodedSplit:
+    """The examples teacher data is made for: one per user (the paper's examples, not sliding windows)."""
+    examples = build_examples(data.dataset, split, max_history=cfg.data.max_history, sliding_window=False)
+    return data.encode(examples[:limit] if limit else examples)
+
+
+def target_id(target_dir: Path) -> str:
+    return f"{target_dir.name}:{weights_fingerprint(target_dir / 'model')}"
+
+
+def teacher_stage_dir(cfg: DictConfig, target_dir: Path) -> Path:
+    return Path(cfg.paths.artifacts_dir) / "teacher" / f"{target_dir.name}-{stage_key(cfg.teacher)}"
+
+
+def make_teacher(cfg: DictConfig, target_dir: Path, data: RecData) -> Path:
+    """Teacher data for the training (and a few validation) examples; resumes shard by shard."""
+    stage_dir = teacher_stage_dir(cfg, target_dir)
+    if stage_done(stage_dir):
+        log.info("teacher stage: reusing %s", stage_dir)
+        return stage_dir
+    target = load_target(target_dir, eval_device(cfg))
+    trie = data.trie().to(target.device)
+    start = time.perf_counter()
+    for split, limit in (("train", cfg.teacher.max_examples), ("valid", cfg.teacher.max_val_examples)):
+        encoded = teacher_split(cfg, data, split, limit)
+        generate_teacher_data(
+            target, encoded.prompts, trie, stage_dir / split, target_id(target_dir),
+            num_beams=cfg.teacher.num_beams, shard_size=cfg.teacher.shard_size, batch_size=cfg.teacher.batch_size,
+            pad_id=data.pad_id, responses=encoded.responses,
+        )
+    write_json_atomic(stage_dir / STAGE_FILE, {
+        "stage": "teacher",
+        "target_id": target_id(target_dir),
+        "settings": OmegaConf.to_container(cfg.teacher, resolve=True),
+        "seconds_this_run": time.perf_counter() - start,
+        "size_bytes": {split: teacher_size_bytes(stage_dir / split) for split in ("train", "valid")},
+    })
+    return stage_dir
+
+
+# -- draft stage -------------------------------------------------------------------------------------------------
+def draft_stage_dir(cfg: DictConfig, teacher_dir: Path) -> Path:
+    key = stage_key(cfg.draft, cfg.alignment, cfg.draft_training, cfg.decoding.beam_size, cfg.seed)
+    return Path(cfg.paths.artifacts_dir) / "draft" / f"{teacher_dir.name}-{cfg.alignment.objective}-{key}"
+
+
+def check_vocabulary_match(target_dir: Path, draft: torch.nn.Module, tokenizer: Any) -> None:
+    """Target and draft must share one tokenizer: the verify step compares their token ids directly."""
+    vocab = draft.get_input_embeddings().weight.shape[0]
+    if vocab != len(tokenizer):
+        raise ValueError(
+            f"draft vocabulary ({vocab} ids) does not match the target's tokenizer at {target_dir / 'tokenizer'} "
+            f"({len(tokenizer)} ids); build the draft from the target's tokenizer"
+        )
+
+
+def train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: RecData, logger: Any) -> Path:
+    """Align a draft to the target on the teacher data (or keep it untrained for ``alignment=none``)."""
+    stage_dir = draft_stage_dir(cfg, teacher_dir)
+    if stage_done(stage_dir):
+        log.info("draft stage: reusing %s", stage_dir)
+        return stage_dir
+    pl.seed_everything(cfg.seed, workers=True)
+    draft = instantiate(cfg.draft, tokenizer=data.tokenizer, sid_token_ids=[])
+    check_vocabulary_match(target_dir, draft, data.tokenizer)
+    objective = cfg.alignment.objective
+    start = time.perf_counter()
+    history: list[dict[str, float]] = []
+    if objective != "none":
+        training = cfg.draft_training
+        teacher = load_teacher_data(teacher_dir / "train", target_id=target_id(target_dir),
+                                    num_beams=cfg.teacher.num_beams)
+        val_teacher = load_teacher_data(teacher_dir / "valid", target_id=target_id(target_dir))
+        datamodule = DraftDataModule(
+            teacher_split(cfg, data, "train", cfg.teacher.max_examples), teacher,
+            teacher_split(cfg, data, "valid", cfg.teacher.max_val_examples), val_teacher,
+            level_blocks=data.sid_index.level_blocks, pad_id=data.pad_id, batch_size=training.batch_size,
+            seed=cfg.seed,
+        )
+        alignment = OmegaConf.to_container(cfg.alignment, resolve=True)
+        module = DraftAlignmentModule(
+            draft, data.sid_index.level_blocks, lr=training.lr, weight_decay=training.weight_decay,
+            warmup_steps=training.warmup_steps, min_lr_ratio=training.min_lr_ratio, **alignment,
+        )
+        target = load_target(target_dir, "cpu")
+        valid = data.splits["valid"]
+        users = min(training.eval_users, len(valid))
+        callback = SpeculativeEvalCallback(
+            target, valid.prompts[:users], valid.ground_truth()[:users], data.trie(),
+            modes=tuple(cfg.decoding.modes), ks=(cfg.decoding.beam_size,), draft_beams=cfg.decoding.draft_beams,
+            gamma=cfg.decoding.gamma, every_n_epochs=training.eval_every_n_epochs, seed=cfg.seed,
+        )
+        checkpoint = pl.callbacks.ModelCheckpoint(dirpath=stage_dir / "checkpoints", filename="last-epoch",
+                                                  save_last=True)
+        trainer: pl.Trainer = instantiate(cfg.trainer, max_epochs=training.max_epochs, logger=logger,
+                                          callbacks=[checkpoint, callback])
+        last = stage_dir / "checkpoints" / "last.ckpt"
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
+        if trainer.interrupted:
+            raise RuntimeError(f"draft training interrupted; rerun the same command to resume from {last}")
+        draft, history = module.model, callback.history
+    save_model(draft, stage_dir / "model")
+    write_json_atomic(stage_dir / STAGE_FILE, {
+        "stage": "draft",
+        "objective": objective,
+        "target_id": target_id(target_dir),
+        "teacher_dir": str(teacher_dir),
+        "settings": {key: OmegaConf.to_container(cfg[key], resolve=True)
+                     for key in ("draft", "alignment", "draft_training", "decoding")},
+        "train_seconds_this_run": time.perf_counter() - start,
+        "parameters": count_parameters(draft),
+        "eval_history": history,
+    })
+    return stage_dir
+
+
 # -- evaluation --------------------------------------------------------------------------------------------------
+def evaluate_draft(cfg: DictConfig, target_dir: Path, draft_dir: Path, data: RecData) -> dict[str, float]:
+    """Final speculative evaluation on test users: every configured mode and K, against target-only beam search
+    measured in the same call (``evaluate_speculative``)."""
+    device = eval_device(cfg)
+    target, draft = load_target(target_dir, device), load_target(draft_dir, device)
+    test = data.splits["test"]
+    users = min(cfg.eval.speculative_users, len(test)) if cfg.eval.speculative_users else len(test)
+    return evaluate_speculative(
+        target, draft, test.prompts[:users], test.ground_truth()[:users], data.trie().to(device),
+        modes=tuple(cfg.decoding.modes), ks=tuple(cfg.decoding.ks), draft_beams=cfg.decoding.draft_beams,
+        gamma=cfg.decoding.gamma, cutoffs=tuple(cfg.eval.cutoffs), seed=cfg.seed,
+    )
+
+
+def speculative_table(metrics: dict[str, float], modes: tuple[str, ...], ks: tuple[int, ...]) -> list[dict]:
+    """One row per (mode, K) of the final evaluation: the numbers the paper's figures plot."""
+    rows = []
+    for k in ks:
+        for mode in ("beam", *modes):
+            key = f"eval/{mode}/k{k}"
+            rows.append({
+                "mode": mode,
+                "k": k,
+                "speedup": metrics.get(f"{key}/speedup", 1.0),
+                "speedup_mean_ratio": metrics.get(f"{key}/speedup_mean_ratio", 1.0),
+                "target_calls_per_list": metrics.get(f"{key}/target_calls_per_list", 4.0),
+                "draft_calls_per_list": metrics.get(f"{key}/draft_calls_per_list", 0.0),
+                "acceptance_rate": metrics.get(f"{key}/acceptance_rate", float("nan")),
+                "walltime_ms": 1000 * metrics[f"{key}/walltime_s"],
+                f"recall@{k}": metrics.get(f"{key}/recall@{k}", float("nan")),
+                f"ndcg@{k}": metrics.get(f"{key}/ndcg@{k}", float("nan")),
+            })
+    return rows
+
+
+def eval_device(cfg: DictConfig) -> str:
+    if cfg.eval.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.eval.device
+
+
 def evaluate_target(cfg: DictConfig, stage_dir: Path, data: RecData) -> dict[str, float]:
     """Target beam search on the test users, and the most-popular baseline on the same users."""
-    device = "cuda" if cfg.eval.device == "auto" and torch.cuda.is_available() else (
-        "cpu" if cfg.eval.device == "auto" else cfg.eval.device)
+    device = eval_device(cfg)
     target = load_target(stage_dir, device)
     test = data.splits["test"]
     users = min(cfg.eval.max_users, len(test)) if cfg.eval.max_users else len(test)
@@ -195,19 +363,65 @@ def evaluate_target(cfg: DictConfig, stage_dir: Path, data: RecData) -> dict[str
 
 
 # -- entry -------------------------------------------------------------------------------------------------------
+STAGES = ("target", "teacher", "draft", "eval")
+
+
+def make_logger(cfg: DictConfig, stage: str) -> Any:
+    """One logger run per stage: W&B groups them by experiment with job_type = stage."""
+    if not cfg.get("logger"):
+        return False
+    target = cfg.logger._target_
+    if target.endswith("WandbLogger"):
+        logger = instantiate(cfg.logger, job_type=stage, name=f"{cfg.run_name}-{stage}")
+    else:
+        logger = instantiate(cfg.logger, name=f"{cfg.run_name}-{stage}")
+    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return logger
+
+
+def close_logger(logger: Any) -> None:
+    if not logger:
+        return
+    logger.finalize("success")
+    if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
+        logger.experiment.finish()  # W&B: end this stage's run before the next stage starts its own
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run the configured pipeline; returns a summary (also logged)."""
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    if logger:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    stage_dir, data = train_target(cfg, logger)
-    metrics = evaluate_target(cfg, stage_dir, data)
+    """Run the configured stages (``cfg.stages``: target, teacher, draft, eval); returns a summary."""
+    unknown = set(cfg.stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stage(s) {sorted(unknown)} in stages; expected a subset of {STAGES}")
+    summary: dict[str, Any] = {"log_dir": str(cfg.paths.output_dir)}
+
+    logger = False if stage_done(target_stage_dir(cfg)) else make_logger(cfg, "target")
+    target_dir, data = train_target(cfg, logger)
+    close_logger(logger)
+    summary["target_dir"] = str(target_dir)
+    summary["stage"] = json.loads((target_dir / STAGE_FILE).read_text())
+
+    logger = make_logger(cfg, "eval")
+    metrics = evaluate_target(cfg, target_dir, data)
+    if "teacher" in cfg.stages or "draft" in cfg.stages:
+        teacher_dir = make_teacher(cfg, target_dir, data)
+        summary["teacher"] = json.loads((teacher_dir / STAGE_FILE).read_text())
+        if "draft" in cfg.stages:
+            draft_logger = make_logger(cfg, "draft")
+            draft_dir = train_draft(cfg, target_dir, teacher_dir, data, draft_logger)
+            close_logger(draft_logger)
+            summary["draft_dir"] = str(draft_dir)
+            if "eval" in cfg.stages:
+                metrics.update(evaluate_draft(cfg, target_dir, draft_dir, data))
+                summary["table"] = speculative_table(metrics, tuple(cfg.decoding.modes), tuple(cfg.decoding.ks))
     if logger:
         logger.log_metrics(metrics)
-        logger.finalize("success")
-    stage = json.loads((stage_dir / STAGE_FILE).read_text())
-    return {"target_dir": str(stage_dir), "stage": stage, "metrics": metrics,
-            "log_dir": str(cfg.paths.output_dir)}
+        if summary.get("table") and hasattr(logger, "log_table"):
+            columns = list(summary["table"][0])
+            logger.log_table("eval/speculative_table", columns=columns,
+                             data=[[row.get(c) for c in columns] for row in summary["table"]])
+    close_logger(logger)
+    summary["metrics"] = metrics
+    return summary
 
 
 def format_summary(summary: dict[str, Any], cutoffs: tuple[int, ...] = (5, 10, 20)) -> str:
@@ -226,5 +440,14 @@ def format_summary(summary: dict[str, Any], cutoffs: tuple[int, ...] = (5, 10, 2
             for n in cutoffs
         )
         lines.append(f"{name:14s}{row}")
+    if summary.get("table"):
+        lines.append(f"speculative decoding ({summary['draft_dir']}):")
+        lines.append(f"{'mode':>8s} {'K':>3s} {'speedup':>8s} {'mean-ratio':>10s} {'tgt calls':>9s} "
+                     f"{'accept':>7s} {'ms/list':>8s} {'R@K':>7s} {'N@K':>7s}")
+        for row in summary["table"]:
+            k = row["k"]
+            lines.append(f"{row['mode']:>8s} {k:3d} {row['speedup']:8.2f} {row['speedup_mean_ratio']:10.2f} "
+                         f"{row['target_calls_per_list']:9.2f} {row['acceptance_rate']:7.3f} {row['walltime_ms']:8.1f} "
+                         f"{row[f'recall@{k}']:7.4f} {row[f'ndcg@{k}']:7.4f}")
     lines.append(f"logs: {summary['log_dir']}")
     return "\n".join(lines)

@@ -49,6 +49,11 @@ class TargetFinetuneModule(pl.LightningModule):
     def forward(self, input_ids, attention_mask):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
+    def on_fit_start(self) -> None:
+        # from_pretrained returns modules in eval mode and Lightning keeps module modes as it finds them:
+        # switch to train mode so dropout (e.g. LoRA's) is active while fitting.
+        self.model.train()
+
     def training_step(self, batch, batch_idx):
         loss = response_cross_entropy(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
         self.log("target/train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])

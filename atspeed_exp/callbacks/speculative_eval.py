@@ -1,0 +1,68 @@
+"""A Lightning callback that measures what draft alignment is for: speculative beam search with the current draft
+and the frozen target on a fixed sample of validation users, at validation end (every ``every_n_epochs``) and at
+the end of training. It logs ``{prefix}/<mode>/k<K>/acceptance_rate``, ``target_calls_per_list``,
+``draft_calls_per_list``, ``walltime_s``, ``speedup`` (against target-only beam search measured in the same call)
+and Recall/NDCG (see ``atspeed_exp.evaluation.evaluate_speculative``, which is also the final test evaluation)."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+
+from atspeed_exp.decoding.protocol import DecoderLM
+from atspeed_exp.decoding.trie import ItemTrie
+from atspeed_exp.evaluation import evaluate_speculative
+from atspeed_exp.models.adapter import HFDecoderLM
+
+
+class SpeculativeEvalCallback(pl.Callback):
+    def __init__(
+        self,
+        target: DecoderLM,
+        prompts: list[list[int]],
+        ground_truth: list[tuple[int, ...]],
+        trie: ItemTrie,
+        modes: tuple[str, ...] = ("strict",),
+        ks: tuple[int, ...] = (10,),
+        draft_beams: int = 40,
+        gamma: int = 3,
+        cutoffs: tuple[int, ...] = (5, 10, 20),
+        every_n_epochs: int = 1,
+        at_train_end: bool = True,
+        seed: int = 0,
+        prefix: str = "draft_eval",
+    ) -> None:
+        super().__init__()
+        self.target = target
+        self.prompts = prompts
+        self.ground_truth = ground_truth
+        self.trie = trie
+        self.settings = dict(modes=tuple(modes), ks=tuple(ks), draft_beams=draft_beams, gamma=gamma,
+                             cutoffs=tuple(cutoffs), seed=seed, prefix=prefix)
+        self.every_n_epochs = every_n_epochs
+        self.at_train_end = at_train_end
+        self.history: list[dict[str, float]] = []
+
+    def _measure(self, pl_module: pl.LightningModule) -> dict[str, float]:
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            metrics = evaluate_speculative(self.target, HFDecoderLM(pl_module.model), self.prompts,
+                                           self.ground_truth, self.trie, progress=False, **self.settings)
+        finally:
+            pl_module.train(was_training)
+        self.history.append(metrics)
+        return metrics
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.every_n_epochs <= 0:
+            return
+        if (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        pl_module.log_dict(self._measure(pl_module))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.at_train_end:
+            return
+        metrics = self._measure(pl_module)
+        for logger in trainer.loggers:
+            logger.log_metrics({f"{k}_final": v for k, v in metrics.items()}, step=trainer.global_step)

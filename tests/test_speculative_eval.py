@@ -1,0 +1,38 @@
+import pytest
+import torch
+from decoding_fixtures import make_trie, random_prompts
+from toy_lm import ToyLM
+
+from atspeed_exp.evaluation import evaluate_speculative
+
+
+def test_evaluate_speculative_reports_every_metric_and_strict_matches_beam():
+    trie, item_ids, _, vocab = make_trie(num_items=60, num_collisions=2, seed=4)
+    target, draft = ToyLM(vocab, seed=4), ToyLM(vocab, seed=5)
+    prompts = [p.tolist() for p in random_prompts(6, vocab, seed=4)]
+    truth = [(int(item_ids[i]), int(item_ids[i + 1])) for i in range(6)]
+    metrics = evaluate_speculative(target, draft, prompts, truth, trie, modes=("strict", "relaxed"), ks=(3, 5),
+                                   draft_beams=10, gamma=3, cutoffs=(5,), progress=False)
+    for k in (3, 5):
+        for mode in ("strict", "relaxed"):
+            key = f"eval/{mode}/k{k}"
+            assert 0.0 <= metrics[f"{key}/acceptance_rate"] <= 1.0
+            assert 1.0 <= metrics[f"{key}/target_calls_per_list"] <= 4.0
+            assert metrics[f"{key}/speedup"] > 0 and metrics[f"{key}/speedup_mean_ratio"] > 0
+            assert metrics[f"{key}/walltime_s"] > 0
+    # lossless: strict lists have exactly the beam-search accuracy
+    assert metrics["eval/strict/k5/recall@5"] == pytest.approx(metrics["eval/beam/k5/recall@5"])
+    assert metrics["eval/strict/k5/ndcg@5"] == pytest.approx(metrics["eval/beam/k5/ndcg@5"])
+    assert "eval/beam/k3/recall@5" not in metrics  # n > K is not reported
+
+
+def test_evaluate_speculative_draft_equal_target_costs_one_call():
+    trie, item_ids, _, vocab = make_trie(num_items=60, num_collisions=0, seed=6)
+    target = ToyLM(vocab, seed=6)
+    prompts = [p.tolist() for p in random_prompts(4, vocab, seed=6)]
+    truth = [(int(item_ids[0]),)] * 4
+    metrics = evaluate_speculative(target, target, prompts, truth, trie, ks=(5,), draft_beams=5, gamma=3,
+                                   progress=False)
+    assert metrics["eval/strict/k5/acceptance_rate"] == 1.0
+    assert metrics["eval/strict/k5/target_calls_per_list"] == 1.0
+    assert torch.isfinite(torch.tensor(metrics["eval/strict/k5/speedup"]))
