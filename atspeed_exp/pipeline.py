@@ -98,7 +98,8 @@ def data_settings(cfg: DictConfig) -> dict:
 
 # -- target stage ------------------------------------------------------------------------------------------------
 def target_stage_dir(cfg: DictConfig) -> Path:
-    key = stage_key(data_settings(cfg), cfg.model, cfg.target_training, cfg.seed)
+    # trainer.precision changes the numbers a run produces; the trainer's other keys are hardware and logging
+    key = stage_key(data_settings(cfg), cfg.model, cfg.target_training, cfg.trainer.precision, cfg.seed)
     return Path(cfg.paths.artifacts_dir) / "target" / f"{cfg.data.name}-{key}"
 
 
@@ -143,9 +144,12 @@ def train_target(cfg: DictConfig, logger: Any, extra_callbacks: list | None = No
     monitor = f"target/val_recall@{training.val_beams}"
     checkpoint = pl.callbacks.ModelCheckpoint(
         dirpath=stage_dir / "checkpoints", filename="best", monitor=monitor, mode="max", save_last=True,
+        enable_version_counter=False,  # a resumed run overwrites best/last instead of writing best-v1
     )
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
+        max_epochs=training.max_epochs,
+        gradient_clip_val=training.gradient_clip_val,
         logger=logger,
         callbacks=[checkpoint, *([pl.callbacks.LearningRateMonitor("step")] if logger else []), *(extra_callbacks or [])],
     )
@@ -269,17 +273,18 @@ def train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: RecD
             draft, data.sid_index.level_blocks, lr=training.lr, weight_decay=training.weight_decay,
             warmup_steps=training.warmup_steps, min_lr_ratio=training.min_lr_ratio, **alignment,
         )
-        target = load_target(target_dir, "cpu")
+        target = load_target(target_dir, eval_device(cfg))
         valid = data.splits["valid"]
         users = min(training.eval_users, len(valid))
         callback = SpeculativeEvalCallback(
-            target, valid.prompts[:users], valid.ground_truth()[:users], data.trie(),
+            target, valid.prompts[:users], valid.ground_truth()[:users], data.trie().to(target.device),
             modes=tuple(cfg.decoding.modes), ks=(cfg.decoding.beam_size,), draft_beams=cfg.decoding.draft_beams,
             gamma=cfg.decoding.gamma, every_n_epochs=training.eval_every_n_epochs, seed=cfg.seed,
         )
         checkpoint = pl.callbacks.ModelCheckpoint(dirpath=stage_dir / "checkpoints", filename="last-epoch",
                                                   save_last=True)
-        trainer: pl.Trainer = instantiate(cfg.trainer, max_epochs=training.max_epochs, logger=logger,
+        trainer: pl.Trainer = instantiate(cfg.trainer, max_epochs=training.max_epochs,
+                                          gradient_clip_val=training.gradient_clip_val, logger=logger,
                                           callbacks=[checkpoint, callback])
         last = stage_dir / "checkpoints" / "last.ckpt"
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
@@ -421,6 +426,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                              data=[[row.get(c) for c in columns] for row in summary["table"]])
     close_logger(logger)
     summary["metrics"] = metrics
+    # the run's results in one file next to its logs (read by notebooks/results.ipynb)
+    write_json_atomic(Path(cfg.paths.output_dir) / "summary.json",
+                      {**summary, "config": OmegaConf.to_container(cfg, resolve=True)})
     return summary
 
 
