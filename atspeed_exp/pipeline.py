@@ -282,7 +282,7 @@ def train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: RecD
             gamma=cfg.decoding.gamma, every_n_epochs=training.eval_every_n_epochs, seed=cfg.seed,
         )
         checkpoint = pl.callbacks.ModelCheckpoint(dirpath=stage_dir / "checkpoints", filename="last-epoch",
-                                                  save_last=True)
+                                                  save_last=True, enable_version_counter=False)
         trainer: pl.Trainer = instantiate(cfg.trainer, max_epochs=training.max_epochs,
                                           gradient_clip_val=training.gradient_clip_val, logger=logger,
                                           callbacks=[checkpoint, callback])
@@ -409,6 +409,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics = evaluate_target(cfg, target_dir, data)
     if "teacher" in cfg.stages or "draft" in cfg.stages:
         teacher_dir = make_teacher(cfg, target_dir, data)
+        summary["teacher_dir"] = str(teacher_dir)
         summary["teacher"] = json.loads((teacher_dir / STAGE_FILE).read_text())
         if "draft" in cfg.stages:
             draft_logger = make_logger(cfg, "draft")

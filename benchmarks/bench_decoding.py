@@ -2,7 +2,8 @@
 
 - ``beam``: our target-only trie-constrained beam search (KV cache, one prefill; the baseline of every speedup);
 - ``hf_generate``: transformers ``generate(num_beams=K)`` with the trie as ``prefix_allowed_tokens_fn``;
-- ``sd_strict`` / ``sd_relaxed``: speculative beam search (draft N beams, gamma steps, strict / relaxed verification).
+- ``sd_strict`` / ``sd_relaxed`` / ``sd_relaxed_exact``: speculative beam search (draft N beams, gamma steps; strict,
+  SPEC's relaxed, or the exact draw-by-draw relaxed verification).
 
 For each K, each user runs the methods back to back (user u: beam, hf_generate, sd_strict, sd_relaxed; then user
 u + 1), so slow drifts of a shared machine hit every method alike. ``--warmup`` lists per K run first and are not
@@ -45,7 +46,7 @@ from atspeed_exp.models.build import count_parameters, load_model, merge_lora
 
 log = logging.getLogger("bench_decoding")
 
-METHODS = ("beam", "hf_generate", "sd_strict", "sd_relaxed")
+METHODS = ("beam", "hf_generate", "sd_strict", "sd_relaxed", "sd_relaxed_exact")
 BASELINE = "beam"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COLUMNS = (
@@ -356,7 +357,7 @@ def make_runners(setup: Setup, args: argparse.Namespace, k: int) -> dict[str, Ca
     def speculative(mode: str) -> Callable[[int], ListResult]:
         def run(user: int) -> ListResult:
             generator = None
-            if mode == "relaxed":  # seeded per user: every repeat of a list samples the same way
+            if mode != "strict":  # seeded per user: every repeat of a list samples the same way
                 generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + user)
             out = speculative_beam_search(
                 target, draft, *prompt(user), trie, k, args.draft_beams, args.gamma, mode, generator
@@ -370,7 +371,7 @@ def make_runners(setup: Setup, args: argparse.Namespace, k: int) -> dict[str, Ca
         return run
 
     runners = {"beam": beam, "hf_generate": hf_generate, "sd_strict": speculative("strict"),
-               "sd_relaxed": speculative("relaxed")}
+               "sd_relaxed": speculative("relaxed"), "sd_relaxed_exact": speculative("relaxed_exact")}
     return {name: runners[name] for name in args.methods}
 
 

@@ -21,7 +21,7 @@ def test_bench_decoding_prints_every_method_and_column(tmp_path, capsys):
     bench = load_script("bench_decoding")
     report = bench.main([
         "--target-config", str(REPO / "conf" / "model" / "llama_tiny.yaml"),
-        "--draft-config", str(REPO / "conf" / "model" / "draft_1l_128.yaml"),
+        "--draft-config", str(REPO / "conf" / "draft" / "draft_1l_128.yaml"),
         "--data-name", "synthetic", "--data-root", str(tmp_path / "synthetic"),
         "--users", "3", "--ks", "5", "--warmup", "1", "--threads", "1",
         "--json-out", str(tmp_path / "bench.json"),

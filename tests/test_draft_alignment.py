@@ -183,6 +183,9 @@ def test_draft_batch_reduced_beams_and_no_validation_data(setup):
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_alignment_config_binds_to_module_signature(objective):
-    cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "alignment" / f"{objective}.yaml"), resolve=True)
+    # the files interpolate decoding.beam_size from the composed config
+    composed = OmegaConf.create({"decoding": {"beam_size": 10},
+                                 "alignment": OmegaConf.load(CONF_DIR / "alignment" / f"{objective}.yaml")})
+    cfg = OmegaConf.to_container(composed, resolve=True)["alignment"]
     assert cfg["objective"] == objective and objective in ALIGNMENT_LOSSES
     inspect.signature(DraftAlignmentModule).bind(model=None, level_blocks=[], **cfg)

@@ -52,6 +52,29 @@ def test_pipeline_synthetic_end_to_end_and_stage_reuse(tmp_path):
     assert pipeline.target_stage_dir(other) != stage_dir
 
 
+def test_pipeline_sweep_over_objective_reuses_target_and_teacher(tmp_path):
+    first = pipeline.run(compose_config(tiny_overrides(tmp_path) + ["alignment=kl"]))
+    target_stamp = (Path(first["target_dir"]) / "stage.json").stat().st_mtime_ns
+    teacher_dir = Path(first["teacher_dir"])
+    teacher_stamp = (teacher_dir / "stage.json").stat().st_mtime_ns
+
+    second = pipeline.run(compose_config(tiny_overrides(tmp_path) + ["alignment=atspeed_s"]))
+    assert second["target_dir"] == first["target_dir"]
+    assert (Path(first["target_dir"]) / "stage.json").stat().st_mtime_ns == target_stamp
+    assert (teacher_dir / "stage.json").stat().st_mtime_ns == teacher_stamp  # teacher skipped
+    assert second["draft_dir"] != first["draft_dir"]  # a new objective trains a new draft
+    assert "atspeed_s" in second["draft_dir"] and "kl" in first["draft_dir"]
+    row = {(r["mode"], r["k"]): r for r in second["table"]}
+    assert row[("strict", 10)]["recall@10"] == pytest.approx(row[("beam", 10)]["recall@10"])  # lossless
+
+    # evaluation-only settings (K values) reuse the draft as well
+    third = pipeline.run(compose_config(tiny_overrides(tmp_path) + ["alignment=atspeed_s", "decoding.ks=[5]"]))
+    assert third["draft_dir"] == second["draft_dir"]
+    assert (Path(second["draft_dir"]) / "stage.json").stat().st_mtime_ns == (
+        Path(third["draft_dir"]) / "stage.json").stat().st_mtime_ns
+    assert [r["k"] for r in third["table"]] == [5, 5]
+
+
 class _StopAtEpoch(pl.Callback):
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
@@ -70,7 +93,7 @@ class _RecordFirstEpoch(pl.Callback):
 
 
 def test_target_training_resumes_after_interruption(tmp_path):
-    cfg = compose_config(tiny_overrides(tmp_path) + ["trainer.max_epochs=2"])
+    cfg = compose_config(tiny_overrides(tmp_path) + ["target_training.max_epochs=2"])
     with pytest.raises(RuntimeError, match="simulated crash"):
         pipeline.train_target(cfg, logger=False, extra_callbacks=[_StopAtEpoch(1)])
     stage_dir = pipeline.target_stage_dir(cfg)
@@ -114,14 +137,43 @@ def test_pipeline_pretrained_lora_target(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_py_multirun_over_two_seeds(tmp_path):
+def test_run_py_multirun_sweep_over_alignment_objectives(tmp_path):
+    """The README's sweep form (`-m ... alignment=kl,atspeed_s`) on tiny synthetic settings: two jobs, one target
+    and one teacher (the second job reuses them), two drafts."""
     overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith("paths.output_dir")]
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "run.py", "-m", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'multirun'}", *overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        [sys.executable, "run.py", "-m", "alignment=kl,atspeed_s", f"hydra.sweep.dir={tmp_path / 'multirun'}",
+         *overrides],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("most_popular") == 2
-    stages = list((tmp_path / "artifacts" / "target").glob("synthetic-*/stage.json"))
-    assert len(stages) == 2  # the seed changes the target, so each job trained its own
+    assert result.stdout.count("speculative decoding (") == 2
+    artifacts = tmp_path / "artifacts"
+    assert len(list((artifacts / "target").glob("*/stage.json"))) == 1
+    assert len(list((artifacts / "teacher").glob("*/stage.json"))) == 1
+    drafts = sorted(p.parent.name for p in (artifacts / "draft").glob("*/stage.json"))
+    assert len(drafts) == 2 and any("-kl-" in d for d in drafts) and any("-atspeed_s-" in d for d in drafts)
+    assert len(list((tmp_path / "multirun").glob("*/summary.json"))) == 2
+
+
+def test_draft_with_another_vocabulary_is_refused(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = compose_config(tiny_overrides(tmp_path))
+    data = pipeline.load_data(cfg)
+    draft = LlamaForCausalLM(LlamaConfig(vocab_size=len(data.tokenizer) + 7, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(ValueError, match=r"draft vocabulary \(\d+ ids\) does not match the target's tokenizer"):
+        pipeline.check_vocabulary_match(tmp_path / "target", draft, data.tokenizer)
+
+
+def test_config_slurm_launcher_composes(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "+experiment=beauty_gpu_strict"],
+                      return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.gpus_per_node == 1

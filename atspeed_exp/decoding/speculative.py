@@ -7,9 +7,26 @@ Contract (batch size 1; the state carries a leading batch dim B for a later ragg
 - ``mode="strict"``: the draft runs N-beam search; a depth is accepted iff the target's exact top-K continuations of
   the accepted beams are all drafted beams; the returned beams are exactly those of ``beam_search(target, ..., K)``
   for any draft (choices and order; scores up to float rounding of the tree forward).
-- ``mode="relaxed"``: the draft samples N continuations without replacement per depth; verification is speculative
-  sampling draw by draw (``relaxed_select``), so the returned set of K beams has exactly the distribution of
-  ``beam_sample(target, ..., K)`` for any draft. Lists are ranked by target cumulative log-prob.
+- ``mode="relaxed"`` (SPEC section 6, ``relaxed_select``): the draft samples N continuations without replacement per
+  depth (beam sampling from its joint distribution Q over the (beam, token) continuations). At depth i, P and Q are
+  the target's and the draft's joint distributions over the continuations of the K accepted beams (softmax of the
+  flattened [K x S] cumulative log-probs, trie-masked; Q renormalised to these continuations). Each drafted
+  candidate whose parent was accepted is accepted independently with probability min(1, P/Q); with >= K accepted
+  the K with the highest P are kept and depth i+1 is verified; otherwise the accepted ones are kept, K - |accepted|
+  are drawn without replacement from the residual max(P - Q, 0) (renormalised, accepted excluded; then from P if
+  the residual runs out), and the round stops there. Only APPROXIMATELY distribution-preserving with respect to
+  ``beam_sample(target, ..., K)``: with N > K candidates each accepted on its own, what the draft likes gets more
+  chances to be accepted, and keeping the top-P K of the accepted ones (rather than a random K) sharpens the
+  selection (Q == P with N > K turns sampling into "top K of N samples"). Measured: total variation 0.18 from the
+  target's exact beam-sampling distribution on the tests' enumerable setup (K = 2, N = 3, 3 levels; the draft's
+  own is 0.41 away); 0.13-0.40 at one depth on small hand-made P, Q (0.40 for Q == P, K = 2, N = 4). In exchange,
+  a depth passes when ANY K of the N candidates are accepted, so acceptance stays high with large K.
+- ``mode="relaxed_exact"`` (``relaxed_exact_select``): the same drafts, verified as speculative sampling draw by
+  draw (the first K candidates in draw order, residual only at the first rejection, later draws from P), so the
+  returned set of K beams has EXACTLY the distribution of ``beam_sample(target, ..., K)`` for any draft. Kept as
+  the lossless reference for the relaxed setting; its acceptance falls quickly with K (all of the first K draws
+  must pass, in order).
+- Both relaxed modes need an explicit ``torch.Generator``; lists are ranked by target cumulative log-prob.
 - Each model keeps ONE cache row per user holding the prompt and a token tree. A beam is a bool visibility vector over
   that row (prompt + its own fed ancestors), its pending (not yet fed) tokens and the position id of the first one;
   every call appends tokens whose mask rows come from those vectors (``_Call``: the tree mask), so nothing is copied
@@ -40,7 +57,7 @@ from atspeed_exp.decoding.beam_search import (
 from atspeed_exp.decoding.protocol import DecoderLM
 from atspeed_exp.decoding.trie import ItemTrie
 
-MODES = ("strict", "relaxed")
+MODES = ("strict", "relaxed", "relaxed_exact")
 NEG_INF = float("-inf")
 
 
@@ -119,8 +136,78 @@ def relaxed_select(
     num_beams: int,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Relaxed sampling verification of one depth: K draws without replacement from P, using the draft's samples
-    from Q as proposals, with exactly the distribution of successive sampling from P.
+    """SPEC section 6 relaxed sampling verification of one depth (``mode="relaxed"``).
+
+    log_p, log_q: ``[B, C]`` normalised log-probs (-inf: impossible) over the flattened (beam, code) continuations
+    of the accepted beams, under the target (P) and the distribution the draft sampled from, restricted to these
+    continuations (Q). candidates: ``[B, R]`` flat indices into C of the draft's samples (-1: none; order unused).
+
+    Every candidate c is accepted independently with probability min(1, P(c) / Q(c)) (one uniform each). If at least
+    K are accepted, the K accepted ones with the highest P are kept: all of them are continuations the target
+    accepts, and the top of them by P is what the target's own beam search would prefer among them (ties need
+    equal float log-probs, which do not happen in practice; they go to the lower index). Otherwise all accepted
+    candidates are kept and the K - |accepted| others are drawn without replacement (Gumbel-top-k) from the
+    residual max(P - Q, 0), renormalised, accepted ones excluded; if the residual has fewer non-zero entries than
+    needed (Q >= P everywhere else, or Q == P: empty), the rest are drawn without replacement from P excluding
+    everything chosen. With no candidate at all (Q = 0) this is plain successive sampling of K from P, the target's
+    beam-sampling step. One sort by (tier, key) does all of it: tier 0 accepted (key log P), 1 residual (key log
+    residual + Gumbel), 2 possible under P (key log P + Gumbel), 3 impossible (placeholders).
+    Not exactly distribution-preserving (see the module docstring; ``relaxed_exact_select`` is).
+
+    The depth counts as accepted when the accepted candidates cover min(K, number of possible continuations):
+    with fewer than K possible continuations, accepting all of them leaves only placeholders to add.
+    Returns (chosen ``[B, K]`` flat indices, alive ``[B, K]`` False for placeholders, accepted ``[B]``: K when the
+    depth is accepted, else the number of accepted candidates (< K)), the convention of ``relaxed_exact_select``.
+    """
+    batch, width = log_p.shape
+    device = log_p.device
+    k = num_beams
+    if width < k:  # fewer continuations than beams: pad with impossible ones
+        pad = log_p.new_full((batch, k - width), NEG_INF)
+        log_p, log_q = torch.cat([log_p, pad], 1), torch.cat([log_q, pad], 1)
+    columns = log_p.shape[1]
+
+    # independent acceptance of every candidate the draft could have drawn
+    safe = candidates.clamp(min=0)
+    lp_c, lq_c = log_p.gather(1, safe), log_q.gather(1, safe)  # [B, R]
+    exists = (candidates >= 0) & torch.isfinite(lq_c)
+    log_u = torch.log(torch.rand(tuple(candidates.shape), generator=generator, device=generator.device).to(device))
+    accept_c = exists & (log_u < lp_c - lq_c)  # P(c) = 0: never
+    slot = torch.where(accept_c, safe, columns)  # rejected ones to a dummy column
+    accepted_mask = torch.zeros(batch, columns + 1, dtype=torch.bool, device=device)
+    accepted_mask = accepted_mask.scatter(1, slot, True)[:, :-1]  # [B, C]; duplicates harmless
+    count = accepted_mask.sum(1)  # [B]
+    possible = torch.isfinite(log_p)
+    need = possible.sum(1).clamp(max=k)
+
+    # log max(P - Q, 0) without cancellation or underflow: log P + log(1 - Q / P) where Q < P
+    positive = possible & (log_q < log_p)
+    log_res = torch.where(
+        positive, log_p + torch.log(-torch.expm1(torch.where(positive, log_q - log_p, -1.0))), NEG_INF
+    )
+    residual = torch.isfinite(log_res) & ~accepted_mask
+    tier = torch.where(accepted_mask, 0, torch.where(residual, 1, torch.where(possible, 2, 3)))  # [B, C]
+    gumbel = _gumbel((batch, columns), generator, device)
+    key = torch.where(
+        accepted_mask, log_p, torch.where(residual, log_res + gumbel, torch.where(possible, log_p + gumbel, 0.0))
+    )
+    order = key.argsort(dim=1, descending=True, stable=True)
+    order = order.gather(1, tier.gather(1, order).argsort(dim=1, stable=True))[:, :k]  # by tier, then key
+    alive = possible.gather(1, order) & (order < width)
+    chosen = order.clamp(max=width - 1)  # placeholders beyond the real continuations
+    return chosen, alive, torch.where(count >= need, k, count)
+
+
+def relaxed_exact_select(
+    log_p: torch.Tensor,
+    log_q: torch.Tensor,
+    candidates: torch.Tensor,
+    num_beams: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact relaxed sampling verification of one depth (``mode="relaxed_exact"``): K draws without replacement
+    from P, using the draft's samples from Q as proposals, with exactly the distribution of successive sampling
+    from P.
 
     log_p, log_q: ``[B, C]`` normalised log-probs (-inf: impossible) over the flattened (beam, code) continuations
     of the accepted beams, under the target (P) and the distribution the draft sampled from, restricted to these
@@ -132,9 +219,10 @@ def relaxed_select(
     takes one sample from the residual max(P_j* - Q_j*, 0) (renormalised; P_j* itself if there is no proposal or the
     residual is empty by rounding); the draws after j* come from P with everything chosen removed, because the
     remaining proposals no longer have the law of the draft's conditional given what was chosen.
-    Why not SPEC's literal reading (accept every candidate independently with min(1, P/Q) of the marginals, keep K,
-    fill from one residual): with N > K it favours what the draft likes (more chances to be accepted) and is biased
-    (total variation 0.09-0.23 from successive sampling on small examples); this version is exact and needs no loop.
+    Unlike SPEC's literal scheme (``relaxed_select``: every candidate accepted independently with min(1, P/Q) of
+    the marginals, keep K, fill from one residual), which with N > K favours what the draft likes and is biased,
+    this version is exact; the price is that only the first K draws can be accepted, in order, so its acceptance
+    falls quickly with K.
     A draw with no mass left (fewer than K possible continuations) is a placeholder and counts as accepted.
 
     Returns (chosen ``[B, K]`` flat indices, alive ``[B, K]`` False for placeholders, accepted ``[B]`` number of
@@ -399,9 +487,9 @@ def _accept_phase(
     levels: list[_Level], trie: ItemTrie, num_beams: int, mode: str, generator: torch.Generator | None
 ) -> list[_Step]:
     """Depth by depth l = 1..d+1, assuming depths < l were accepted: the target's K beams at depth l (strict: its
-    exact top-K; relaxed: ``relaxed_select``) and whether they are all among the drafted level l. Later depths are
-    discarded by the caller after the first rejection; computing them costs only [K, S] tensor work and saves a
-    host sync per depth."""
+    exact top-K; relaxed: ``relaxed_select``; relaxed_exact: ``relaxed_exact_select``) and whether they are all
+    among the drafted level l. Later depths are discarded by the caller after the first rejection; computing them
+    costs only [K, S] tensor work and saves a host sync per depth."""
     t = levels[0].sequences.shape[2]
     steps = len(levels) - 1
     batch, roots = levels[0].draft_scores.shape
@@ -446,7 +534,8 @@ def _accept_phase(
                 log_q = q.masked_fill(~alive[:, :, None], NEG_INF).reshape(batch, -1).log_softmax(1)
             else:
                 log_q = torch.full_like(total, NEG_INF)
-            flat, alive_new, taken = relaxed_select(total.log_softmax(1), log_q, candidates, num_beams, generator)
+            select = relaxed_select if mode == "relaxed" else relaxed_exact_select
+            flat, alive_new, taken = select(total.log_softmax(1), log_q, candidates, num_beams, generator)
             new_scores = total.gather(1, flat).masked_fill(~alive_new, NEG_INF)
             parent, codes = flat // size, flat % size
             match = flat[:, :, None] == candidates[:, None, :]
@@ -486,8 +575,8 @@ def _check_settings(
         raise ValueError(f"speculative beam search needs batch size 1, got {prompt_ids.shape[0]} prompts")
     if not prompt_mask.any():
         raise ValueError("empty prompt")
-    if mode == "relaxed" and generator is None:
-        raise ValueError("relaxed mode samples: pass an explicit torch.Generator")
+    if mode != "strict" and generator is None:
+        raise ValueError(f"{mode} mode samples: pass an explicit torch.Generator")
 
 
 @torch.inference_mode()
@@ -500,8 +589,8 @@ def speculative_beam_search(
     num_beams: int,  # K
     draft_beams: int = 40,  # N >= K
     gamma: int = 3,  # drafted steps per round, 1..L-1
-    mode: str = "strict",  # "strict" | "relaxed"
-    generator: torch.Generator | None = None,  # relaxed mode's randomness (draft sampling and verification)
+    mode: str = "strict",  # "strict" | "relaxed" | "relaxed_exact"
+    generator: torch.Generator | None = None,  # relaxed modes' randomness (draft sampling and verification)
 ) -> SpeculativeOutput:
     """Top-K items of one prompt by speculative beam search (see module docstring)."""
     _check_settings(trie, prompt_ids, prompt_mask, num_beams, draft_beams, gamma, mode, generator)
@@ -585,7 +674,8 @@ def beam_sample(
     num_beams: int,
     generator: torch.Generator,
 ) -> BeamSearchOutput:
-    """Target-only beam sampling, the distribution relaxed speculative beam search reproduces: at each depth, K
+    """Target-only beam sampling, the distribution relaxed speculative beam search approximates ("relaxed") or
+    reproduces exactly ("relaxed_exact"): at each depth, K
     continuations drawn without replacement from P = softmax over the flattened [K x S] cumulative log-probs of the
     current beams' continuations (trie-masked). The final K beams are ranked by cumulative log-prob. L model calls."""
     check_beam_settings(trie, num_beams)
