@@ -405,7 +405,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     summary["target_dir"] = str(target_dir)
     summary["stage"] = json.loads((target_dir / STAGE_FILE).read_text())
 
-    logger = make_logger(cfg, "eval")
     metrics = evaluate_target(cfg, target_dir, data)
     if "teacher" in cfg.stages or "draft" in cfg.stages:
         teacher_dir = make_teacher(cfg, target_dir, data)
@@ -419,6 +418,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if "eval" in cfg.stages:
                 metrics.update(evaluate_draft(cfg, target_dir, draft_dir, data))
                 summary["table"] = speculative_table(metrics, tuple(cfg.decoding.modes), tuple(cfg.decoding.ks))
+    # W&B keeps one active run per process: the eval run starts only after the draft stage's run has finished
+    logger = make_logger(cfg, "eval")
     if logger:
         logger.log_metrics(metrics)
         if summary.get("table") and hasattr(logger, "log_table"):

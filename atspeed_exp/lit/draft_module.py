@@ -29,7 +29,7 @@ from torch import nn
 
 from atspeed_exp.data.draft_batches import read_positions, split_read_logits
 from atspeed_exp.data.prompts import IGNORE_INDEX
-from atspeed_exp.lit.schedules import warmup_cosine
+from atspeed_exp.lit.schedules import adamw_warmup_cosine
 from atspeed_exp.losses.alignment import get_alignment_loss, mixed_loss
 
 GROUND_TRUTH_OBJECTIVES = ("kl", "tvd")  # rows at the true response; the others use the teacher beams
@@ -198,15 +198,4 @@ class DraftAlignmentModule(pl.LightningModule):
         self.log("draft/val_topk_overlap", overlap, batch_size=size)
 
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
-            if param.requires_grad:
-                (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.lr,
-            betas=tuple(self.hparams.betas),
-        )
-        total = int(self.trainer.estimated_stepping_batches)
-        scheduler = warmup_cosine(optimizer, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_warmup_cosine(self, self.model)
