@@ -138,23 +138,24 @@ def test_pipeline_pretrained_lora_target(tmp_path):
 
 @pytest.mark.slow
 def test_run_py_multirun_sweep_over_alignment_objectives(tmp_path):
-    """The README's sweep form (`-m ... alignment=kl,atspeed_s`) on tiny synthetic settings: two jobs, one target
-    and one teacher (the second job reuses them), two drafts."""
+    """The README's sweep form (`-m ... alignment=kl,atspeed_s decoding.beam_size=5,10`) on tiny synthetic
+    settings: four jobs share one target and one teacher; each (objective, K) pair trains its own draft."""
     overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith("paths.output_dir")]
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "run.py", "-m", "alignment=kl,atspeed_s", f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        [sys.executable, "run.py", "-m", "alignment=kl,atspeed_s", "decoding.beam_size=5,10",
+         f"hydra.sweep.dir={tmp_path / 'multirun'}",
          *overrides],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("speculative decoding (") == 2
+    assert result.stdout.count("speculative decoding (") == 4
     artifacts = tmp_path / "artifacts"
     assert len(list((artifacts / "target").glob("*/stage.json"))) == 1
     assert len(list((artifacts / "teacher").glob("*/stage.json"))) == 1
     drafts = sorted(p.parent.name for p in (artifacts / "draft").glob("*/stage.json"))
-    assert len(drafts) == 2 and any("-kl-" in d for d in drafts) and any("-atspeed_s-" in d for d in drafts)
-    assert len(list((tmp_path / "multirun").glob("*/summary.json"))) == 2
+    assert len(drafts) == 4 and sum("-kl-" in d for d in drafts) == 2 and sum("-atspeed_s-" in d for d in drafts) == 2
+    assert len(list((tmp_path / "multirun").glob("*/summary.json"))) == 4
 
 
 def test_draft_with_another_vocabulary_is_refused(tmp_path):
