@@ -11,6 +11,7 @@ search reuses them: it must make exactly the same choices as this function to be
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,10 +148,12 @@ def beam_search(
     trie: ItemTrie,
     num_beams: int,
     record_logits: bool = False,
+    select: Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = select_top_k,
 ) -> BeamSearchOutput:
     """Trie-constrained beam search with ``num_beams`` beams for each of B prompts (see module docstring).
     ``record_logits`` also returns, per final beam, the level logits at each of its positions (no extra calls:
-    a final beam's prefixes were all beams when their logits were computed)."""
+    a final beam's prefixes were all beams when their logits were computed). ``select`` picks each depth's beams
+    (``select_top_k``: beam search; a sampler with the same signature gives beam sampling)."""
     check_beam_settings(trie, num_beams)
     batch, prompt_width = prompt_ids.shape
     device = prompt_ids.device
@@ -165,7 +168,7 @@ def beam_search(
     nodes = torch.zeros(batch, 1, dtype=torch.long, device=device)
     beam_scores = torch.zeros(batch, 1, device=device)
     step_logp = level_log_probs(last_logits[:, None], trie, 0, nodes)  # [B, 1, S0]
-    beam_scores, parent, codes = select_top_k(beam_scores, step_logp, num_beams)
+    beam_scores, parent, codes = select(beam_scores, step_logp, num_beams)
     parents.append(parent)
     nodes = trie.advance(0, nodes.gather(1, parent), codes)
     nodes = torch.where(torch.isinf(beam_scores), trie.dead_node(1), nodes)
@@ -189,7 +192,7 @@ def beam_search(
         if record_logits:
             recorded.append(_level_record(step_logits, trie, depth))
         step_logp = level_log_probs(step_logits, trie, depth, nodes)
-        beam_scores, parent, codes = select_top_k(beam_scores, step_logp, num_beams)
+        beam_scores, parent, codes = select(beam_scores, step_logp, num_beams)
         parents.append(parent)
         nodes = trie.advance(depth, nodes.gather(1, parent), codes)
         nodes = torch.where(torch.isinf(beam_scores), trie.dead_node(depth + 1), nodes)
@@ -200,10 +203,14 @@ def beam_search(
         if depth < num_levels - 1:
             cache = model.reorder_cache(cache, (rows[:, None] * num_beams + parent).reshape(-1))
 
+    # best first (a no-op after top-K selection; a sampler returns its draws in draw order)
+    order = beam_scores.argsort(dim=1, descending=True, stable=True)  # [B, K]
+    beam_scores, nodes = beam_scores.gather(1, order), nodes.gather(1, order)
+    sequences = sequences.gather(1, order[:, :, None].expand_as(sequences))
     items, item_scores = expand_items(trie, nodes, beam_scores, num_beams)
     output = BeamSearchOutput(items, item_scores, sequences, beam_scores, calls, tokens)
     if record_logits:
-        output.level_logits, output.full_logsumexp = _backtrack_records(recorded, parents)
+        output.level_logits, output.full_logsumexp = _backtrack_records(recorded, parents, order)
     return output
 
 
@@ -213,12 +220,12 @@ def _level_record(logits: torch.Tensor, trie: ItemTrie, depth: int) -> tuple[tor
 
 
 def _backtrack_records(
-    recorded: list[tuple[torch.Tensor, torch.Tensor]], parents: list[torch.Tensor]
+    recorded: list[tuple[torch.Tensor, torch.Tensor]], parents: list[torch.Tensor], final_order: torch.Tensor
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Align per-depth records with the final beams: the depth-t context of final beam k is its ancestor at
     depth t, found by following parent pointers back from the last step."""
     num_levels = len(recorded)
-    ancestor = torch.arange(parents[-1].shape[1], device=parents[-1].device).expand_as(parents[-1])  # [B, K]
+    ancestor = final_order  # [B, K]: the output's beam k is the last step's beam final_order[:, k]
     level_logits: list[torch.Tensor] = [None] * num_levels  # type: ignore[list-item]
     lse: list[torch.Tensor] = [None] * num_levels  # type: ignore[list-item]
     for depth in range(num_levels - 1, -1, -1):

@@ -48,10 +48,10 @@ import torch
 from atspeed_exp.decoding.beam_search import (
     BeamSearchOutput,
     additive,
+    beam_search,
     check_beam_settings,
     expand_items,
     level_log_probs,
-    prefill,
     select_top_k,
 )
 from atspeed_exp.decoding.protocol import DecoderLM
@@ -678,39 +678,5 @@ def beam_sample(
     reproduces exactly ("relaxed_exact"): at each depth, K
     continuations drawn without replacement from P = softmax over the flattened [K x S] cumulative log-probs of the
     current beams' continuations (trie-masked). The final K beams are ranked by cumulative log-prob. L model calls."""
-    check_beam_settings(trie, num_beams)
-    batch = prompt_ids.shape[0]
-    device = prompt_ids.device
-    last_logits, cache = prefill(model, prompt_ids, prompt_mask)
-    nodes = torch.zeros(batch, 1, dtype=torch.long, device=device)
-    scores = torch.zeros(batch, 1, device=device)
-    sequences = torch.zeros(batch, 1, 0, dtype=torch.long, device=device)
-    key_mask = prompt_mask
-    positions = prompt_mask.long().sum(-1)  # [B] position of the first SID token
-    rows = torch.arange(batch, device=device)
-    calls, tokens = 1, prompt_ids.numel()
-    for depth in range(trie.num_levels):
-        if depth > 0:  # feed the last sampled tokens of the K beams, one cache row per beam
-            key_mask = torch.cat([key_mask, key_mask.new_ones(batch * num_beams, 1)], dim=1)
-            logits, cache = model(
-                sequences[:, :, -1].reshape(-1, 1),  # [B*K, 1]
-                (positions.repeat_interleave(num_beams) + depth - 1)[:, None],
-                additive(key_mask[:, None, None, :], model.dtype),
-                cache,
-            )
-            calls, tokens = calls + 1, tokens + batch * num_beams
-            last_logits = logits[:, -1].view(batch, num_beams, -1)
-        step_logp = level_log_probs(last_logits.view(batch, nodes.shape[1], -1), trie, depth, nodes)
-        scores, parent, codes = sample_top_k(scores, step_logp, num_beams, generator)
-        nodes = trie.advance(depth, nodes.gather(1, parent), codes)
-        nodes = torch.where(torch.isinf(scores), trie.dead_node(depth + 1), nodes)
-        sequences = torch.cat([_take(sequences, parent), (codes + trie.block(depth)[0])[:, :, None]], dim=2)
-        if depth == 0:
-            cache = model.reorder_cache(cache, rows.repeat_interleave(num_beams))
-            key_mask = prompt_mask.repeat_interleave(num_beams, dim=0)  # [B*K, P]
-        elif depth < trie.num_levels - 1:
-            cache = model.reorder_cache(cache, (rows[:, None] * num_beams + parent).reshape(-1))
-    order = scores.argsort(dim=1, descending=True, stable=True)
-    scores, sequences, nodes = scores.gather(1, order), _take(sequences, order), nodes.gather(1, order)
-    items, item_scores = expand_items(trie, nodes, scores, num_beams)
-    return BeamSearchOutput(items, item_scores, sequences, scores, calls, tokens)
+    return beam_search(model, prompt_ids, prompt_mask, trie, num_beams,
+                       select=lambda scores, logp, k: sample_top_k(scores, logp, k, generator))
