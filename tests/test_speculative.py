@@ -51,8 +51,11 @@ class Scaled:
         self.dtype, self.device = model.dtype, model.device
 
     def __call__(self, ids, positions, mask, cache):
-        logits, cache = self.model(ids, positions, mask, cache)
-        return logits * self.scale, cache
+        hidden, cache = self.model.hidden(ids, positions, mask, cache)
+        return self.project(hidden), cache
+
+    def project(self, hidden, start=0, end=None):
+        return self.model.project(hidden, start, end) * self.scale
 
     def full_sequence_logits(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.full_sequence_logits(ids) * self.scale
@@ -62,16 +65,16 @@ class Scaled:
 
 
 class Recorder:
-    """Records every call (inputs, the cache it was given, logits) of a ToyLM."""
+    """Records every call (inputs, the cache it was given, full logits) of a ToyLM."""
 
     def __init__(self, model: ToyLM) -> None:
         self.model, self.calls = model, []
         self.dtype, self.device = model.dtype, model.device
 
-    def __call__(self, ids, positions, mask, cache):
-        logits, new_cache = self.model(ids, positions, mask, cache)
-        self.calls.append((ids, positions, mask, cache, logits))
-        return logits, new_cache
+    def hidden(self, ids, positions, mask, cache):
+        hidden, new_cache = self.model.hidden(ids, positions, mask, cache)
+        self.calls.append((ids, positions, mask, cache, self.model.project(hidden)))
+        return hidden, new_cache
 
     def __getattr__(self, name):
         return getattr(self.model, name)
@@ -187,8 +190,11 @@ def test_speculative_tree_calls_match_branch_by_branch_decoding():
         for call_ids, positions, call_mask, cache, logits in model.calls:
             key_ids = call_ids if cache is None else torch.cat([cache[0], call_ids], dim=1)
             key_positions = positions if cache is None else torch.cat([cache[1], positions], dim=1)
+            cache_len = key_ids.shape[1] - call_ids.shape[1]
             for row in range(call_ids.shape[1]):
                 visible = call_mask[0, 0, row] == 0
+                if not visible[cache_len + row]:
+                    continue  # a void row (dead beam): fed, seen by nobody, its output unused
                 branch = key_ids[0, visible]  # the prompt and this token's own ancestors, in order
                 assert torch.equal(key_positions[0, visible], torch.arange(branch.numel()))
                 assert torch.equal(branch[: prompt.numel()], prompt[: branch.numel()])  # prompt rows: causal
@@ -582,8 +588,10 @@ def test_speculative_rejects_bad_settings():
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             speculative_beam_search(model, model, one, one_mask, trie, **kwargs)
-    with pytest.raises(ValueError, match="batch size 1"):
-        speculative_beam_search(model, model, ids, mask, trie, 3, generator=gen)
+    right_padded = torch.flip(mask, dims=[1])
+    if not torch.equal(right_padded, mask):
+        with pytest.raises(ValueError, match="left-padded"):
+            speculative_beam_search(model, model, ids, right_padded, trie, 3, generator=gen)
     with pytest.raises(ValueError, match="empty prompt"):
         speculative_beam_search(model, model, one, torch.zeros_like(one_mask), trie, 3)
 

@@ -20,10 +20,10 @@ class _CrashAfter(ToyLM):
         super().__init__(vocab, **kw)
         self.budget = calls_before_crash
 
-    def __call__(self, *args):
+    def hidden(self, *args):
         if self.calls >= self.budget:
             raise KeyboardInterrupt("killed")
-        return super().__call__(*args)
+        return super().hidden(*args)
 
 
 def _setup():

@@ -21,7 +21,18 @@ class ToyLM:
     def new_cache(self):
         return None
 
+    @property
+    def vocab_size(self) -> int:
+        return self.out.shape[1]
+
     def __call__(self, input_ids, position_ids, attention_mask, cache):
+        hidden, cache = self.hidden(input_ids, position_ids, attention_mask, cache)
+        return self.project(hidden), cache
+
+    def project(self, hidden, start=0, end=None):
+        return hidden @ self.out[:, start:end]
+
+    def hidden(self, input_ids, position_ids, attention_mask, cache):
         self.calls += 1
         if cache is None:
             tokens, positions = input_ids, position_ids
@@ -34,8 +45,7 @@ class ToyLM:
         visible = (attention_mask[:, 0] == 0).float()  # [B, q, T]
         pooled = visible @ feats / visible.sum(-1, keepdim=True).clamp(min=1.0)
         query = self.pos_emb[position_ids]  # the query position matters too
-        logits = torch.tanh(pooled + query) @ self.out
-        return logits, (tokens, positions)
+        return torch.tanh(pooled + query), (tokens, positions)
 
     def reorder_cache(self, cache, batch_index):
         return (cache[0][batch_index], cache[1][batch_index])

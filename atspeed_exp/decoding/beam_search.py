@@ -5,7 +5,7 @@ Contract: for B prompts, return each user's top-K items under the model's cumula
 ``prefix_allowed_tokens_fn``). Cost: exactly L model calls (one prefill, then L - 1 cached steps of B*K rows).
 Beam state lives in ``[B, K, ...]`` tensors; every step is tensor operations, nothing per beam in Python.
 
-The pieces (prefill, masked level log-probs, top-K selection, item expansion) are public because speculative beam
+The pieces (masked level log-probs of the needed rows, top-K selection, item expansion) are public because speculative beam
 search reuses them: it must make exactly the same choices as this function to be lossless.
 """
 
@@ -71,26 +71,55 @@ def additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, mask_value(dtype))
 
 
-def prefill(model: DecoderLM, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """One forward over the (left-padded) prompts; returns the last position's logits ``[B, V]`` and the cache."""
-    logits, cache = model(
-        prompt_ids,
-        prompt_positions(prompt_mask),
-        causal_prefill_mask(prompt_mask, model.dtype),
-        model.new_cache(),
-    )
-    return logits[:, -1], cache
+SCOPES = ("vocab", "level")
 
 
-def level_log_probs(logits: torch.Tensor, trie: ItemTrie, depth: int, nodes: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities of the level-``depth`` codes, normalised over the full vocabulary (as the model's
-    likelihood and transformers' beam search are), with codes that leave the trie set to -inf.
+def level_scores(
+    model: DecoderLM,
+    hidden: torch.Tensor,  # [..., H] final hidden states of the rows that need scores
+    trie: ItemTrie,
+    nodes: torch.Tensor,  # [...] global trie nodes (a node carries its depth)
+    depths: list[int],  # the distinct depths (< L) of the live rows, known on the host
+    scope: str = "vocab",
+    record: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Log-probabilities ``[..., max_block]`` of each row's next SID code, -inf where the trie forbids it (and past
+    the row's block), from the output projection of these rows only.
 
-    logits: ``[..., V]``; nodes: ``[...]`` trie nodes at ``depth``. Returns ``[..., block_size]``.
+    scope ``"vocab"``: normalised over the full vocabulary (the model's likelihood; transformers' beam search ranks
+    by it), so the projection covers every token. ``"level"``: normalised over the row's level block, so the
+    projection covers only that block (``max_block`` columns instead of V: the cheap form for large vocabularies;
+    rankings differ only by the mass a model puts outside the block). Rows of several depths (ragged batches) get
+    one projection per depth in ``depths``; rows at other depths (dead, finished) stay -inf.
+    With ``record``: also (raw block logits ``[..., max_block]``, log-normaliser ``[...]``) for teacher data.
     """
-    start, end = trie.block(depth)
-    log_probs = torch.log_softmax(logits.float(), dim=-1)[..., start:end]
-    return log_probs.masked_fill(~trie.allowed_mask(depth, nodes), float("-inf"))
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
+    width = trie.max_block
+    row_depth = trie.node_depth[nodes]
+    out = torch.full((*nodes.shape, width), float("-inf"), device=hidden.device)
+    raw = torch.full_like(out, float("-inf")) if record else None
+    norm = torch.full(nodes.shape, float("-inf"), device=hidden.device) if record else None
+    full = full_lse = None
+    if scope == "vocab" and depths:
+        full = model.project(hidden)  # [..., V]
+        full_lse = torch.logsumexp(full, dim=-1)
+    for depth in depths:
+        start, end = trie.block(depth)
+        if full is not None:
+            block, lse = full[..., start:end], full_lse
+        else:
+            block = model.project(hidden, start, end)
+            lse = torch.logsumexp(block, dim=-1)
+        if end - start < width:
+            block = torch.cat([block, block.new_full((*block.shape[:-1], width - (end - start)), float("-inf"))], -1)
+        here = (row_depth == depth)[..., None]
+        out = torch.where(here, block - lse[..., None], out)
+        if record:
+            raw = torch.where(here, block, raw)
+            norm = torch.where(here[..., 0], lse, norm)
+    out = out.masked_fill(~trie.global_allowed[nodes], float("-inf"))
+    return out, ((raw, norm) if record else None)
 
 
 def select_top_k(
@@ -149,29 +178,32 @@ def beam_search(
     num_beams: int,
     record_logits: bool = False,
     select: Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = select_top_k,
+    scope: str = "vocab",
 ) -> BeamSearchOutput:
     """Trie-constrained beam search with ``num_beams`` beams for each of B prompts (see module docstring).
     ``record_logits`` also returns, per final beam, the level logits at each of its positions (no extra calls:
     a final beam's prefixes were all beams when their logits were computed). ``select`` picks each depth's beams
-    (``select_top_k``: beam search; a sampler with the same signature gives beam sampling)."""
+    (``select_top_k``: beam search; a sampler with the same signature gives beam sampling). ``scope``: the
+    normaliser of the level log-probs (``level_scores``); logits are computed only for the rows selection uses."""
     check_beam_settings(trie, num_beams)
     batch, prompt_width = prompt_ids.shape
     device = prompt_ids.device
     num_levels = trie.num_levels
 
-    last_logits, cache = prefill(model, prompt_ids, prompt_mask)
+    hidden, cache = model.hidden(
+        prompt_ids, prompt_positions(prompt_mask), causal_prefill_mask(prompt_mask, model.dtype), model.new_cache()
+    )
     recorded: list[tuple[torch.Tensor, torch.Tensor]] = []  # per depth: (level logits [B, M, S], lse [B, M])
     parents: list[torch.Tensor] = []  # per depth: parent beam [B, K] of each new beam
-    if record_logits:
-        recorded.append(_level_record(last_logits[:, None], trie, 0))
     # Level 0: one live beam per user (the prompt); its K copies come from the cache reorder below.
-    nodes = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    nodes = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the root
     beam_scores = torch.zeros(batch, 1, device=device)
-    step_logp = level_log_probs(last_logits[:, None], trie, 0, nodes)  # [B, 1, S0]
+    step_logp, record = level_scores(model, hidden[:, -1:], trie, nodes, [0], scope, record_logits)  # [B, 1, S]
+    if record is not None:
+        recorded.append(_level_record(record, trie, 0))
     beam_scores, parent, codes = select(beam_scores, step_logp, num_beams)
     parents.append(parent)
-    nodes = trie.advance(0, nodes.gather(1, parent), codes)
-    nodes = torch.where(torch.isinf(beam_scores), trie.dead_node(1), nodes)
+    nodes = _advance(trie, nodes, parent, codes, beam_scores, 1)
     sequences = codes[:, :, None] + trie.block(0)[0]  # [B, K, 1]
     rows = torch.arange(batch, device=device)
     cache = model.reorder_cache(cache, rows.repeat_interleave(num_beams))
@@ -181,21 +213,20 @@ def beam_search(
 
     for depth in range(1, num_levels):
         key_mask = torch.cat([key_mask, key_mask.new_ones(batch * num_beams, 1)], dim=1)
-        logits, cache = model(
+        hidden, cache = model.hidden(
             sequences[:, :, -1].reshape(-1, 1),  # [B*K, 1]
             (positions + depth - 1)[:, None],
             additive(key_mask[:, None, None, :], model.dtype),  # [B*K, 1, 1, P + depth]
             cache,
         )
         calls, tokens = calls + 1, tokens + batch * num_beams
-        step_logits = logits[:, -1].view(batch, num_beams, -1)  # [B, K, V]
-        if record_logits:
-            recorded.append(_level_record(step_logits, trie, depth))
-        step_logp = level_log_probs(step_logits, trie, depth, nodes)
+        step_hidden = hidden[:, -1].view(batch, num_beams, -1)  # [B, K, H]
+        step_logp, record = level_scores(model, step_hidden, trie, nodes, [depth], scope, record_logits)
+        if record is not None:
+            recorded.append(_level_record(record, trie, depth))
         beam_scores, parent, codes = select(beam_scores, step_logp, num_beams)
         parents.append(parent)
-        nodes = trie.advance(depth, nodes.gather(1, parent), codes)
-        nodes = torch.where(torch.isinf(beam_scores), trie.dead_node(depth + 1), nodes)
+        nodes = _advance(trie, nodes, parent, codes, beam_scores, depth + 1)
         sequences = torch.cat(
             [sequences.gather(1, parent[:, :, None].expand(-1, -1, depth)), (codes + trie.block(depth)[0])[:, :, None]],
             dim=2,
@@ -207,16 +238,27 @@ def beam_search(
     order = beam_scores.argsort(dim=1, descending=True, stable=True)  # [B, K]
     beam_scores, nodes = beam_scores.gather(1, order), nodes.gather(1, order)
     sequences = sequences.gather(1, order[:, :, None].expand_as(sequences))
-    items, item_scores = expand_items(trie, nodes, beam_scores, num_beams)
+    items, item_scores = expand_items(trie, trie.global_leaves_to_local(nodes), beam_scores, num_beams)
     output = BeamSearchOutput(items, item_scores, sequences, beam_scores, calls, tokens)
     if record_logits:
         output.level_logits, output.full_logsumexp = _backtrack_records(recorded, parents, order)
     return output
 
 
-def _level_record(logits: torch.Tensor, trie: ItemTrie, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _advance(
+    trie: ItemTrie, nodes: torch.Tensor, parent: torch.Tensor, codes: torch.Tensor, scores: torch.Tensor, depth: int
+) -> torch.Tensor:
+    """Global nodes at ``depth`` of the selected (parent, code) pairs; the dead node for impossible selections."""
+    new = trie.global_advance(nodes.gather(1, parent), codes)
+    return torch.where(torch.isinf(scores), trie.global_dead[depth], new)
+
+
+def _level_record(
+    record: tuple[torch.Tensor, torch.Tensor], trie: ItemTrie, depth: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     start, end = trie.block(depth)
-    return logits[..., start:end].float(), torch.logsumexp(logits.float(), dim=-1)
+    raw, norm = record
+    return raw[..., : end - start], norm
 
 
 def _backtrack_records(

@@ -8,6 +8,9 @@ Conventions:
   where ``kv_len`` = tokens already in the cache + ``q_len``; the core builds it, the model uses it as is.
 - ``position_ids`` ``[B, q_len]`` are explicit (left padding and tree attention both need them).
 - The cache is opaque to the core; it only asks the model to create, reorder and shrink it.
+- The core asks for logits only where selection needs them: ``hidden`` runs the layers, and ``project`` applies the
+  output projection to the rows it picked, restricted to a token range (one SID level's block), so a 50k-token
+  vocabulary costs a 256-column matmul per needed row. ``__call__`` (all rows, full vocabulary) is the plain form.
 """
 
 from __future__ import annotations
@@ -29,6 +32,24 @@ class DecoderLM(Protocol):
         and the cache extended by the ``q_len`` new positions."""
         ...
 
+    def hidden(
+        self,
+        input_ids: torch.Tensor,  # [B, q_len] long
+        position_ids: torch.Tensor,  # [B, q_len] long
+        attention_mask: torch.Tensor,  # [B, 1, q_len, kv_len] additive float
+        cache: Any,
+    ) -> tuple[torch.Tensor, Any]:
+        """As ``__call__`` but return the final hidden states ``[B, q_len, H]`` (the output projection's input)."""
+        ...
+
+    def project(self, hidden: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Logits (float32) of tokens ``start..end - 1`` (default: the whole vocabulary) for hidden states
+        ``[..., H]`` -> ``[..., end - start]``; equal to slicing the full logits."""
+        ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
     def new_cache(self) -> Any:
         """An empty cache."""
         ...
@@ -38,8 +59,9 @@ class DecoderLM(Protocol):
         ...
 
     def gather_cache(self, cache: Any, positions: torch.Tensor) -> Any:
-        """Keep, per row, the sequence positions ``positions`` ``[B, T']`` (ascending), dropping the rest.
-        Used to prune a cache to the accepted path after tree verification."""
+        """Keep, per row, the sequence positions ``positions`` ``[B, T']``, dropping the rest.
+        Used to prune a cache to the accepted path after tree verification. The order of the kept positions is the
+        order of the new cache's columns (callers keep their masks in the same order)."""
         ...
 
     @property

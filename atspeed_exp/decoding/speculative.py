@@ -46,12 +46,13 @@ from typing import Any, Iterator
 import torch
 
 from atspeed_exp.decoding.beam_search import (
+    SCOPES,
     BeamSearchOutput,
     additive,
     beam_search,
     check_beam_settings,
     expand_items,
-    level_log_probs,
+    level_scores,
     select_top_k,
 )
 from atspeed_exp.decoding.protocol import DecoderLM
@@ -63,23 +64,42 @@ NEG_INF = float("-inf")
 
 @dataclass
 class SpeculativeStats:
-    """Counters of one list (batch 1)."""
+    """Counters of one call (B lists). Calls and rounds count the batched forward calls made; steps and tokens are
+    sums over the lists (per list: ``ListStats``). For B = 1 both are the list's own numbers."""
 
     target_calls: int = 0
     draft_calls: int = 0
     rounds: int = 0
-    drafted_steps: int = 0  # sum over rounds of d
+    drafted_steps: int = 0  # sum over lists and rounds of d
     accepted_steps: int = 0  # drafted steps the target accepted
-    target_tokens: int = 0  # tokens fed to the target (prompt + tree)
+    target_tokens: int = 0  # real tokens fed to the target (prompt + verified tree; padding and void not counted)
     draft_tokens: int = 0
-    draft_time_s: float = 0.0  # draft calls + draft selection
-    verify_time_s: float = 0.0  # tree mask + the target call
-    accept_time_s: float = 0.0  # acceptance, the target's own step, cache pruning
+    draft_time_s: float = 0.0  # draft calls + draft selection + top-M pruning of the tree
+    verify_time_s: float = 0.0  # tree mask + the target call + the target's level log-probs
+    accept_time_s: float = 0.0  # acceptance, the target's own step, cache pruning, the round's host sync
     other_time_s: float = 0.0  # setup and item expansion
 
     @property
     def acceptance_rate(self) -> float:
         return self.accepted_steps / self.drafted_steps if self.drafted_steps else float("nan")
+
+
+@dataclass
+class ListStats:
+    """Per-list counters of a batched call (one entry per prompt, in input order): the calls each list took part in
+    (its rounds; its own drafted steps, not the batch's longest), and the real tokens of its rows."""
+
+    target_calls: list[int]
+    draft_calls: list[int]
+    rounds: list[int]
+    drafted_steps: list[int]
+    accepted_steps: list[int]
+    target_tokens: list[int]
+    draft_tokens: list[int]
+
+    @classmethod
+    def zeros(cls, num_lists: int) -> ListStats:
+        return cls(*([0] * num_lists for _ in range(7)))
 
 
 @dataclass
@@ -89,6 +109,7 @@ class SpeculativeOutput:
     sequences: torch.Tensor  # [B, K, L] long: the K beams' SID token ids, best first
     sequence_scores: torch.Tensor  # [B, K] float
     stats: SpeculativeStats
+    lists: ListStats
 
 
 # -- small helpers on (B, beams, ...) tensors ----------------------------------------------------------------------
@@ -298,11 +319,11 @@ def relaxed_exact_select(
 # -- state ----------------------------------------------------------------------------------------------------------
 @dataclass
 class _Beams:
-    """The K current beams after t generated tokens (round 1: the prompt alone, one beam)."""
+    """The K current beams of each user after t_b generated tokens (round 1: the prompt alone, one beam)."""
 
-    sequences: torch.Tensor  # [B, M, t] SID token ids
+    sequences: torch.Tensor  # [B, M, L] SID token ids (columns >= t_b unused)
     scores: torch.Tensor  # [B, M] target cumulative log-prob; -inf: placeholder (fewer than K prefixes exist)
-    nodes: torch.Tensor  # [B, M] trie nodes at depth t
+    nodes: torch.Tensor  # [B, M] global trie nodes
 
 
 @dataclass
@@ -310,165 +331,262 @@ class _View:
     """One model's view of the current beams."""
 
     cache: Any
-    visible: torch.Tensor  # [B, M, C] bool over the C cache positions: prompt + the beam's fed ancestors
+    visible: torch.Tensor  # [B, M, C] bool over the C cache columns: prompt + the beam's fed ancestors
     pending: torch.Tensor  # [B, M, p] token ids not fed to this model yet (round 1: the prompt)
-    position: torch.Tensor  # [B, M] position id of the first pending token
+    pending_valid: torch.Tensor  # [B, M, p] bool: False for void slots (left padding, dead beams)
+    position: torch.Tensor  # [B, M] position id of the first pending slot (the last slot is always real)
 
 
 @dataclass
 class _Level:
     """One depth of a round's token tree: level 0 = the current beams, level l = the l-th drafted step."""
 
-    sequences: torch.Tensor  # [B, M, t + l]
-    nodes: torch.Tensor  # [B, M] trie nodes (dead for placeholders)
-    draft_scores: torch.Tensor  # [B, M] cumulative score the draft ranks / samples with
+    sequences: torch.Tensor  # [B, M, L]
+    nodes: torch.Tensor  # [B, M] global trie nodes (dead for placeholders and void levels)
+    draft_scores: torch.Tensor  # [B, M] cumulative score the draft ranks / samples with (-inf: dead)
     position: torch.Tensor  # [B, M] position id of the next token after this node
+    token: torch.Tensor | None = None  # [B, M] this node's token id (drafted levels)
     parent: torch.Tensor | None = None  # [B, M] index into the previous level
     codes: torch.Tensor | None = None  # [B, M] local code of this node's token
     draft_visible: torch.Tensor | None = None  # [B, M, C_d] once fed to the draft
     draft_log_probs: torch.Tensor | None = None  # [B, M, S] the draft's next-level log-probs (fed levels only)
     target_visible: torch.Tensor | None = None  # [B, M, C_t] after the verify call
-    target_logits: torch.Tensor | None = None  # [B, M, V] the target's next-token logits at this node
+    target_log_probs: torch.Tensor | None = None  # [B, M, S] the target's next-level log-probs at this node
 
 
 class _Call:
     """Assembles the queries of one model call: blocks of chains of tokens, each chain attending to its beam's
-    visible cache positions, to the earlier tokens of its own chain and to itself (tree attention)."""
+    visible cache columns, to the earlier valid tokens of its own chain and to itself (tree attention). Void
+    tokens (padding, dead beams, levels a user does not need) are fed but seen by nobody and not counted."""
 
     def __init__(self, cache_len: int, device: torch.device) -> None:
         self.width, self.device = cache_len, device
         self.ids: list[torch.Tensor] = []
         self.positions: list[torch.Tensor] = []
         self.rows: list[torch.Tensor] = []
+        self.valid: list[torch.Tensor] = []
 
     @property
     def num_queries(self) -> int:
         return sum(ids.shape[1] for ids in self.ids)
 
+    def valid_counts(self) -> torch.Tensor:
+        """Real (non-void) tokens of this call per batch row ``[B]``."""
+        return torch.cat(self.valid, 1).sum(1)
+
     def add(
-        self, visible: torch.Tensor, tokens: torch.Tensor, start: torch.Tensor
+        self, visible: torch.Tensor, tokens: torch.Tensor, start: torch.Tensor, valid: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """visible ``[B, M, w <= width]``, tokens ``[B, M, p]`` (a chain per beam), start ``[B, M]`` position of
-        each chain's first token. Returns the beams' visibility once the chain is fed ``[B, M, width']`` and the
-        query index of each chain's last token ``[M]``."""
+        each chain's first slot, valid ``[B, M, p]``. Returns the beams' visibility once the chain is fed
+        ``[B, M, width']`` and the query index of each chain's last token ``[M]``."""
         batch, beams, length = tokens.shape
         visible = _widen(visible, self.width)
         eye = torch.eye(beams, dtype=torch.bool, device=self.device)
         causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
         own = (eye[:, None, :, None] & causal[None, :, None, :]).reshape(beams, length, beams * length)  # [M, p, M*p]
-        rows = torch.cat(
-            [visible[:, :, None].expand(-1, -1, length, -1), own.expand(batch, -1, -1, -1)], dim=-1
-        )  # [B, M, p, width + M*p]
+        own = own[None] & valid.reshape(batch, 1, 1, beams * length)  # void keys hidden
+        rows = torch.cat([visible[:, :, None].expand(-1, -1, length, -1), own], dim=-1)  # [B, M, p, width + M*p]
         last = self.num_queries + torch.arange(beams, device=self.device) * length + length - 1
         self.ids.append(tokens.reshape(batch, beams * length))
-        self.positions.append((start[:, :, None] + torch.arange(length, device=self.device)).reshape(batch, -1))
+        positions = (start[:, :, None] + torch.arange(length, device=self.device)).clamp(min=0)
+        self.positions.append(positions.reshape(batch, -1))
         self.rows.append(rows.reshape(batch, beams * length, -1))
+        self.valid.append(valid.reshape(batch, beams * length))
         self.width += beams * length
         return rows[:, :, -1], last
 
-    def run(self, model: DecoderLM, cache: Any) -> tuple[torch.Tensor, Any]:
+    def hidden(self, model: DecoderLM, cache: Any) -> tuple[torch.Tensor, Any]:
         rows = torch.cat([_widen(r, self.width) for r in self.rows], dim=1)  # [B, q, width]
-        return model(
+        return model.hidden(
             torch.cat(self.ids, 1), torch.cat(self.positions, 1), additive(rows[:, None], model.dtype), cache
         )
 
 
 class _Timer:
-    def __init__(self, stats: SpeculativeStats, device: torch.device) -> None:
-        self.stats, self.cuda = stats, device.type == "cuda"
+    def __init__(self, stats: SpeculativeStats, device: torch.device, profile: bool) -> None:
+        self.stats, self.sync = stats, profile and device.type == "cuda"
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        if self.cuda:  # kernels are asynchronous: charge them to the phase that launched them
+        if self.sync:  # kernels are asynchronous: charge them to the phase that launched them
             torch.cuda.synchronize()
         start = time.perf_counter()
         try:
             yield
         finally:
-            if self.cuda:
+            if self.sync:
                 torch.cuda.synchronize()
             field = f"{name}_time_s"
             setattr(self.stats, field, getattr(self.stats, field) + time.perf_counter() - start)
 
 
-# -- phases ---------------------------------------------------------------------------------------------------------
+# -- helpers over the levels of a round ----------------------------------------------------------------------------
+def _pick(tensors: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+    """Per user b, ``tensors[index[b]][b]``: the tensors ``[B, M_i, ...]`` are padded to a common M (and, for bool
+    visibilities, a common last dim) and stacked; returns ``[B, max M, ...]``."""
+    width = max(t.shape[1] for t in tensors)
+    if tensors[0].dtype == torch.bool and tensors[0].dim() == 3:
+        last = max(t.shape[2] for t in tensors)
+        tensors = [_widen(t, last) for t in tensors]
+    padded = []
+    for t in tensors:
+        if t.shape[1] < width:
+            t = torch.cat([t, t.new_zeros(t.shape[0], width - t.shape[1], *t.shape[2:])], dim=1)
+        padded.append(t)
+    stacked = torch.stack(padded, 1)  # [B, n, W, ...]
+    view = index.reshape(-1, 1, *([1] * (stacked.dim() - 2))).expand(-1, 1, *stacked.shape[2:])
+    return stacked.gather(1, view).squeeze(1)
+
+
 def _child(
-    prev: _Level, scores: torch.Tensor, parent: torch.Tensor, codes: torch.Tensor, trie: ItemTrie, depth: int
+    prev: _Level,
+    scores: torch.Tensor,
+    parent: torch.Tensor,
+    codes: torch.Tensor,
+    trie: ItemTrie,
+    depth: torch.Tensor,
+    valid: torch.Tensor | None = None,
 ) -> _Level:
-    """The level reached from ``prev`` (whose nodes are at trie depth ``depth``) by (parent, code) ``[B, n]``."""
-    alive = torch.isfinite(scores)
-    nodes = trie.advance(depth, _take(prev.nodes, parent), codes)
-    tokens = codes + trie.block(depth)[0]
+    """The level reached from ``prev`` (whose nodes are at trie depth ``depth`` ``[B]``) by (parent, code) ``[B, n]``;
+    users with ``valid`` False get a void (dead) level."""
+    num_levels = trie.num_levels
+    alive = torch.isfinite(scores) if valid is None else torch.isfinite(scores) & valid[:, None]
+    nodes = trie.global_advance(_take(prev.nodes, parent), codes)
+    nodes = torch.where(alive, nodes, trie.global_dead[(depth + 1).clamp(max=num_levels + 1)][:, None])
+    tokens = codes + trie.block_starts[depth.clamp(max=num_levels - 1)][:, None]
+    column = torch.arange(num_levels, device=depth.device) == depth[:, None]  # [B, L]
+    sequences = torch.where(column[:, None, :], tokens[:, :, None], _take(prev.sequences, parent))
     return _Level(
-        sequences=torch.cat([_take(prev.sequences, parent), tokens[:, :, None]], dim=2),
-        nodes=torch.where(alive, nodes, trie.dead_node(depth + 1)),
-        draft_scores=scores,
+        sequences=sequences,
+        nodes=nodes,
+        draft_scores=scores.masked_fill(~alive, NEG_INF),
         position=_take(prev.position, parent) + 1,
+        token=tokens,
         parent=parent,
         codes=codes,
     )
 
 
+def _depths(t: list[int], steps: list[int], ell: int, offset: int = 0) -> list[int]:
+    """Distinct trie depths t_b + ell + offset over the users whose round reaches level ``ell`` (ell <= d_b), from
+    the host lists of t_b and d_b: the only projections a call needs."""
+    return sorted({tb + ell + offset for tb, db in zip(t, steps) if ell <= db})
+
+
+# -- phases ---------------------------------------------------------------------------------------------------------
 def _draft_phase(
     draft: DecoderLM,
     view: _View,
-    beams: _Beams,
+    root: _Level,
     trie: ItemTrie,
-    steps: int,
+    t: torch.Tensor,
+    steps: torch.Tensor,
+    host: tuple[list[int], list[int]],
     width: int,
     mode: str,
     generator: torch.Generator | None,
-    stats: SpeculativeStats,
-) -> tuple[list[_Level], Any]:
-    """d = ``steps`` steps of N = ``width`` beams on the draft from the current beams: d draft calls (pending tokens
-    of the current beams, then drafted levels 1..d-1; level d is never fed). Returns the tree levels 0..d."""
-    t = beams.sequences.shape[2]
-    root = _Level(
-        sequences=beams.sequences,
-        nodes=beams.nodes,
-        draft_scores=beams.scores,  # the draft continues from the target's exact prefix scores
-        position=view.position + view.pending.shape[2],
-    )
+    scope: str,
+    draft_tokens: torch.Tensor,
+) -> tuple[list[_Level], Any, int]:
+    """d_b = ``steps[b]`` steps of N = ``width`` beams on the draft from the current beams: D = max d_b draft calls
+    for the batch (pending tokens of the current beams, then drafted levels 1..D-1; a user's level d_b is never
+    fed). Returns the tree levels 0..D, the draft cache and the calls made."""
+    host_t, host_steps = host
+    num_steps = max(host_steps)
     levels, cache = [root], view.cache
     call = _Call(view.visible.shape[2], view.visible.device)
-    root.draft_visible, last = call.add(view.visible, view.pending, view.position)
-    for ell in range(1, steps + 1):
+    root.draft_visible, last = call.add(
+        view.visible, view.pending, view.position, view.pending_valid & (steps >= 1)[:, None, None]
+    )
+    for ell in range(1, num_steps + 1):
         prev = levels[-1]
-        logits, cache = call.run(draft, cache)
-        stats.draft_calls += 1
-        stats.draft_tokens += call.num_queries
-        prev.draft_log_probs = level_log_probs(logits[:, last], trie, t + ell - 1, prev.nodes)  # [B, M, S]
+        hidden, cache = call.hidden(draft, cache)
+        draft_tokens += call.valid_counts()
+        depths = _depths(host_t, host_steps, ell, offset=-1)  # level ell - 1's nodes, for users drafting level ell
+        prev.draft_log_probs, _ = level_scores(draft, hidden[:, last], trie, prev.nodes, depths, scope)
         if mode == "strict":
             scores, parent, codes = select_top_k(prev.draft_scores, prev.draft_log_probs, width)
         else:
             scores, parent, codes = sample_top_k(prev.draft_scores, prev.draft_log_probs, width, generator)
-        level = _child(prev, scores, parent, codes, trie, t + ell - 1)
+        level = _child(prev, scores, parent, codes, trie, t + ell - 1, valid=steps >= ell)
         levels.append(level)
-        if ell < steps:  # feed level ell to get the next level's distribution
+        if ell < num_steps:  # feed level ell to get the next level's distribution
             call = _Call(call.width, view.visible.device)
+            fed = torch.isfinite(level.draft_scores) & (steps > ell)[:, None]
             level.draft_visible, last = call.add(
-                _take(prev.draft_visible, parent), level.sequences[:, :, -1:], _take(prev.position, parent)
+                _take(prev.draft_visible, parent), level.token[:, :, None], _take(prev.position, parent), fed[:, :, None]
             )
-    return levels, cache
+    return levels, cache, num_steps
 
 
-def _verify_phase(target: DecoderLM, view: _View, levels: list[_Level], stats: SpeculativeStats) -> Any:
+def _verified_levels(levels: list[_Level], trie: ItemTrie, t: torch.Tensor, limit: int) -> list[_Level]:
+    """Top-M verification: keep, per drafted depth, the first ``limit`` drafted beams (the draft's order: best first
+    in strict mode, draw order in relaxed modes) among those whose parent was kept, so the verified tree stays closed
+    under ancestors; the rest become dead placeholders and are never fed to the target."""
+    if all(level.nodes.shape[1] <= limit for level in levels[1:]):
+        return levels
+    out = [levels[0]]
+    kept_prev = torch.isfinite(levels[0].draft_scores)  # [B, M_0] over the previous FULL level
+    position_prev = None  # full index -> kept index of the previous level
+    for ell, level in enumerate(levels[1:], start=1):
+        ok = torch.isfinite(level.draft_scores) & kept_prev.gather(1, level.parent)
+        kept = ok & (ok.long().cumsum(1) <= limit)  # [B, N]
+        order = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)[:, :limit]  # kept first, draft order
+        alive = kept.gather(1, order)
+        parent = _take(level.parent, order)
+        if position_prev is not None:
+            parent = position_prev.gather(1, parent)
+        dead = trie.global_dead[(t + ell).clamp(max=trie.num_levels + 1)][:, None]
+        out.append(_Level(
+            sequences=_take(level.sequences, order),
+            nodes=torch.where(alive, _take(level.nodes, order), dead),
+            draft_scores=_take(level.draft_scores, order).masked_fill(~alive, NEG_INF),
+            position=_take(level.position, order),
+            token=_take(level.token, order),
+            parent=parent.masked_fill(~alive, 0),
+            codes=_take(level.codes, order),
+            draft_visible=None if level.draft_visible is None else _take(level.draft_visible, order),
+            draft_log_probs=None if level.draft_log_probs is None else _take(level.draft_log_probs, order),
+        ))
+        batch, full = kept.shape
+        slot = torch.where(alive, order, full)
+        position_prev = torch.zeros(batch, full + 1, dtype=torch.long, device=order.device)
+        position_prev = position_prev.scatter(1, slot, torch.arange(limit, device=order.device).expand(batch, -1))
+        position_prev, kept_prev = position_prev[:, :full], kept
+    return out
+
+
+def _verify_phase(
+    target: DecoderLM,
+    view: _View,
+    levels: list[_Level],
+    trie: ItemTrie,
+    steps: torch.Tensor,
+    host: tuple[list[int], list[int]],
+    scope: str,
+    target_tokens: torch.Tensor,
+) -> Any:
     """ONE target call over the current beams' pending tokens and every drafted level, with tree attention
-    (each token sees the prompt and its own ancestors) and position = parent position + 1."""
+    (each token sees the prompt and its own ancestors) and position = parent position + 1; the target's
+    next-level log-probs at every node, from the output projection of those rows only."""
+    host_t, host_steps = host
     call = _Call(view.visible.shape[2], view.visible.device)
     lasts = []
-    levels[0].target_visible, last = call.add(view.visible, view.pending, view.position)
+    levels[0].target_visible, last = call.add(view.visible, view.pending, view.position, view.pending_valid)
     lasts.append(last)
-    for prev, level in zip(levels[:-1], levels[1:]):
+    for ell, (prev, level) in enumerate(zip(levels[:-1], levels[1:]), start=1):
+        fed = torch.isfinite(level.draft_scores) & (steps >= ell)[:, None]
         level.target_visible, last = call.add(
-            _take(prev.target_visible, level.parent), level.sequences[:, :, -1:], _take(prev.position, level.parent)
+            _take(prev.target_visible, level.parent), level.token[:, :, None], _take(prev.position, level.parent),
+            fed[:, :, None],
         )
         lasts.append(last)
-    logits, cache = call.run(target, view.cache)
-    stats.target_calls += 1
-    stats.target_tokens += call.num_queries
-    for level, last in zip(levels, lasts):
-        level.target_logits = logits[:, last]  # [B, M, V]
+    hidden, cache = call.hidden(target, view.cache)
+    target_tokens += call.valid_counts()
+    for ell, (level, last) in enumerate(zip(levels, lasts)):
+        depths = _depths(host_t, host_steps, ell)
+        level.target_log_probs, _ = level_scores(target, hidden[:, last], trie, level.nodes, depths, scope)
     return cache
 
 
@@ -479,59 +597,60 @@ class _Step:
     ref: torch.Tensor  # [B, K] parent index into the previous tree level
     codes: torch.Tensor  # [B, K]
     scores: torch.Tensor  # [B, K] target cumulative log-probs (-inf: placeholder)
-    drafted: torch.Tensor  # [B, K] index of the same beam among the drafted level (meaningful when accepted)
     accepted: torch.Tensor  # [B] bool: all K are drafted beams
 
 
 def _accept_phase(
-    levels: list[_Level], trie: ItemTrie, num_beams: int, mode: str, generator: torch.Generator | None
+    levels: list[_Level],
+    steps: torch.Tensor,
+    num_beams: int,
+    mode: str,
+    generator: torch.Generator | None,
 ) -> list[_Step]:
-    """Depth by depth l = 1..d+1, assuming depths < l were accepted: the target's K beams at depth l (strict: its
+    """Depth by depth l = 1..D+1, assuming depths < l were accepted: the target's K beams at depth l (strict: its
     exact top-K; relaxed: ``relaxed_select``; relaxed_exact: ``relaxed_exact_select``) and whether they are all
-    among the drafted level l. Later depths are discarded by the caller after the first rejection; computing them
-    costs only [K, S] tensor work and saves a host sync per depth."""
-    t = levels[0].sequences.shape[2]
-    steps = len(levels) - 1
+    among the drafted level l (never for l > d_b). Later depths are discarded per user after its first rejection;
+    computing them costs only [K, S] tensor work and saves a host sync per depth."""
+    num_steps = len(levels) - 1
     batch, roots = levels[0].draft_scores.shape
-    ref = torch.arange(roots, device=levels[0].nodes.device).expand(batch, roots)  # accepted beams at depth l - 1
+    device = levels[0].nodes.device
+    ref = torch.arange(roots, device=device).expand(batch, roots)  # accepted beams at depth l - 1
     scores = levels[0].draft_scores  # target scores of the current beams
     out = []
-    for ell in range(1, steps + 2):
+    for ell in range(1, num_steps + 2):
         prev = levels[ell - 1]
         alive = torch.isfinite(scores)
-        nodes = torch.where(alive, _take(prev.nodes, ref), trie.dead_node(t + ell - 1))
-        log_p = level_log_probs(_take(prev.target_logits, ref), trie, t + ell - 1, nodes)  # [B, MA, S]
+        log_p = _take(prev.target_log_probs, ref).masked_fill(~alive[:, :, None], NEG_INF)  # [B, MA, S]
         size = log_p.shape[2]
-
-        # drafted beams at depth l that continue an accepted beam, as flat (position in A, code) indices, in the
-        # draft's order. Relaxed: the draft sampled them from all N parents by Gumbel-top-N; the subsequence that
-        # continues A is successive sampling from Q restricted to A's continuations (the Gumbel argmax is
-        # independent of the max, so where the stream stops says nothing about which item comes next).
-        if ell <= steps:
+        drafted = ell <= num_steps
+        if drafted:
+            # drafted beams at depth l that continue an accepted beam, as flat (position in A, code) indices, in the
+            # draft's order. Relaxed: the draft sampled them from all N parents by Gumbel-top-N; the subsequence
+            # that continues A is successive sampling from Q restricted to A's continuations (the Gumbel argmax is
+            # independent of the max, so where the stream stops says nothing about which item comes next).
             level = levels[ell]
             slot = torch.where(alive, ref, prev.nodes.shape[1])  # placeholders to a dummy column
-            in_a = torch.full((batch, prev.nodes.shape[1] + 1), -1, dtype=torch.long, device=ref.device)
-            in_a = in_a.scatter(1, slot, torch.arange(ref.shape[1], device=ref.device).expand_as(ref))[:, :-1]
+            in_a = torch.full((batch, prev.nodes.shape[1] + 1), -1, dtype=torch.long, device=device)
+            in_a = in_a.scatter(1, slot, torch.arange(ref.shape[1], device=device).expand_as(ref))[:, :-1]
             parent_in_a = in_a.gather(1, level.parent)  # [B, N]
-            candidates = torch.where(
-                (parent_in_a >= 0) & torch.isfinite(level.draft_scores), parent_in_a * size + level.codes, -1
-            )
+            usable = (parent_in_a >= 0) & torch.isfinite(level.draft_scores) & (steps >= ell)[:, None]
+            candidates = torch.where(usable, parent_in_a * size + level.codes, -1)
         else:
-            candidates = torch.full((batch, 1), -1, dtype=torch.long, device=ref.device)
+            candidates = torch.full((batch, 1), -1, dtype=torch.long, device=device)
 
         if mode == "strict":
             new_scores, parent, codes = select_top_k(scores, log_p, num_beams)
             flat = parent * size + codes
-            alive_new = torch.isfinite(new_scores)
             match = flat[:, :, None] == candidates[:, None, :]  # [B, K, N]
-            accepted = (match.any(2) | ~alive_new).all(1)
+            accepted = (match.any(2) | ~torch.isfinite(new_scores)).all(1)
         else:
             # Q: what the draft sampled from (its cumulative score of the parent + its level log-prob), restricted
             # to the continuations of the accepted beams and renormalised
             total = (scores[:, :, None] + log_p).reshape(batch, -1)  # [B, MA*S] target cumulative
-            if ell <= steps:
+            if drafted:
                 q = _take(prev.draft_scores, ref)[:, :, None] + _take(prev.draft_log_probs, ref)
                 log_q = q.masked_fill(~alive[:, :, None], NEG_INF).reshape(batch, -1).log_softmax(1)
+                log_q = torch.where(torch.isnan(log_q), NEG_INF, log_q)  # users with nothing drafted here
             else:
                 log_q = torch.full_like(total, NEG_INF)
             select = relaxed_select if mode == "relaxed" else relaxed_exact_select
@@ -540,15 +659,11 @@ def _accept_phase(
             parent, codes = flat // size, flat % size
             match = flat[:, :, None] == candidates[:, None, :]
             accepted = taken == num_beams
-        out.append(_Step(_take(ref, parent), codes, new_scores, match.long().argmax(2), accepted))
-        ref, scores = out[-1].drafted, new_scores
+        if drafted:
+            accepted = accepted & (steps >= ell)
+        out.append(_Step(_take(ref, parent), codes, new_scores, accepted))
+        ref, scores = match.long().argmax(2), new_scores  # the accepted beams' places in level l
     return out
-
-
-def _prune(model: DecoderLM, cache: Any, visible: torch.Tensor, alive: torch.Tensor) -> tuple[Any, torch.Tensor]:
-    """Keep only the cache positions some live beam sees; compact the visibilities ``[B, K, C]`` to them."""
-    keep = (visible & alive[:, :, None]).any(1)[0].nonzero().squeeze(1)  # batch 1: one row of positions
-    return model.gather_cache(cache, keep[None]), visible[:, :, keep]
 
 
 # -- the engine -----------------------------------------------------------------------------------------------------
@@ -558,23 +673,32 @@ def _check_settings(
     prompt_mask: torch.Tensor,
     num_beams: int,
     draft_beams: int,
+    verify_beams: int,
     gamma: int,
     mode: str,
     generator: torch.Generator | None,
+    scope: str,
 ) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
     check_beam_settings(trie, num_beams)
     if draft_beams < num_beams:
         raise ValueError(f"draft_beams (N={draft_beams}) must be >= num_beams (K={num_beams})")
+    if not num_beams <= verify_beams <= draft_beams:
+        raise ValueError(f"verify_beams (M={verify_beams}) must satisfy K={num_beams} <= M <= N={draft_beams}")
     if not 1 <= gamma <= trie.num_levels - 1:
         raise ValueError(f"gamma={gamma} out of range: 1 <= gamma <= L - 1 = {trie.num_levels - 1}")
     if prompt_ids.dim() != 2 or prompt_ids.shape != prompt_mask.shape:
         raise ValueError(f"prompt_ids {tuple(prompt_ids.shape)} and prompt_mask must both be [B, P]")
-    if prompt_ids.shape[0] != 1:
-        raise ValueError(f"speculative beam search needs batch size 1, got {prompt_ids.shape[0]} prompts")
-    if not prompt_mask.any():
-        raise ValueError("empty prompt")
+    if prompt_ids.shape[0] == 0:
+        raise ValueError("no prompts given")
+    lengths = prompt_mask.long().sum(1)
+    if bool((lengths == 0).any()):
+        raise ValueError(f"empty prompt at row {int((lengths == 0).nonzero()[0])}")
+    if bool((prompt_mask.long().diff(dim=1) < 0).any()):
+        raise ValueError("prompts must be left-padded (prompt_mask: False... then True...; see left_pad)")
     if mode != "strict" and generator is None:
         raise ValueError(f"{mode} mode samples: pass an explicit torch.Generator")
 
@@ -583,86 +707,184 @@ def _check_settings(
 def speculative_beam_search(
     target: DecoderLM,
     draft: DecoderLM,
-    prompt_ids: torch.Tensor,  # [1, P] (left padding allowed)
-    prompt_mask: torch.Tensor,  # [1, P] bool
+    prompt_ids: torch.Tensor,  # [B, P] left-padded
+    prompt_mask: torch.Tensor,  # [B, P] bool
     trie: ItemTrie,
     num_beams: int,  # K
     draft_beams: int = 40,  # N >= K
     gamma: int = 3,  # drafted steps per round, 1..L-1
     mode: str = "strict",  # "strict" | "relaxed" | "relaxed_exact"
     generator: torch.Generator | None = None,  # relaxed modes' randomness (draft sampling and verification)
+    verify_beams: int | None = None,  # M, K <= M <= N: drafted beams per depth the target verifies (None: N)
+    scope: str = "vocab",  # normaliser of level log-probs (beam_search.level_scores)
+    profile: bool = False,  # on CUDA: synchronise at phase boundaries so the phase times are right
 ) -> SpeculativeOutput:
-    """Top-K items of one prompt by speculative beam search (see module docstring)."""
-    _check_settings(trie, prompt_ids, prompt_mask, num_beams, draft_beams, gamma, mode, generator)
+    """Top-K items of each of B prompts by speculative beam search (see module docstring)."""
+    verify_beams = draft_beams if verify_beams is None else verify_beams
+    _check_settings(trie, prompt_ids, prompt_mask, num_beams, draft_beams, verify_beams, gamma, mode, generator, scope)
     start = time.perf_counter()
     stats = SpeculativeStats()
-    timer = _Timer(stats, target.device)
+    timer = _Timer(stats, target.device, profile)
     device = prompt_ids.device
     num_levels = trie.num_levels
+    batch, width = prompt_ids.shape
 
-    prompt = prompt_ids[:, prompt_mask[0]]  # [1, P'] padding dropped (batch 1)
+    # per list, by original row: host counters (known after each round's sync) and device token counters
+    lists = ListStats.zeros(batch)
+    target_tokens = torch.zeros(batch, dtype=torch.long, device=device)
+    draft_tokens = torch.zeros(batch, dtype=torch.long, device=device)
+    final_scores = torch.full((batch, num_beams), NEG_INF, device=device)
+    final_nodes = torch.full((batch, num_beams), int(trie.global_dead[num_levels]), dtype=torch.long, device=device)
+    final_sequences = torch.zeros(batch, num_beams, num_levels, dtype=torch.long, device=device)
+
     beams = _Beams(
-        sequences=prompt.new_zeros(1, 1, 0),
-        scores=torch.zeros(1, 1, device=device),
-        nodes=torch.zeros(1, 1, dtype=torch.long, device=device),
+        sequences=prompt_ids.new_zeros(batch, 1, num_levels),
+        scores=torch.zeros(batch, 1, device=device),
+        nodes=torch.zeros(batch, 1, dtype=torch.long, device=device),
     )
-    # Round 1: one beam with empty caches whose pending chain is the prompt itself, so the first verify call is
-    # also the target's prefill.
-    empty = torch.zeros(1, 1, 0, dtype=torch.bool, device=device)
-    first_position = torch.zeros(1, 1, dtype=torch.long, device=device)
-    target_view = _View(target.new_cache(), empty, prompt[:, None], first_position)
-    draft_view = _View(draft.new_cache(), empty, prompt[:, None], first_position)
+    # Round 1: one beam per user with empty caches whose pending chain is the (left-padded) prompt, so the first
+    # verify call is also the target's prefill.
+    empty = torch.zeros(batch, 1, 0, dtype=torch.bool, device=device)
+    first_position = (prompt_mask.long().sum(1) - width)[:, None]  # void padding slots get positions < 0
+    target_view = _View(target.new_cache(), empty, prompt_ids[:, None], prompt_mask[:, None], first_position)
+    draft_view = _View(draft.new_cache(), empty, prompt_ids[:, None], prompt_mask[:, None], first_position)
 
-    t = 0  # SID tokens generated so far
-    while t < num_levels:
-        steps = min(gamma, num_levels - t - 1)  # d: the target always produces the round's last token
+    rows = list(range(batch))  # original row of each row of the working batch
+    host_t = [0] * batch  # SID tokens generated so far, per working row
+    while rows:
+        host_steps = [min(gamma, num_levels - tb - 1) for tb in host_t]  # d_b: the target makes the last token
+        num_steps = max(host_steps)
+        t = torch.tensor(host_t, device=device)
+        steps = torch.tensor(host_steps, device=device)
+        row_index = torch.tensor(rows, device=device)
+        work_target_tokens = torch.zeros(len(rows), dtype=torch.long, device=device)
+        work_draft_tokens = torch.zeros(len(rows), dtype=torch.long, device=device)
         stats.rounds += 1
-        stats.drafted_steps += steps
+        root = _Level(beams.sequences, beams.nodes, beams.scores, target_view.position + target_view.pending.shape[2])
         with timer.phase("draft"):
-            if steps > 0:
-                levels, draft_cache = _draft_phase(
-                    draft, draft_view, beams, trie, steps, draft_beams, mode, generator, stats
+            if num_steps > 0:
+                levels, draft_cache, calls = _draft_phase(
+                    draft, draft_view, root, trie, t, steps, (host_t, host_steps), draft_beams, mode, generator,
+                    scope, work_draft_tokens,
                 )
-            else:  # the last SID token: the target alone
-                after = target_view.position + target_view.pending.shape[2]
-                levels = [_Level(beams.sequences, beams.nodes, beams.scores, after)]
+                stats.draft_calls += calls
+                levels = _verified_levels(levels, trie, t, verify_beams)
+            else:  # the last SID token of every user: the target alone
+                levels = [root]
         with timer.phase("verify"):
-            target_cache = _verify_phase(target, target_view, levels, stats)
+            target_cache = _verify_phase(
+                target, target_view, levels, trie, steps, (host_t, host_steps), scope, work_target_tokens
+            )
+            stats.target_calls += 1
         with timer.phase("accept"):
-            out = _accept_phase(levels, trie, num_beams, mode, generator)
-            if steps > 0:
-                flags = torch.stack([s.accepted for s in out[:steps]], 1)  # [B, d]
-                accepted = int(flags.long().cumprod(1).sum(1)[0])  # the round's one host sync (batch 1)
+            out = _accept_phase(levels, steps, num_beams, mode, generator)
+            if num_steps > 0:
+                flags = torch.stack([s.accepted for s in out[:num_steps]], 1)  # [B, D]
+                accepted = flags.long().cumprod(1).sum(1)  # [B] leading accepted depths
             else:
-                accepted = 0
-            stats.accepted_steps += accepted
-            step = out[accepted]  # the target's beams at depth t + accepted + 1, from logits it already has
-            base = levels[accepted]  # the level their parents are in
-            new = _child(base, step.scores, step.ref, step.codes, trie, t + accepted)
-            beams = _Beams(new.sequences, step.scores, new.nodes)
-            t += accepted + 1
-            if t < num_levels:  # prune both caches to the kept paths; the new token is pending for both
-                alive = torch.isfinite(step.scores)
-                new_tokens = beams.sequences[:, :, -1:]  # [B, K, 1]
-                visible = _take(_widen(base.target_visible, levels[-1].target_visible.shape[2]), step.ref)
-                target_cache, visible = _prune(target, target_cache, visible, alive)
-                target_view = _View(target_cache, visible, new_tokens, _take(base.position, step.ref))
+                accepted = torch.zeros(len(rows), dtype=torch.long, device=device)
+            # the target's beams at depth t + accepted + 1, from logits it already has
+            ref = _pick([s.ref for s in out], accepted)
+            codes = _pick([s.codes for s in out], accepted)
+            new_scores = _pick([s.scores for s in out], accepted)
+            base = _Level(  # the level their parents are in
+                sequences=_pick([lv.sequences for lv in levels], accepted),
+                nodes=_pick([lv.nodes for lv in levels], accepted),
+                draft_scores=new_scores,
+                position=_pick([lv.position for lv in levels], accepted),
+            )
+            new = _child(base, new_scores, ref, codes, trie, t + accepted)
+            alive = torch.isfinite(new_scores)
+            target_visible = _take(_pick([lv.target_visible for lv in levels], accepted), ref)
+            keep_target = (target_visible & alive[:, :, None]).any(1)  # [B, C_t] columns a live beam sees
+            if num_steps > 0:
+                # Draft view. accepted < d_b: the kept level was fed to the draft; only the new token is pending.
+                # accepted == d_b: level d_b was never fed, so its token and the new one are pending.
+                short = accepted < steps  # [B]
+                fed_index = torch.where(short, accepted, steps - 1).clamp(min=0)
+                parents = _pick([lv.parent if lv.parent is not None else torch.zeros_like(lv.nodes)
+                                 for lv in levels], accepted)
+                fed_ref = torch.where(short[:, None], ref, _take(parents, ref))
+                fed_visible = _pick([lv.draft_visible for lv in levels[:num_steps]], fed_index)
+                fed_position = _pick([lv.position for lv in levels[:num_steps]], fed_index)
+                draft_visible = _take(fed_visible, fed_ref)
+                keep_draft = (draft_visible & alive[:, :, None]).any(1)
+                new_t = t + accepted + 1
+                columns = torch.stack([(new_t - 2).clamp(min=0), new_t - 1], 1).clamp(max=num_levels - 1)  # [B, 2]
+                draft_pending = new.sequences.gather(2, columns[:, None, :].expand(-1, num_beams, -1))  # [B, K, 2]
+                draft_pending_valid = torch.stack([~short[:, None].expand_as(alive), alive], 2) & alive[:, :, None]
+                draft_position = _take(fed_position, fed_ref) - short[:, None].long()
+                counts = torch.stack([accepted, keep_target.sum(1), keep_draft.sum(1)])
+            else:
+                counts = torch.stack([accepted, keep_target.sum(1), keep_target.sum(1)])
+            host_accepted, count_target, count_draft = counts.tolist()  # the round's one host sync
 
-                if accepted < steps:  # the kept level was fed to the draft
-                    fed, fed_ref, pending = base, step.ref, new_tokens
-                else:  # level d was never fed to the draft: its token and the new one are pending
-                    fed, fed_ref, pending = levels[steps - 1], _take(base.parent, step.ref), beams.sequences[:, :, -2:]
-                draft_len = levels[steps - 1].draft_visible.shape[2]  # the draft cache after its last call
-                visible = _take(_widen(fed.draft_visible, draft_len), fed_ref)
-                draft_cache, visible = _prune(draft, draft_cache, visible, alive)
-                draft_view = _View(draft_cache, visible, pending, _take(fed.position, fed_ref))
+            # bookkeeping per list; lists that reached depth L leave the working batch
+            target_tokens.index_add_(0, row_index, work_target_tokens)
+            draft_tokens.index_add_(0, row_index, work_draft_tokens)
+            for i, row in enumerate(rows):
+                lists.target_calls[row] += 1
+                lists.rounds[row] += 1
+                lists.draft_calls[row] += host_steps[i]
+                lists.drafted_steps[row] += host_steps[i]
+                lists.accepted_steps[row] += host_accepted[i]
+                host_t[i] += host_accepted[i] + 1
+            done = [i for i, tb in enumerate(host_t) if tb >= num_levels]
+            if done:
+                index = torch.tensor(done, device=device)
+                original = row_index[index]
+                final_scores[original] = new_scores[index]
+                final_nodes[original] = new.nodes[index]
+                final_sequences[original] = new.sequences[index]
+            stay = [i for i, tb in enumerate(host_t) if tb < num_levels]
+            if not stay:
+                break
+            if done:  # shrink the working batch
+                index = torch.tensor(stay, device=device)
+                target_cache = target.reorder_cache(target_cache, index)
+                draft_cache = draft.reorder_cache(draft_cache, index)
+                new = _Level(new.sequences[index], new.nodes[index], new.draft_scores[index], new.position[index],
+                             token=new.token[index])
+                alive, new_scores, base_position = alive[index], new_scores[index], _take(base.position, ref)[index]
+                target_visible, keep_target = target_visible[index], keep_target[index]
+                draft_visible, keep_draft = draft_visible[index], keep_draft[index]
+                draft_pending, draft_pending_valid = draft_pending[index], draft_pending_valid[index]
+                draft_position = draft_position[index]
+            else:
+                base_position = _take(base.position, ref)
+            rows = [rows[i] for i in stay]
+            host_t = [host_t[i] for i in stay]
+            beams = _Beams(new.sequences, new_scores, new.nodes)
 
-    order = beams.scores.argsort(dim=1, descending=True, stable=True)  # relaxed draws come unordered
-    scores, sequences = beams.scores.gather(1, order), _take(beams.sequences, order)
-    items, item_scores = expand_items(trie, beams.nodes.gather(1, order), scores, num_beams)
+            # prune both caches to the columns some live beam sees (per user; padded to the longest)
+            target_cache, target_visible = _prune(target, target_cache, target_visible, keep_target,
+                                                  max(count_target[i] for i in stay))
+            target_view = _View(target_cache, target_visible, new.token[:, :, None], alive[:, :, None], base_position)
+            draft_cache, draft_visible = _prune(draft, draft_cache, draft_visible, keep_draft,
+                                                max(count_draft[i] for i in stay))
+            draft_view = _View(draft_cache, draft_visible, draft_pending, draft_pending_valid, draft_position)
+
+    order = final_scores.argsort(dim=1, descending=True, stable=True)  # relaxed draws come unordered
+    scores, sequences = final_scores.gather(1, order), _take(final_sequences, order)
+    leaves = trie.global_leaves_to_local(final_nodes.gather(1, order))
+    items, item_scores = expand_items(trie, leaves, scores, num_beams)
+    lists.target_tokens = target_tokens.cpu().tolist()
+    lists.draft_tokens = draft_tokens.cpu().tolist()
+    stats.drafted_steps, stats.accepted_steps = sum(lists.drafted_steps), sum(lists.accepted_steps)
+    stats.target_tokens, stats.draft_tokens = sum(lists.target_tokens), sum(lists.draft_tokens)
     phases = stats.draft_time_s + stats.verify_time_s + stats.accept_time_s
     stats.other_time_s = time.perf_counter() - start - phases
-    return SpeculativeOutput(items, item_scores, sequences, scores, stats)
+    return SpeculativeOutput(items, item_scores, sequences, scores, stats, lists)
+
+
+def _prune(
+    model: DecoderLM, cache: Any, visible: torch.Tensor, keep: torch.Tensor, width: int
+) -> tuple[Any, torch.Tensor]:
+    """Keep, per user, the cache columns in ``keep`` ``[B, C]`` (``width`` = the most any user keeps; shorter rows
+    are padded with columns nobody sees) and compact the visibilities ``[B, K, C]`` to them."""
+    columns = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]  # kept columns first, in order
+    visible = visible.gather(2, columns[:, None, :].expand(-1, visible.shape[1], -1))
+    return model.gather_cache(cache, columns), visible
 
 
 @torch.inference_mode()

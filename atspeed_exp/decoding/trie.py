@@ -7,6 +7,11 @@ holds, over the local codes of level t (token id - the level block's start):
 The last row of each table is a *dead* node (nothing allowed, children dead) so that beams that fell off the trie
 (or were never valid) need no special case. Leaves (depth L) map to the items sharing that SID, ascending id,
 padded with -1 (SID collisions: one SID, several items).
+
+For batches whose users are at different depths (ragged speculative decoding), the same tables also exist in one
+*global* node space: global id = ``offsets[depth] + local id``, so a node carries its depth. The global tables have
+``max_block`` columns (codes past a level's block size are never allowed); depth L holds the leaves and the dead leaf,
+and one extra *sink* node (depth L + 1) absorbs every step past the last level.
 """
 
 from __future__ import annotations
@@ -76,6 +81,35 @@ class ItemTrie:
         self.leaf_items = leaf_items
         self.num_leaves = num_nodes
         self.num_items = num_items
+        self._build_global()
+
+    def _build_global(self) -> None:
+        """The global node space (see module docstring)."""
+        num_levels = self.num_levels
+        rows = [n + 1 for n in self.num_nodes] + [self.num_leaves + 1, 1]  # depths 0..L, then the sink
+        offsets = torch.tensor([0] + rows, dtype=torch.long).cumsum(0)  # [L + 3]
+        self.offsets = offsets[:-1]  # [L + 2]: first global id of depth 0..L and of the sink
+        total = int(offsets[-1])
+        self.sink = total - 1
+        self.max_block = max(e - s for s, e in self.level_blocks)
+        allowed = torch.zeros(total, self.max_block, dtype=torch.bool)
+        child = torch.full((total, self.max_block), self.sink, dtype=torch.long)
+        depth_of = torch.full((total,), num_levels + 1, dtype=torch.long)
+        for depth in range(num_levels):
+            first, size = int(self.offsets[depth]), self.allowed[depth].shape[1]
+            count = self.allowed[depth].shape[0]
+            allowed[first : first + count, :size] = self.allowed[depth]
+            # children are ids of depth + 1; codes past the block lead to the next depth's dead node
+            child[first : first + count] = int(self.offsets[depth + 1]) + self.dead_node(depth + 1)
+            child[first : first + count, :size] = self.child[depth] + int(self.offsets[depth + 1])
+            depth_of[first : first + count] = depth
+        depth_of[int(self.offsets[num_levels]) : self.sink] = num_levels
+        self.global_allowed = allowed  # [G, max_block]
+        self.global_child = child  # [G, max_block]
+        self.node_depth = depth_of  # [G]
+        dead = [int(self.offsets[d]) + self.dead_node(d) for d in range(num_levels + 1)] + [self.sink]
+        self.global_dead = torch.tensor(dead, dtype=torch.long)  # [L + 2]: dead node of depth 0..L+1
+        self.block_starts = torch.tensor([s for s, _ in self.level_blocks], dtype=torch.long)  # [L]
 
     # -- queries (all tensor gathers) ---------------------------------------------------------------------------
     def block(self, depth: int) -> tuple[int, int]:
@@ -96,8 +130,20 @@ class ItemTrie:
         """``[*leaves.shape, max_collisions]`` item ids per leaf, -1 padded."""
         return self.leaf_items[leaves]
 
+    # -- the global node space -----------------------------------------------------------------------------------
+    def global_advance(self, nodes: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Global nodes one level down from global ``nodes`` by local ``codes`` (any depth; past L: the sink)."""
+        return self.global_child[nodes, codes]
+
+    def global_leaves_to_local(self, nodes: torch.Tensor) -> torch.Tensor:
+        """Leaf ids (for ``items_of_leaves``) of global depth-L nodes; anything else maps to the dead leaf."""
+        local = nodes - int(self.offsets[self.num_levels])
+        return torch.where((local >= 0) & (local < self.num_leaves), local, self.num_leaves)
+
     def to(self, device: torch.device | str) -> "ItemTrie":
         self.allowed = [t.to(device) for t in self.allowed]
         self.child = [t.to(device) for t in self.child]
         self.leaf_items = self.leaf_items.to(device)
+        for name in ("offsets", "global_allowed", "global_child", "node_depth", "global_dead", "block_starts"):
+            setattr(self, name, getattr(self, name).to(device))
         return self

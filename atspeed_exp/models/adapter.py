@@ -17,6 +17,7 @@ Contract:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -40,6 +41,10 @@ class HFDecoderLM:
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
     def new_cache(self) -> DynamicCache:
         # With the config the cache builds one layer per decoder layer of the right type (a sliding-window model
         # would get sliding layers, which the pruning below refuses); without it, layers are created lazily.
@@ -53,6 +58,17 @@ class HFDecoderLM:
         cache: DynamicCache | None,
     ) -> tuple[torch.Tensor, DynamicCache]:
         """Logits ``[B, q_len, V]`` float32 and ``cache`` extended by the ``q_len`` new positions."""
+        hidden, cache = self.hidden(input_ids, position_ids, attention_mask, cache)
+        return self.project(hidden), cache
+
+    def hidden(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: DynamicCache | None,
+    ) -> tuple[torch.Tensor, DynamicCache]:
+        """Final (normed) hidden states ``[B, q_len, H]`` in the model's dtype, and the extended cache."""
         if self.model.training:
             raise RuntimeError("HFDecoderLM needs the model in eval mode (dropout would make decoding random)")
         if cache is None:
@@ -64,19 +80,31 @@ class HFDecoderLM:
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {expected}")
         mask = self._additive_mask(attention_mask)
         with torch.inference_mode():
-            out = self.model(
+            out = self.model.get_decoder()(
                 input_ids=input_ids.to(self.device),
                 position_ids=position_ids.to(self.device),
                 attention_mask=mask,
                 past_key_values=cache,
                 use_cache=True,
             )
-        logits = out.logits.float()
+        return out.last_hidden_state, out.past_key_values
+
+    def project(self, hidden: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Logits of tokens ``start..end - 1`` ``[..., end - start]`` float32: a plain linear head multiplies by
+        those rows of its weight only; any other head (a peft wrapper) is run whole and sliced."""
+        head = self.model.get_output_embeddings()
+        with torch.inference_mode():
+            if type(head) is nn.Linear:
+                bias = None if head.bias is None else head.bias[start:end]
+                logits = F.linear(hidden, head.weight[start:end], bias)
+            else:
+                logits = head(hidden)[..., start:end]
+        logits = logits.float()
         if logits.is_inference():
             # Made under inference_mode, the logits would refuse in-place edits (e.g. the trie constraint's
             # masked_fill_) outside it; .float() of float32 logits is a no-op, so copy to a normal tensor.
             logits = logits.clone()
-        return logits, out.past_key_values
+        return logits
 
     def _additive_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """The mask in the model's dtype and device. Eager attention adds the mask to the scores, so a bool mask
@@ -110,7 +138,7 @@ class HFDecoderLM:
         return cache
 
     def gather_cache(self, cache: DynamicCache, positions: torch.Tensor) -> DynamicCache:
-        """Keep, per row, the cache positions ``positions`` ``[B, T']`` (ascending); in place."""
+        """Keep, per row, the cache positions ``positions`` ``[B, T']`` in that order; in place."""
         with torch.inference_mode():
             for layer in self._layers(cache):
                 batch, heads, _, head_dim = layer.keys.shape
