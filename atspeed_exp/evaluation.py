@@ -36,8 +36,15 @@ def generate_lists(
     batch_size: int = 64,
     progress: bool = True,
     desc: str = "beam search",
+    draft: DecoderLM | None = None,
+    draft_beams: int = 40,
+    gamma: int = 3,
+    verify_beams: int | None = None,
+    scope: str = "vocab",
 ) -> GeneratedLists:
-    """Target-only beam search for every prompt, ``batch_size`` users per call."""
+    """Top-K lists for every prompt, ``batch_size`` users per call: target-only beam search, or with ``draft``
+    batched strict speculative beam search (the same lists, fewer target calls); ``model_calls`` counts target
+    calls per list summed over the lists."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     items = torch.full((len(prompts), num_beams), -1, dtype=torch.long)
     scores = torch.full((len(prompts), num_beams), float("-inf"))
@@ -46,10 +53,16 @@ def generate_lists(
     for first in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch"):
         rows = order[first : first + batch_size]
         ids, mask = left_pad([torch.tensor(prompts[i], dtype=torch.long) for i in rows], pad_id)
-        out = beam_search(model, ids.to(model.device), mask.to(model.device), trie, num_beams)
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        if draft is None:
+            out = beam_search(model, ids, mask, trie, num_beams, scope=scope)
+            calls += out.model_calls * len(rows)
+        else:
+            out = speculative_beam_search(model, draft, ids, mask, trie, num_beams, draft_beams, gamma,
+                                          verify_beams=verify_beams, scope=scope)
+            calls += sum(out.lists.target_calls)
         items[rows] = out.items.cpu()
         scores[rows] = out.scores.cpu()
-        calls += out.model_calls
     return GeneratedLists(items, scores, calls, time.perf_counter() - start)
 
 
@@ -84,6 +97,10 @@ def evaluate_speculative(
     seed: int = 0,
     progress: bool = True,
     prefix: str = "eval",
+    verify_beams: int | None = None,
+    scope: str = "vocab",
+    batch_size: int | None = None,
+    pad_id: int = 0,
 ) -> dict[str, float]:
     """Speculative beam search with ``draft`` against target-only beam search, user by user (batch 1, as the paper
     measures), in the same call on the same users, so the speedup compares like with like.
@@ -93,7 +110,13 @@ def evaluate_speculative(
     ``draft_tokens_per_list``, ``walltime_s`` (mean per list), ``speedup`` (baseline total / SD total) and
     ``speedup_mean_ratio`` (mean of per-list ratios, the paper's form), ``recall@n``/``ndcg@n`` (n <= K); and for
     the baseline ``{prefix}/beam/k{K}/walltime_s``, ``recall@n``, ``ndcg@n``. The first ``warmup`` users are decoded
-    once untimed (first-call allocations and kernel selection).
+    once untimed (first-call allocations and kernel selection). ``verify_beams`` (M) and ``scope`` go to both
+    decoders (``scope``) or SD (M).
+
+    With ``batch_size``: also the throughput of the same users decoded ``batch_size`` at a time, target-only beam
+    search (``{prefix}/beam/k{K}/throughput_lists_per_s``) against batched strict SD
+    (``{prefix}/strict/k{K}/throughput_lists_per_s``, ``throughput_speedup``, ``batched_mismatches``: lists that
+    differ from beam search's, 0 unless something is broken).
     """
     device = target.device
     tensors = [torch.tensor(p, dtype=torch.long, device=device)[None] for p in prompts]
@@ -109,7 +132,7 @@ def evaluate_speculative(
             ids, mask = tensors[index], masks[index]
             _sync(device)
             start = time.perf_counter()
-            base = beam_search(target, ids, mask, trie, k)
+            base = beam_search(target, ids, mask, trie, k, scope=scope)
             _sync(device)
             base_time = time.perf_counter() - start
             runs = {}
@@ -117,7 +140,8 @@ def evaluate_speculative(
                 generator = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + index)
                 start = time.perf_counter()
                 out = speculative_beam_search(target, draft, ids, mask, trie, k, draft_beams=draft_beams,
-                                              gamma=gamma, mode=mode, generator=generator)
+                                              gamma=gamma, mode=mode, generator=generator,
+                                              verify_beams=verify_beams, scope=scope)
                 _sync(device)
                 runs[mode] = (time.perf_counter() - start, out)
             if user < 0:
@@ -148,4 +172,17 @@ def evaluate_speculative(
             metrics[f"{key}/speedup_mean_ratio"] = sum(b / s for b, s in zip(base_times, times)) / len(times)
             for name, value in accuracy(torch.stack(sd[mode]["items"]), ground_truth, ks_cutoffs).items():
                 metrics[f"{key}/{name}"] = value
+        if batch_size:
+            runs = {}
+            for name, with_draft in (("beam", None), ("strict", draft)):
+                _sync(device)
+                runs[name] = generate_lists(target, prompts, trie, k, pad_id, batch_size, progress=False,
+                                            draft=with_draft, draft_beams=draft_beams, gamma=gamma,
+                                            verify_beams=verify_beams, scope=scope)
+            for name, run in runs.items():
+                metrics[f"{prefix}/{name}/k{k}/throughput_lists_per_s"] = len(prompts) / run.walltime_s
+            metrics[f"{prefix}/strict/k{k}/throughput_speedup"] = runs["beam"].walltime_s / runs["strict"].walltime_s
+            metrics[f"{prefix}/strict/k{k}/batched_target_calls_per_list"] = runs["strict"].model_calls / len(prompts)
+            metrics[f"{prefix}/strict/k{k}/batched_mismatches"] = float(
+                (runs["strict"].items != runs["beam"].items).any(1).sum())
     return metrics

@@ -181,11 +181,24 @@ def train_target(cfg: DictConfig, logger: Any, extra_callbacks: list | None = No
     return stage_dir, data
 
 
-def load_target(stage_dir: Path, device: str = "cpu") -> HFDecoderLM:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_target(stage_dir: Path, device: str = "cpu", dtype: str = "float32") -> HFDecoderLM:
     model = load_model(stage_dir / "model")
     if isinstance(model, PeftModel):  # unmerged token-row wrappers copy whole matrices on every forward
         model = merge_lora(model)
-    return HFDecoderLM.from_model(model.to(device))
+    return HFDecoderLM.from_model(model.to(device=device, dtype=DTYPES[dtype]))
+
+
+def eval_dtype(cfg: DictConfig) -> str:
+    """Decoding weights: bfloat16 on CUDA and float32 on CPU unless ``eval.dtype`` says otherwise."""
+    dtype = cfg.eval.get("dtype", "auto")
+    if dtype == "auto":
+        return "bfloat16" if eval_device(cfg) == "cuda" else "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"eval.dtype={dtype!r}: expected auto or one of {sorted(DTYPES)}")
+    return dtype
 
 
 # -- teacher stage -----------------------------------------------------------------------------------------------
@@ -280,6 +293,7 @@ def train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: RecD
             target, valid.prompts[:users], valid.ground_truth()[:users], data.trie().to(target.device),
             modes=tuple(cfg.decoding.modes), ks=(cfg.decoding.beam_size,), draft_beams=cfg.decoding.draft_beams,
             gamma=cfg.decoding.gamma, every_n_epochs=training.eval_every_n_epochs, seed=cfg.seed,
+            verify_beams=cfg.decoding.get("verify_beams"), scope=cfg.decoding.get("scope", "vocab"),
         )
         checkpoint = pl.callbacks.ModelCheckpoint(dirpath=stage_dir / "checkpoints", filename="last-epoch",
                                                   save_last=True, enable_version_counter=False)
@@ -310,14 +324,16 @@ def train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: RecD
 def evaluate_draft(cfg: DictConfig, target_dir: Path, draft_dir: Path, data: RecData) -> dict[str, float]:
     """Final speculative evaluation on test users: every configured mode and K, against target-only beam search
     measured in the same call (``evaluate_speculative``)."""
-    device = eval_device(cfg)
-    target, draft = load_target(target_dir, device), load_target(draft_dir, device)
+    device, dtype = eval_device(cfg), eval_dtype(cfg)
+    target, draft = load_target(target_dir, device, dtype), load_target(draft_dir, device, dtype)
     test = data.splits["test"]
     users = min(cfg.eval.speculative_users, len(test)) if cfg.eval.speculative_users else len(test)
     return evaluate_speculative(
         target, draft, test.prompts[:users], test.ground_truth()[:users], data.trie().to(device),
         modes=tuple(cfg.decoding.modes), ks=tuple(cfg.decoding.ks), draft_beams=cfg.decoding.draft_beams,
         gamma=cfg.decoding.gamma, cutoffs=tuple(cfg.eval.cutoffs), seed=cfg.seed,
+        verify_beams=cfg.decoding.get("verify_beams"), scope=cfg.decoding.get("scope", "vocab"),
+        batch_size=cfg.eval.get("throughput_batch_size"), pad_id=data.pad_id,
     )
 
 
@@ -338,6 +354,7 @@ def speculative_table(metrics: dict[str, float], modes: tuple[str, ...], ks: tup
                 "walltime_ms": 1000 * metrics[f"{key}/walltime_s"],
                 f"recall@{k}": metrics.get(f"{key}/recall@{k}", float("nan")),
                 f"ndcg@{k}": metrics.get(f"{key}/ndcg@{k}", float("nan")),
+                "throughput_lists_per_s": metrics.get(f"{key}/throughput_lists_per_s", float("nan")),
             })
     return rows
 
@@ -351,13 +368,13 @@ def eval_device(cfg: DictConfig) -> str:
 def evaluate_target(cfg: DictConfig, stage_dir: Path, data: RecData) -> dict[str, float]:
     """Target beam search on the test users, and the most-popular baseline on the same users."""
     device = eval_device(cfg)
-    target = load_target(stage_dir, device)
+    target = load_target(stage_dir, device, eval_dtype(cfg))
     test = data.splits["test"]
     users = min(cfg.eval.max_users, len(test)) if cfg.eval.max_users else len(test)
     cutoffs = tuple(n for n in cfg.eval.cutoffs if n <= cfg.eval.num_beams)
     lists = generate_lists(
         target, test.prompts[:users], data.trie().to(device), cfg.eval.num_beams, data.pad_id,
-        batch_size=cfg.eval.batch_size, desc="test beam search",
+        batch_size=cfg.eval.batch_size, desc="test beam search", scope=cfg.decoding.get("scope", "vocab"),
     )
     truth = test.ground_truth()[:users]
     metrics = {f"eval/target/{k}": v for k, v in accuracy(lists.items, truth, cutoffs).items()}
@@ -453,11 +470,12 @@ def format_summary(summary: dict[str, Any], cutoffs: tuple[int, ...] = (5, 10, 2
     if summary.get("table"):
         lines.append(f"speculative decoding ({summary['draft_dir']}):")
         lines.append(f"{'mode':>8s} {'K':>3s} {'speedup':>8s} {'mean-ratio':>10s} {'tgt calls':>9s} "
-                     f"{'accept':>7s} {'ms/list':>8s} {'R@K':>7s} {'N@K':>7s}")
+                     f"{'accept':>7s} {'ms/list':>8s} {'R@K':>7s} {'N@K':>7s} {'batched lists/s':>15s}")
         for row in summary["table"]:
             k = row["k"]
             lines.append(f"{row['mode']:>8s} {k:3d} {row['speedup']:8.2f} {row['speedup_mean_ratio']:10.2f} "
                          f"{row['target_calls_per_list']:9.2f} {row['acceptance_rate']:7.3f} {row['walltime_ms']:8.1f} "
-                         f"{row[f'recall@{k}']:7.4f} {row[f'ndcg@{k}']:7.4f}")
+                         f"{row[f'recall@{k}']:7.4f} {row[f'ndcg@{k}']:7.4f} "
+                         f"{row.get('throughput_lists_per_s', float('nan')):15.1f}")
     lines.append(f"logs: {summary['log_dir']}")
     return "\n".join(lines)

@@ -17,6 +17,7 @@ acceptance, and SD's per-phase profile. Run ``python benchmarks/bench_decoding.p
 from __future__ import annotations
 
 import argparse
+import collections
 import glob
 import json
 import logging
@@ -82,13 +83,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--data-name", help="dataset name (default: the target run's, else beauty)")
     d.add_argument("--prompt-format", choices=["compact", "alpaca"], help="default: the target run's, else compact")
     d.add_argument("--max-history", type=int, help="default: the target run's, else 20")
-    d.add_argument("--users", type=int, default=50, help="first N test users")
+    d.add_argument("--users", type=int, default=50, help="first N test users (0: all)")
     d.add_argument("--hf-users", type=int, help="hf_generate runs on the first this many of them (default: all)")
 
     r = p.add_argument_group("decoding and measurement")
     r.add_argument("--ks", default="5,10,20", help="list lengths K (beams), comma-separated")
     r.add_argument("--draft-beams", type=int, default=40, help="N, the draft's beams (>= every K)")
     r.add_argument("--gamma", type=int, default=3, help="drafted steps per round")
+    r.add_argument("--verify-beams", default="", help="M values, comma-separated (K <= M <= N): the target verifies "
+                   "the draft's top-M beams per depth; each M adds a row per SD method (sd_strict_m10, ...); "
+                   "default: M = N")
+    r.add_argument("--scope", default="vocab", choices=["vocab", "level"], help="level log-probs normalised over "
+                   "the full vocabulary (the model's likelihood) or over the level's SID block (projection "
+                   "restricted to the block); applies to beam and SD alike")
+    r.add_argument("--batch-sizes", default="", help="throughput mode: also decode all --users in batches of each "
+                   "size (comma-separated, e.g. 1,8,32,64) with beam and the SD methods, and print lists/s")
+    r.add_argument("--skip-latency", action="store_true", help="throughput tables only (no batch-1 table)")
     r.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     r.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     r.add_argument("--dtype", default="float32", choices=list(DTYPES), help="model weights (bfloat16: for cuda)")
@@ -100,6 +110,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
 
     args.ks = [int(k) for k in str(args.ks).split(",") if k.strip()]
+    args.verify_beams = [int(m) for m in str(args.verify_beams).split(",") if m.strip()] or [args.draft_beams]
+    args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
+    if any(not max(args.ks) <= m <= args.draft_beams for m in args.verify_beams):
+        p.error(f"--verify-beams {args.verify_beams}: each M must satisfy max K ({max(args.ks)}) <= M <= N "
+                f"({args.draft_beams})")
+    if any(b < 1 for b in args.batch_sizes):
+        p.error("--batch-sizes must be >= 1")
     args.methods = [x.strip() for x in str(args.methods).split(",") if x.strip()]
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
@@ -115,11 +132,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("sd_* methods need a draft: --draft same, --draft-dir or --draft-config")
     if needs_draft and args.draft_beams < max(args.ks):
         p.error(f"--draft-beams ({args.draft_beams}) must be >= every K ({max(args.ks)})")
-    if min(args.ks) < 1 or args.users < 1 or args.repeats < 1 or args.warmup < 0:
-        p.error("K, --users and --repeats must be >= 1, --warmup >= 0")
+    if min(args.ks) < 1 or args.users < 0 or args.repeats < 1 or args.warmup < 0:
+        p.error("K and --repeats must be >= 1, --users and --warmup >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is not available")
-    args.hf_users = args.users if args.hf_users is None else min(args.hf_users, args.users)
+    args.hf_users = args.users if args.hf_users is None else args.hf_users
+    # SD rows: one per (mode, M); named after the mode, with _m{M} when M < N
+    args.variants = [(name if m == args.draft_beams else f"{name}_m{m}", name[3:], m)
+                     for name in args.methods if name.startswith("sd_") for m in args.verify_beams]
+    args.rows = [x for x in args.methods if not x.startswith("sd_")] + [label for label, _, _ in args.variants]
     return args
 
 
@@ -226,6 +247,8 @@ def build_setup(args: argparse.Namespace, tmp: Path) -> Setup:
     test = data.splits["test"]
     if args.users > len(test):
         raise ValueError(f"--users {args.users} > {len(test)} test users of {name}")
+    args.users = args.users or len(test)
+    args.hf_users = min(args.hf_users, args.users)
 
     if target_dir:
         target_model, target_source = load_saved(target_dir), str(target_dir)
@@ -332,7 +355,7 @@ def make_runners(setup: Setup, args: argparse.Namespace, k: int) -> dict[str, Ca
         return inputs[user]
 
     def beam(user: int) -> ListResult:
-        out = beam_search(target, *prompt(user), trie, k)
+        out = beam_search(target, *prompt(user), trie, k, scope=args.scope)
         return ListResult(out.items[0], out.sequences[0], out.model_calls, out.tokens_processed)
 
     counter = CallCounter(target.model) if "hf_generate" in args.methods else None
@@ -354,13 +377,14 @@ def make_runners(setup: Setup, args: argparse.Namespace, k: int) -> dict[str, Ca
             )
         return ListResult(None, out.sequences[:, width:], counter.calls, counter.tokens)
 
-    def speculative(mode: str) -> Callable[[int], ListResult]:
+    def speculative(mode: str, verify_beams: int) -> Callable[[int], ListResult]:
         def run(user: int) -> ListResult:
             generator = None
             if mode != "strict":  # seeded per user: every repeat of a list samples the same way
                 generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + user)
             out = speculative_beam_search(
-                target, draft, *prompt(user), trie, k, args.draft_beams, args.gamma, mode, generator
+                target, draft, *prompt(user), trie, k, args.draft_beams, args.gamma, mode, generator,
+                verify_beams=verify_beams, scope=args.scope, profile=True,
             )
             s = out.stats
             phases = {"draft": s.draft_time_s, "verify": s.verify_time_s, "accept": s.accept_time_s,
@@ -370,9 +394,9 @@ def make_runners(setup: Setup, args: argparse.Namespace, k: int) -> dict[str, Ca
 
         return run
 
-    runners = {"beam": beam, "hf_generate": hf_generate, "sd_strict": speculative("strict"),
-               "sd_relaxed": speculative("relaxed"), "sd_relaxed_exact": speculative("relaxed_exact")}
-    return {name: runners[name] for name in args.methods}
+    runners = {"beam": beam, "hf_generate": hf_generate}
+    runners.update({label: speculative(mode, m) for label, mode, m in args.variants})
+    return {name: runners[name] for name in args.rows}
 
 
 def timed(fn: Callable[[int], ListResult], user: int, cuda: bool) -> tuple[float, ListResult]:
@@ -413,7 +437,7 @@ def run_benchmark(setup: Setup, args: argparse.Namespace) -> list[Measurement]:
                     times[name].append(elapsed)
             for name, result in last.items():
                 mismatch = None if name == BASELINE else differs(result, last[BASELINE])
-                if name == "sd_strict" and mismatch:
+                if name.startswith("sd_strict") and mismatch:
                     log.warning("!!! K=%d user %d: sd_strict list differs from beam search: %s vs %s", k, user,
                                 result.items.tolist(), last[BASELINE].items.tolist())
                 measurements.append(Measurement(
@@ -424,6 +448,88 @@ def run_benchmark(setup: Setup, args: argparse.Namespace) -> list[Measurement]:
             if (user + 1) % 10 == 0 or user + 1 == len(setup.prompts):
                 log.info("K=%d: %d/%d users, %.0f s", k, user + 1, len(setup.prompts), time.perf_counter() - start)
     return measurements
+
+
+# -- throughput: many users per call ---------------------------------------------------------------------------
+def run_throughput(setup: Setup, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """For each K and batch size B: every user decoded once in batches of B (users sorted by prompt length, the
+    same batches for every method), one untimed batch first; beam, then each SD variant. Strict lists are checked
+    against beam's."""
+    cuda = args.device == "cuda"
+    device = torch.device(args.device)
+    order = sorted(range(len(setup.prompts)), key=lambda u: setup.prompts[u].numel())
+    rows: list[dict[str, Any]] = []
+    for k in args.ks:
+        for size in args.batch_sizes:
+            batches = [order[i : i + size] for i in range(0, len(order), size)]
+            inputs = [tuple(t.to(device) for t in left_pad([setup.prompts[u] for u in b], setup.data.pad_id))
+                      for b in batches]
+            reference: list[torch.Tensor] = []
+            for method in ["beam"] + [label for label, _, _ in args.variants]:
+                mode, verify = next(((m, v) for label, m, v in args.variants if label == method), ("beam", 0))
+                generator = torch.Generator(device=device).manual_seed(args.seed)
+
+                def decode(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+                    if mode == "beam":
+                        out = beam_search(setup.target, ids, mask, setup.trie, k, scope=args.scope)
+                        n = ids.shape[0]
+                        return out.items, {"target_calls": out.model_calls * n, "target_tokens": out.tokens_processed,
+                                           "batch_target_calls": out.model_calls, "draft_calls": 0}
+                    out = speculative_beam_search(
+                        setup.target, setup.draft, ids, mask, setup.trie, k, args.draft_beams, args.gamma, mode,
+                        None if mode == "strict" else generator, verify_beams=verify, scope=args.scope,
+                    )
+                    return out.items, {"target_calls": sum(out.lists.target_calls),
+                                       "target_tokens": out.stats.target_tokens,
+                                       "batch_target_calls": out.stats.target_calls,
+                                       "draft_calls": sum(out.lists.draft_calls)}
+
+                decode(*inputs[0])  # warm-up
+                totals = collections.Counter()
+                items: list[torch.Tensor] = []
+                if cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                for ids, mask in inputs:
+                    batch_items, counts = decode(ids, mask)
+                    items.append(batch_items)
+                    totals.update(counts)
+                if cuda:
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - start
+                items = [t.cpu() for t in items]
+                if method == "beam":
+                    reference = items
+                mismatches = sum(int((a != b).any(1).sum()) for a, b in zip(items, reference))
+                users = len(order)
+                rows.append({
+                    "k": k, "batch": size, "method": method, "lists": users, "total_s": elapsed,
+                    "lists_per_s": users / elapsed, "ms_per_list": 1e3 * elapsed / users,
+                    "target_calls_per_list": totals["target_calls"] / users,
+                    "batched_target_calls": totals["batch_target_calls"],
+                    "draft_calls_per_list": totals["draft_calls"] / users,
+                    "target_tokens_per_list": totals["target_tokens"] / users,
+                    "mismatches": mismatches if method != "beam" else 0,
+                })
+                log.info("throughput K=%d B=%d %s: %.1f lists/s", k, size, method, users / elapsed)
+    for row in rows:  # speedup over beam at the same K and B
+        base = next(r for r in rows if r["k"] == row["k"] and r["batch"] == row["batch"] and r["method"] == "beam")
+        row["speedup"] = base["total_s"] / row["total_s"]
+    return rows
+
+
+def format_throughput(rows: list[dict[str, Any]]) -> str:
+    header = ["K", "B", "method", "lists", "total_s", "lists/s", "ms/list", "speedup", "tgt_calls/list",
+              "batched_tgt_calls", "drf_calls/list", "tgt_tokens/list", "mismatch"]
+    table = [header] + [[
+        str(r["k"]), str(r["batch"]), r["method"], str(r["lists"]), _fmt(r["total_s"]), _fmt(r["lists_per_s"]),
+        _fmt(r["ms_per_list"], 2), _fmt(r["speedup"], 2), _fmt(r["target_calls_per_list"], 2),
+        str(r["batched_target_calls"]), _fmt(r["draft_calls_per_list"], 2), _fmt(r["target_tokens_per_list"], 0),
+        "-" if r["method"] == "beam" or not r["method"].startswith("sd_strict") else f"{r['mismatches']}/{r['lists']}",
+    ] for r in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    return "\n".join("  ".join(c.rjust(w) if i != 2 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in table)
 
 
 # -- summary and tables --------------------------------------------------------------------------------------------
@@ -511,7 +617,9 @@ def header(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
         "hf_users": args.hf_users if "hf_generate" in args.methods else 0,
         "ks": args.ks,
         "draft_beams": args.draft_beams,
+        "verify_beams": args.verify_beams,
         "gamma": args.gamma,
+        "scope": args.scope,
         "methods": args.methods,
         "repeats": args.repeats,
         "warmup": args.warmup,
@@ -530,7 +638,8 @@ def format_header(h: dict[str, Any]) -> str:
         f"data: {d['name']} ({d['root']}): {d['items']} items, {d['test_users']} test users, {d['prompt_format']} "
         f"prompts of {d['mean_prompt_tokens']:.1f} tokens on average",
         f"users: {h['users']} (hf_generate: {h['hf_users']}) | K: {','.join(map(str, h['ks']))} | N (draft beams): "
-        f"{h['draft_beams']} | gamma: {h['gamma']} | repeats: {h['repeats']} (median) | warm-up: {h['warmup']} "
+        f"{h['draft_beams']} | M (verified beams): {','.join(map(str, h['verify_beams']))} | gamma: {h['gamma']} | "
+        f"scope: {h['scope']} | repeats: {h['repeats']} (median) | warm-up: {h['warmup']} "
         f"lists per K | seed {h['seed']}",
         "speedup_*: beam's time / the method's on the same users (tot: ratio of totals; mean: mean of per-list "
         "ratios); calls and tokens per list; mismatch: lists differing from beam (SIDs for hf_generate, items "
@@ -549,20 +658,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         setup = build_setup(args, Path(tmp))
         h = header(setup, args)
         print(format_header(h), flush=True)
-        measurements = run_benchmark(setup, args)
+        measurements = [] if args.skip_latency else run_benchmark(setup, args)
+        throughput = run_throughput(setup, args) if args.batch_sizes else []
     report: dict[str, Any] = {"header": h, "summary": {}, "lists": [
         {**asdict(m), "time_s": m.time_s} for m in measurements]}
-    for k in args.ks:
-        summary = summarize(measurements, k, args.methods)
+    for k in args.ks if measurements else []:
+        summary = summarize(measurements, k, args.rows)
         report["summary"][str(k)] = summary
         print(f"\nK = {k}\n{format_table(summary)}")
-        strict = summary.get("sd_strict", {}).get("mismatches", 0.0)
+        strict = sum(s["mismatches"] for name, s in summary.items() if name.startswith("sd_strict"))
         if strict and strict == strict:
             print(f"!!! WARNING: {int(strict)} sd_strict list(s) differ from beam search at K={k}: strict speculative "
                   f"decoding must be lossless; this is a bug (or float rounding under {args.dtype}) !!!")
         if "hf_generate" in summary:
             print(f"our beam search vs transformers generate: {1 / summary['hf_generate']['speedup_tot']:.2f}x "
                   f"(ratio of totals over {int(summary['hf_generate']['lists'])} lists)")
+    if throughput:
+        report["throughput"] = throughput
+        print(f"\nthroughput: all {args.users} users in batches of B (sorted by prompt length), lists per second\n"
+              f"{format_throughput(throughput)}")
+        bad = [r for r in throughput if r["method"].startswith("sd_strict") and r["mismatches"]]
+        if bad:
+            print(f"!!! WARNING: batched sd_strict lists differ from beam search: {bad} !!!")
     report["walltime_s"] = time.perf_counter() - start
     print(f"\ntotal walltime {report['walltime_s']:.0f} s", flush=True)
     if args.json_out:

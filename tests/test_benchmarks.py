@@ -44,3 +44,28 @@ def test_bench_decoding_prints_every_method_and_column(tmp_path, capsys):
     assert 1 <= summary["sd_strict"]["target_calls"] <= 4
     assert len(report["lists"]) == 3 * len(bench.METHODS)
     assert (tmp_path / "bench.json").is_file()
+
+
+def test_bench_decoding_top_m_rows_and_throughput_table(tmp_path, capsys):
+    bench = load_script("bench_decoding")
+    report = bench.main([
+        "--target-config", str(REPO / "conf" / "model" / "llama_tiny.yaml"),
+        "--draft-config", str(REPO / "conf" / "draft" / "draft_1l_128.yaml"),
+        "--data-name", "synthetic", "--data-root", str(tmp_path / "synthetic"),
+        "--users", "5", "--ks", "5", "--warmup", "1", "--threads", "1", "--methods", "beam,sd_strict,sd_relaxed",
+        "--draft-beams", "10", "--verify-beams", "5,10", "--scope", "level", "--batch-sizes", "1,4",
+    ])
+    out = capsys.readouterr().out
+    summary = report["summary"]["5"]
+    assert set(summary) == {"beam", "sd_strict_m5", "sd_strict", "sd_relaxed_m5", "sd_relaxed"}
+    assert summary["sd_strict_m5"]["mismatches"] == 0 and summary["sd_strict"]["mismatches"] == 0
+    assert summary["sd_strict_m5"]["target_tokens"] <= summary["sd_strict"]["target_tokens"] * 2  # sane counts
+    assert "M (verified beams): 5,10" in out and "scope: level" in out
+    rows = report["throughput"]
+    assert {(r["batch"], r["method"]) for r in rows} == {
+        (b, m) for b in (1, 4) for m in ("beam", "sd_strict_m5", "sd_strict", "sd_relaxed_m5", "sd_relaxed")}
+    for row in rows:
+        assert row["lists"] == 5 and row["lists_per_s"] > 0
+        if row["method"].startswith("sd_strict"):
+            assert row["mismatches"] == 0
+    assert "lists per second" in out

@@ -175,3 +175,19 @@ def test_batched_hf_llama_strict_matches_beam_search():
         out = speculative_beam_search(target, draft, ids, mask, trie, k, n, gamma, verify_beams=m, scope=scope)
         for row in range(5):
             assert same_list(one_user(out, row), one_user(ref, row)), (k, n, m, gamma, scope, row)
+
+
+def test_vocabulary_ending_at_a_short_last_block():
+    # dead beams carry codes up to the widest block; their (void) tokens must still be valid ids when the last,
+    # narrower block ends the vocabulary
+    trie, item_ids, _, _ = make_trie(num_items=40, level_sizes=(6, 5, 5, 2), num_collisions=0, seed=21)
+    vocab = trie.block(trie.num_levels - 1)[1]
+    target, draft = ToyLM(vocab, seed=21), ToyLM(vocab, seed=22)
+    ids, mask = left_pad(random_prompts(4, vocab, seed=21), pad_id=0)
+    ref = beam_search(target, ids, mask, trie, 10)
+    for mode in ("strict", "relaxed"):
+        out = speculative_beam_search(target, draft, ids, mask, trie, 10, 20, 3, mode=mode, verify_beams=12,
+                                      generator=torch.Generator().manual_seed(0))
+        if mode == "strict":
+            for row in range(4):
+                assert same_list(one_user(out, row), one_user(ref, row))

@@ -36,3 +36,17 @@ def test_evaluate_speculative_draft_equal_target_costs_one_call():
     assert metrics["eval/strict/k5/acceptance_rate"] == 1.0
     assert metrics["eval/strict/k5/target_calls_per_list"] == 1.0
     assert torch.isfinite(torch.tensor(metrics["eval/strict/k5/speedup"]))
+
+
+def test_evaluate_speculative_throughput_uses_batched_strict_sd_with_the_same_lists():
+    trie, item_ids, _, vocab = make_trie(num_items=60, num_collisions=2, seed=8)
+    target, draft = ToyLM(vocab, seed=8), ToyLM(vocab, seed=9)
+    prompts = [p.tolist() for p in random_prompts(7, vocab, seed=8)]
+    truth = [(int(item_ids[i]),) for i in range(7)]
+    metrics = evaluate_speculative(target, draft, prompts, truth, trie, ks=(5,), draft_beams=10, gamma=2,
+                                   cutoffs=(5,), progress=False, verify_beams=6, scope="level", batch_size=3)
+    assert metrics["eval/strict/k5/batched_mismatches"] == 0
+    assert metrics["eval/beam/k5/throughput_lists_per_s"] > 0 and metrics["eval/strict/k5/throughput_lists_per_s"] > 0
+    # the batched lists' target calls per list equal the batch-1 run's (each list takes part in its own rounds)
+    assert metrics["eval/strict/k5/batched_target_calls_per_list"] == pytest.approx(
+        metrics["eval/strict/k5/target_calls_per_list"])

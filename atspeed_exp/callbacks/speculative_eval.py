@@ -30,6 +30,8 @@ class SpeculativeEvalCallback(pl.Callback):
         at_train_end: bool = True,
         seed: int = 0,
         prefix: str = "draft_eval",
+        verify_beams: int | None = None,
+        scope: str = "vocab",
     ) -> None:
         super().__init__()
         self.target = target
@@ -37,7 +39,8 @@ class SpeculativeEvalCallback(pl.Callback):
         self.ground_truth = ground_truth
         self.trie = trie
         self.settings = dict(modes=tuple(modes), ks=tuple(ks), draft_beams=draft_beams, gamma=gamma,
-                             cutoffs=tuple(cutoffs), seed=seed, prefix=prefix)
+                             cutoffs=tuple(cutoffs), seed=seed, prefix=prefix, verify_beams=verify_beams,
+                             scope=scope)
         self.every_n_epochs = every_n_epochs
         self.at_train_end = at_train_end
         self.history: list[dict[str, float]] = []

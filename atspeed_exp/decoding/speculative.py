@@ -454,7 +454,8 @@ def _child(
     alive = torch.isfinite(scores) if valid is None else torch.isfinite(scores) & valid[:, None]
     nodes = trie.global_advance(_take(prev.nodes, parent), codes)
     nodes = torch.where(alive, nodes, trie.global_dead[(depth + 1).clamp(max=num_levels + 1)][:, None])
-    tokens = codes + trie.block_starts[depth.clamp(max=num_levels - 1)][:, None]
+    start = trie.block_starts[depth.clamp(max=num_levels - 1)][:, None]
+    tokens = torch.where(alive, codes + start, start)  # a dead beam's code can lie past a short block's end
     column = torch.arange(num_levels, device=depth.device) == depth[:, None]  # [B, L]
     sequences = torch.where(column[:, None, :], tokens[:, :, None], _take(prev.sequences, parent))
     return _Level(
