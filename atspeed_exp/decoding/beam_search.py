@@ -96,6 +96,17 @@ def level_scores(
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
     width = trie.max_block
+    if len(depths) == 1 and not record:  # lockstep (beam search, batch-1 SD): one block, no per-row selection
+        start, end = trie.block(depths[0])
+        if scope == "vocab":
+            log_probs = torch.log_softmax(model.project(hidden), dim=-1)[..., start:end]
+        else:
+            log_probs = torch.log_softmax(model.project(hidden, start, end), dim=-1)
+        if end - start < width:
+            pad = log_probs.new_full((*log_probs.shape[:-1], width - (end - start)), float("-inf"))
+            log_probs = torch.cat([log_probs, pad], -1)
+        here = trie.global_allowed[nodes] & (trie.node_depth[nodes] == depths[0])[..., None]
+        return log_probs.masked_fill(~here, float("-inf")), None
     row_depth = trie.node_depth[nodes]
     out = torch.full((*nodes.shape, width), float("-inf"), device=hidden.device)
     raw = torch.full_like(out, float("-inf")) if record else None
