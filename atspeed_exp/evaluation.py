@@ -41,6 +41,7 @@ def generate_lists(
     gamma: int = 3,
     verify_beams: int | None = None,
     scope: str = "vocab",
+    prune: bool = True,
 ) -> GeneratedLists:
     """Top-K lists for every prompt, ``batch_size`` users per call: target-only beam search, or with ``draft``
     batched strict speculative beam search (the same lists, fewer target calls); ``model_calls`` counts target
@@ -59,7 +60,7 @@ def generate_lists(
             calls += out.model_calls * len(rows)
         else:
             out = speculative_beam_search(model, draft, ids, mask, trie, num_beams, draft_beams, gamma,
-                                          verify_beams=verify_beams, scope=scope)
+                                          verify_beams=verify_beams, scope=scope, prune=prune)
             calls += sum(out.lists.target_calls)
         items[rows] = out.items.cpu()
         scores[rows] = out.scores.cpu()
@@ -101,6 +102,7 @@ def evaluate_speculative(
     scope: str = "vocab",
     batch_size: int | None = None,
     pad_id: int = 0,
+    prune: bool = True,
 ) -> dict[str, float]:
     """Speculative beam search with ``draft`` against target-only beam search, user by user (batch 1, as the paper
     measures), in the same call on the same users, so the speedup compares like with like.
@@ -137,11 +139,12 @@ def evaluate_speculative(
             base_time = time.perf_counter() - start
             runs = {}
             for mode in modes:
-                generator = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + index)
+                # on the decoding device: random numbers made where they are used need no host round trip
+                generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
                 start = time.perf_counter()
                 out = speculative_beam_search(target, draft, ids, mask, trie, k, draft_beams=draft_beams,
                                               gamma=gamma, mode=mode, generator=generator,
-                                              verify_beams=verify_beams, scope=scope)
+                                              verify_beams=verify_beams, scope=scope, prune=prune)
                 _sync(device)
                 runs[mode] = (time.perf_counter() - start, out)
             if user < 0:
@@ -178,7 +181,7 @@ def evaluate_speculative(
                 _sync(device)
                 runs[name] = generate_lists(target, prompts, trie, k, pad_id, batch_size, progress=False,
                                             draft=with_draft, draft_beams=draft_beams, gamma=gamma,
-                                            verify_beams=verify_beams, scope=scope)
+                                            verify_beams=verify_beams, scope=scope, prune=prune)
             for name, run in runs.items():
                 metrics[f"{prefix}/{name}/k{k}/throughput_lists_per_s"] = len(prompts) / run.walltime_s
             metrics[f"{prefix}/strict/k{k}/throughput_speedup"] = runs["beam"].walltime_s / runs["strict"].walltime_s

@@ -294,6 +294,7 @@ def train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: RecD
             modes=tuple(cfg.decoding.modes), ks=(cfg.decoding.beam_size,), draft_beams=cfg.decoding.draft_beams,
             gamma=cfg.decoding.gamma, every_n_epochs=training.eval_every_n_epochs, seed=cfg.seed,
             verify_beams=cfg.decoding.get("verify_beams"), scope=cfg.decoding.get("scope", "vocab"),
+            prune=cfg.decoding.get("prune_caches", True),
         )
         checkpoint = pl.callbacks.ModelCheckpoint(dirpath=stage_dir / "checkpoints", filename="last-epoch",
                                                   save_last=True, enable_version_counter=False)
@@ -334,6 +335,7 @@ def evaluate_draft(cfg: DictConfig, target_dir: Path, draft_dir: Path, data: Rec
         gamma=cfg.decoding.gamma, cutoffs=tuple(cfg.eval.cutoffs), seed=cfg.seed,
         verify_beams=cfg.decoding.get("verify_beams"), scope=cfg.decoding.get("scope", "vocab"),
         batch_size=cfg.eval.get("throughput_batch_size"), pad_id=data.pad_id,
+        prune=cfg.decoding.get("prune_caches", True),
     )
 
 

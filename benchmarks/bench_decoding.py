@@ -98,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "restricted to the block); applies to beam and SD alike")
     r.add_argument("--batch-sizes", default="", help="throughput mode: also decode all --users in batches of each "
                    "size (comma-separated, e.g. 1,8,32,64) with beam and the SD methods, and print lists/s")
+    r.add_argument("--no-prune", action="store_true", help="SD keeps rejected branches in the caches (masked) "
+                   "instead of pruning them after each round")
     r.add_argument("--skip-latency", action="store_true", help="throughput tables only (no batch-1 table)")
     r.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     r.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -384,7 +386,7 @@ def make_runners(setup: Setup, args: argparse.Namespace, k: int) -> dict[str, Ca
                 generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + user)
             out = speculative_beam_search(
                 target, draft, *prompt(user), trie, k, args.draft_beams, args.gamma, mode, generator,
-                verify_beams=verify_beams, scope=args.scope, profile=True,
+                verify_beams=verify_beams, scope=args.scope, profile=True, prune=not args.no_prune,
             )
             s = out.stats
             phases = {"draft": s.draft_time_s, "verify": s.verify_time_s, "accept": s.accept_time_s,
@@ -478,6 +480,7 @@ def run_throughput(setup: Setup, args: argparse.Namespace) -> list[dict[str, Any
                     out = speculative_beam_search(
                         setup.target, setup.draft, ids, mask, setup.trie, k, args.draft_beams, args.gamma, mode,
                         None if mode == "strict" else generator, verify_beams=verify, scope=args.scope,
+                        prune=not args.no_prune,
                     )
                     return out.items, {"target_calls": sum(out.lists.target_calls),
                                        "target_tokens": out.stats.target_tokens,
@@ -620,6 +623,7 @@ def header(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
         "verify_beams": args.verify_beams,
         "gamma": args.gamma,
         "scope": args.scope,
+        "prune": not args.no_prune,
         "methods": args.methods,
         "repeats": args.repeats,
         "warmup": args.warmup,
@@ -639,7 +643,7 @@ def format_header(h: dict[str, Any]) -> str:
         f"prompts of {d['mean_prompt_tokens']:.1f} tokens on average",
         f"users: {h['users']} (hf_generate: {h['hf_users']}) | K: {','.join(map(str, h['ks']))} | N (draft beams): "
         f"{h['draft_beams']} | M (verified beams): {','.join(map(str, h['verify_beams']))} | gamma: {h['gamma']} | "
-        f"scope: {h['scope']} | repeats: {h['repeats']} (median) | warm-up: {h['warmup']} "
+        f"scope: {h['scope']} | prune: {h.get('prune', True)} | repeats: {h['repeats']} (median) | warm-up: {h['warmup']} "
         f"lists per K | seed {h['seed']}",
         "speedup_*: beam's time / the method's on the same users (tot: ratio of totals; mean: mean of per-list "
         "ratios); calls and tokens per list; mismatch: lists differing from beam (SIDs for hf_generate, items "

@@ -55,8 +55,10 @@ def batched_sweep(seeds, num_users, settings):
         draft = noisy_copy(target, vocab, 0.3, 3000 + seed)
         prompts = random_prompts(num_users, vocab, min_len=2, max_len=12, seed=seed)  # ragged prompt lengths
         ids, mask = left_pad(prompts, pad_id=0)
-        for k, n, m, gamma, scope in settings:
-            out = speculative_beam_search(target, draft, ids, mask, trie, k, n, gamma, verify_beams=m, scope=scope)
+        for index, (k, n, m, gamma, scope) in enumerate(settings):
+            prune = index % 2 == 0  # half the settings keep rejected branches in the caches
+            out = speculative_beam_search(target, draft, ids, mask, trie, k, n, gamma, verify_beams=m, scope=scope,
+                                          prune=prune)
             ref = beam_search(target, ids, mask, trie, k, scope=scope)
             for row, prompt in enumerate(prompts):
                 one_ids, one_mask = left_pad([prompt], pad_id=0)

@@ -32,6 +32,7 @@ class SpeculativeEvalCallback(pl.Callback):
         prefix: str = "draft_eval",
         verify_beams: int | None = None,
         scope: str = "vocab",
+        prune: bool = True,
     ) -> None:
         super().__init__()
         self.target = target
@@ -40,7 +41,7 @@ class SpeculativeEvalCallback(pl.Callback):
         self.trie = trie
         self.settings = dict(modes=tuple(modes), ks=tuple(ks), draft_beams=draft_beams, gamma=gamma,
                              cutoffs=tuple(cutoffs), seed=seed, prefix=prefix, verify_beams=verify_beams,
-                             scope=scope)
+                             scope=scope, prune=prune)
         self.every_n_epochs = every_n_epochs
         self.at_train_end = at_train_end
         self.history: list[dict[str, float]] = []

@@ -3,7 +3,7 @@ beams, the target scores every drafted token of every depth in ONE call with tre
 depth and produces the next depth from the logits it already has, so a round advances >= 1 token and a list costs
 1..L target calls (1 when everything is accepted: the first round's verify call also prefills the prompt).
 
-Contract (batch size 1; the state carries a leading batch dim B for a later ragged-batch version):
+Contract (B users per call, each with its own tree, acceptance and depth; see "Batches" below):
 - ``mode="strict"``: the draft runs N-beam search; a depth is accepted iff the target's exact top-K continuations of
   the accepted beams are all drafted beams; the returned beams are exactly those of ``beam_search(target, ..., K)``
   for any draft (choices and order; scores up to float rounding of the tree forward).
@@ -32,8 +32,24 @@ Contract (batch size 1; the state carries a leading batch dim B for a later ragg
   every call appends tokens whose mask rows come from those vectors (``_Call``: the tree mask), so nothing is copied
   while drafting; after a round both caches are pruned with ``gather_cache`` to the kept beams' paths.
 
-Phases of a round: ``_draft_phase`` -> ``_verify_phase`` (tree mask + one target call) -> ``_accept_phase``, then
-pruning. Beams are matched across draft and target by their full prefix (parent + code), never by position.
+- ``verify_beams`` M (K <= M <= N): the target verifies only the draft's first M beams per depth (best first in
+  strict mode, draw order in relaxed modes) among those whose parent it verifies: fewer tokens per verification call,
+  still lossless in strict mode (a depth whose target top-K is not among them is simply rejected).
+- ``scope``: level log-probs normalised over the full vocabulary ("vocab", the model's likelihood) or over the level's
+  SID block ("level": the output projection covers that block only); logits are computed only for the rows that
+  selection uses (each drafted node's last token), never for prompt rows. Strict SD equals beam search with the same
+  scope.
+
+Batches (ragged progress): user b is at depth t_b and drafts d_b = min(gamma, L - t_b - 1) steps; a round makes
+D = max d_b draft calls and one target call for all users. Trie nodes live in one global id space that carries each
+node's depth, so rows at different depths are gathered and masked by the same tensor ops; levels a user does not
+need, dead beams and left padding are *void* tokens (fed, seen by nobody, not counted). Each round ends with ONE host
+sync (accepted depths and the cache columns to keep); users that reach depth L leave the batch, and both caches are
+pruned per user to the columns their live beams see (padded to the longest). Per-list counters: ``ListStats``.
+
+Phases of a round: ``_draft_phase`` -> ``_verified_levels`` (top-M) -> ``_verify_phase`` (tree mask + one target
+call) -> ``_accept_phase``, then pruning. Beams are matched across draft and target by their full prefix (parent +
+code), never by position.
 """
 
 from __future__ import annotations
@@ -719,6 +735,7 @@ def speculative_beam_search(
     verify_beams: int | None = None,  # M, K <= M <= N: drafted beams per depth the target verifies (None: N)
     scope: str = "vocab",  # normaliser of level log-probs (beam_search.level_scores)
     profile: bool = False,  # on CUDA: synchronise at phase boundaries so the phase times are right
+    prune: bool = True,  # drop cache columns no live beam sees after each round (False: keep them, masked)
 ) -> SpeculativeOutput:
     """Top-K items of each of B prompts by speculative beam search (see module docstring)."""
     verify_beams = draft_beams if verify_beams is None else verify_beams
@@ -857,12 +874,15 @@ def speculative_beam_search(
             host_t = [host_t[i] for i in stay]
             beams = _Beams(new.sequences, new_scores, new.nodes)
 
-            # prune both caches to the columns some live beam sees (per user; padded to the longest)
-            target_cache, target_visible = _prune(target, target_cache, target_visible, keep_target,
-                                                  max(count_target[i] for i in stay))
+            # prune both caches to the columns some live beam sees (per user; padded to the longest). Without
+            # pruning, rejected branches stay in the caches, hidden by the masks: later calls attend over more
+            # columns, but a round saves a gather per layer (what pays depends on the device and the depth).
+            if prune:
+                target_cache, target_visible = _prune(target, target_cache, target_visible, keep_target,
+                                                      max(count_target[i] for i in stay))
+                draft_cache, draft_visible = _prune(draft, draft_cache, draft_visible, keep_draft,
+                                                    max(count_draft[i] for i in stay))
             target_view = _View(target_cache, target_visible, new.token[:, :, None], alive[:, :, None], base_position)
-            draft_cache, draft_visible = _prune(draft, draft_cache, draft_visible, keep_draft,
-                                                max(count_draft[i] for i in stay))
             draft_view = _View(draft_cache, draft_visible, draft_pending, draft_pending_valid, draft_position)
 
     order = final_scores.argsort(dim=1, descending=True, stable=True)  # relaxed draws come unordered

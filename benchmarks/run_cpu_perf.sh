@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The CPU performance tables of README "Performance" (issue 5): Beauty CPU-scale target (beauty_target) with its
+# AtSpeed-S (strict) and AtSpeed-R (relaxed) drafts (beauty_strict / beauty_relaxed runs), batch-1 latency over
+# gamma and M, then throughput at B in {1, 8, 32, 64} and all test users at K = 20. Run one at a time on a quiet
+# machine: ~25 min on the 2-core CPU. Outputs: results/cpu_perf/*.txt (printed tables) and *.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-results/cpu_perf}
+DRAFT_S=${DRAFT_S:-$(ls -d artifacts/draft/beauty-*-atspeed_s-*/model | head -1)}
+DRAFT_R=${DRAFT_R:-$(ls -d artifacts/draft/beauty-*-atspeed_r-*/model | head -1)}
+# the drafts' own target: a draft dir is named <target dir>-<teacher key>-<objective>-<key>
+TARGET=${TARGET:-artifacts/target/$(basename "$(dirname "$DRAFT_S")" | cut -d- -f1-2)/model}
+USERS=${USERS:-100}
+mkdir -p "$OUT"
+bench() { local name=$1; shift; "$PY" benchmarks/bench_decoding.py --threads 2 --json-out "$OUT/$name.json" "$@" \
+    2> >(grep -v "Loading weights" >&2) | tee "$OUT/$name.txt"; }
+
+for gamma in 1 2 3; do
+  bench "strict_g$gamma" --target-dir "$TARGET" --draft-dir "$DRAFT_S" --methods beam,sd_strict --users "$USERS" \
+      --ks 5,10,20 --draft-beams 40 --verify-beams 20,30,40 --gamma "$gamma" --repeats 3
+  bench "relaxed_g$gamma" --target-dir "$TARGET" --draft-dir "$DRAFT_R" --methods beam,sd_relaxed --users "$USERS" \
+      --ks 5,10,20 --draft-beams 40 --verify-beams 20,30,40 --gamma "$gamma" --repeats 3
+done
+bench throughput_k10 --target-dir "$TARGET" --draft-dir "$DRAFT_S" --methods beam,sd_strict --users 512 --ks 10 \
+    --draft-beams 40 --gamma 1 --batch-sizes 1,8,32,64 --skip-latency
+bench all_users_k20 --target-dir "$TARGET" --draft-dir "$DRAFT_S" --methods beam,sd_strict --users 0 --ks 20 \
+    --draft-beams 40 --gamma 1 --batch-sizes 64 --skip-latency
