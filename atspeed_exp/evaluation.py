@@ -1,7 +1,9 @@
 """Recommendation lists for many users, and their accuracy.
 
 ``generate_lists`` batches users by prompt length (less padding), runs the target-only beam search and returns
-the lists in the users' original order. It is the baseline every speculative run is compared with.
+the lists in the users' original order. The target-only search is ``tree_beam_search`` (one cache row per user, tree
+attention: the same lists as ``beam_search`` without cache copies, 1.2-2.9x faster on the CPU), the baseline every
+speculative run is compared with.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from atspeed_exp.decoding.beam_search import beam_search, left_pad
+from atspeed_exp.decoding.beam_search import left_pad
 from atspeed_exp.decoding.protocol import DecoderLM
 from atspeed_exp.decoding.speculative import speculative_beam_search
+from atspeed_exp.decoding.tree import tree_beam_search
 from atspeed_exp.decoding.trie import ItemTrie
 from atspeed_exp.metrics import most_popular_lists, pad_ground_truth, recall_ndcg
 
@@ -56,7 +59,7 @@ def generate_lists(
         ids, mask = left_pad([torch.tensor(prompts[i], dtype=torch.long) for i in rows], pad_id)
         ids, mask = ids.to(model.device), mask.to(model.device)
         if draft is None:
-            out = beam_search(model, ids, mask, trie, num_beams, scope=scope)
+            out = tree_beam_search(model, ids, mask, trie, num_beams, scope=scope)
             calls += out.model_calls * len(rows)
         else:
             out = speculative_beam_search(model, draft, ids, mask, trie, num_beams, draft_beams, gamma,
@@ -104,8 +107,9 @@ def evaluate_speculative(
     pad_id: int = 0,
     prune: bool = True,
 ) -> dict[str, float]:
-    """Speculative beam search with ``draft`` against target-only beam search, user by user (batch 1, as the paper
-    measures), in the same call on the same users, so the speedup compares like with like.
+    """Speculative beam search with ``draft`` against our best target-only beam search (``tree_beam_search``), user
+    by user (batch 1, as the paper measures), in the same call on the same users, so the speedup compares like with
+    like.
 
     For each K in ``ks`` and each mode, returns ``{prefix}/{mode}/k{K}/...``: ``acceptance_rate`` (accepted / drafted
     steps over all lists), ``target_calls_per_list``, ``draft_calls_per_list``, ``target_tokens_per_list``,
@@ -134,7 +138,7 @@ def evaluate_speculative(
             ids, mask = tensors[index], masks[index]
             _sync(device)
             start = time.perf_counter()
-            base = beam_search(target, ids, mask, trie, k, scope=scope)
+            base = tree_beam_search(target, ids, mask, trie, k, scope=scope)
             _sync(device)
             base_time = time.perf_counter() - start
             runs = {}

@@ -1,16 +1,18 @@
 """Side-by-side walltime of top-K item decoding, batch 1, in ONE process on the SAME users with the SAME models:
 
-- ``beam``: our target-only trie-constrained beam search (KV cache, one prefill; the baseline of every speedup);
+- ``beam_tree``: our best target-only trie-constrained beam search (KV cache, one prefill, ONE cache row per user
+  with the K beams' tokens appended under tree attention: no cache copies); the baseline of every speedup;
+- ``beam``: the same search keeping K reordered cache rows per user (the classic layout, as transformers does);
 - ``hf_generate``: transformers ``generate(num_beams=K)`` with the trie as ``prefix_allowed_tokens_fn``;
 - ``sd_strict`` / ``sd_relaxed`` / ``sd_relaxed_exact``: speculative beam search (draft N beams, gamma steps; strict,
   SPEC's relaxed, or the exact draw-by-draw relaxed verification).
 
-For each K, each user runs the methods back to back (user u: beam, hf_generate, sd_strict, sd_relaxed; then user
+For each K, each user runs the methods back to back (user u: beam, beam_tree, hf_generate, sd_*; then user
 u + 1), so slow drifts of a shared machine hit every method alike. ``--warmup`` lists per K run first and are not
 recorded; ``--repeats R`` runs each list R times and keeps the median. While running it checks that every sd_strict
 list equals the beam-search list (a mismatch is a bug: it prints a loud warning) and counts hf_generate lists whose
 SIDs differ from ours. Per K it prints one table row per method: walltime per list (median, p90), speedup over
-``beam`` (ratio of totals and mean of per-list ratios, the paper's form), calls and tokens per list of each model,
+``beam_tree`` (ratio of totals and mean of per-list ratios, the paper's form), calls and tokens per list of each model,
 acceptance, and SD's per-phase profile. Run ``python benchmarks/bench_decoding.py --help``; see benchmarks/README.md.
 """
 
@@ -41,14 +43,15 @@ from atspeed_exp.data.recdata import RecData
 from atspeed_exp.data.synthetic import ensure_synthetic_dataset
 from atspeed_exp.decoding.beam_search import beam_search, left_pad
 from atspeed_exp.decoding.speculative import speculative_beam_search
+from atspeed_exp.decoding.tree import tree_beam_search
 from atspeed_exp.decoding.trie import ItemTrie
 from atspeed_exp.models.adapter import HFDecoderLM
 from atspeed_exp.models.build import count_parameters, load_model, merge_lora
 
 log = logging.getLogger("bench_decoding")
 
-METHODS = ("beam", "hf_generate", "sd_strict", "sd_relaxed", "sd_relaxed_exact")
-BASELINE = "beam"
+METHODS = ("beam", "beam_tree", "hf_generate", "sd_strict", "sd_relaxed", "sd_relaxed_exact")
+BASELINE = "beam_tree"  # our best target-only beam search (one cache row per user, tree attention)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COLUMNS = (
     "method", "lists", "median_ms", "p90_ms", "speedup_tot", "speedup_mean", "tgt_calls", "drf_calls",
@@ -360,6 +363,10 @@ def make_runners(setup: Setup, args: argparse.Namespace, k: int) -> dict[str, Ca
         out = beam_search(target, *prompt(user), trie, k, scope=args.scope)
         return ListResult(out.items[0], out.sequences[0], out.model_calls, out.tokens_processed)
 
+    def beam_tree(user: int) -> ListResult:
+        out = tree_beam_search(target, *prompt(user), trie, k, scope=args.scope)
+        return ListResult(out.items[0], out.sequences[0], out.model_calls, out.tokens_processed)
+
     counter = CallCounter(target.model) if "hf_generate" in args.methods else None
 
     def hf_generate(user: int) -> ListResult:
@@ -396,7 +403,7 @@ def make_runners(setup: Setup, args: argparse.Namespace, k: int) -> dict[str, Ca
 
         return run
 
-    runners = {"beam": beam, "hf_generate": hf_generate}
+    runners = {"beam": beam, "beam_tree": beam_tree, "hf_generate": hf_generate}
     runners.update({label: speculative(mode, m) for label, mode, m in args.variants})
     return {name: runners[name] for name in args.rows}
 
@@ -456,7 +463,7 @@ def run_benchmark(setup: Setup, args: argparse.Namespace) -> list[Measurement]:
 def run_throughput(setup: Setup, args: argparse.Namespace) -> list[dict[str, Any]]:
     """For each K and batch size B: every user decoded once in batches of B (users sorted by prompt length, the
     same batches for every method), one untimed batch first; beam, then each SD variant. Strict lists are checked
-    against beam's."""
+    against the baseline's (``beam_tree``)."""
     cuda = args.device == "cuda"
     device = torch.device(args.device)
     order = sorted(range(len(setup.prompts)), key=lambda u: setup.prompts[u].numel())
@@ -467,13 +474,15 @@ def run_throughput(setup: Setup, args: argparse.Namespace) -> list[dict[str, Any
             inputs = [tuple(t.to(device) for t in left_pad([setup.prompts[u] for u in b], setup.data.pad_id))
                       for b in batches]
             reference: list[torch.Tensor] = []
-            for method in ["beam"] + [label for label, _, _ in args.variants]:
-                mode, verify = next(((m, v) for label, m, v in args.variants if label == method), ("beam", 0))
+            baselines = [BASELINE] + (["beam"] if "beam" in args.methods else [])
+            for method in baselines + [label for label, _, _ in args.variants]:
+                mode, verify = next(((m, v) for label, m, v in args.variants if label == method), (method, 0))
                 generator = torch.Generator(device=device).manual_seed(args.seed)
 
                 def decode(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-                    if mode == "beam":
-                        out = beam_search(setup.target, ids, mask, setup.trie, k, scope=args.scope)
+                    if mode in ("beam", "beam_tree"):
+                        search = beam_search if mode == "beam" else tree_beam_search
+                        out = search(setup.target, ids, mask, setup.trie, k, scope=args.scope)
                         n = ids.shape[0]
                         return out.items, {"target_calls": out.model_calls * n, "target_tokens": out.tokens_processed,
                                            "batch_target_calls": out.model_calls, "draft_calls": 0}
@@ -501,7 +510,7 @@ def run_throughput(setup: Setup, args: argparse.Namespace) -> list[dict[str, Any
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - start
                 items = [t.cpu() for t in items]
-                if method == "beam":
+                if method == BASELINE:
                     reference = items
                 mismatches = sum(int((a != b).any(1).sum()) for a, b in zip(items, reference))
                 users = len(order)
@@ -512,11 +521,11 @@ def run_throughput(setup: Setup, args: argparse.Namespace) -> list[dict[str, Any
                     "batched_target_calls": totals["batch_target_calls"],
                     "draft_calls_per_list": totals["draft_calls"] / users,
                     "target_tokens_per_list": totals["target_tokens"] / users,
-                    "mismatches": mismatches if method != "beam" else 0,
+                    "mismatches": mismatches if method != BASELINE else 0,
                 })
                 log.info("throughput K=%d B=%d %s: %.1f lists/s", k, size, method, users / elapsed)
     for row in rows:  # speedup over beam at the same K and B
-        base = next(r for r in rows if r["k"] == row["k"] and r["batch"] == row["batch"] and r["method"] == "beam")
+        base = next(r for r in rows if r["k"] == row["k"] and r["batch"] == row["batch"] and r["method"] == BASELINE)
         row["speedup"] = base["total_s"] / row["total_s"]
     return rows
 
@@ -528,7 +537,7 @@ def format_throughput(rows: list[dict[str, Any]]) -> str:
         str(r["k"]), str(r["batch"]), r["method"], str(r["lists"]), _fmt(r["total_s"]), _fmt(r["lists_per_s"]),
         _fmt(r["ms_per_list"], 2), _fmt(r["speedup"], 2), _fmt(r["target_calls_per_list"], 2),
         str(r["batched_target_calls"]), _fmt(r["draft_calls_per_list"], 2), _fmt(r["target_tokens_per_list"], 0),
-        "-" if r["method"] == "beam" or not r["method"].startswith("sd_strict") else f"{r['mismatches']}/{r['lists']}",
+        "-" if not (r["method"].startswith("sd_strict") or r["method"] == "beam") else f"{r['mismatches']}/{r['lists']}",
     ] for r in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     return "\n".join("  ".join(c.rjust(w) if i != 2 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
@@ -537,7 +546,7 @@ def format_throughput(rows: list[dict[str, Any]]) -> str:
 
 # -- summary and tables --------------------------------------------------------------------------------------------
 def summarize(measurements: list[Measurement], k: int, methods: list[str]) -> dict[str, dict[str, float]]:
-    """Per method, aggregates over its lists at this K; speedups are over ``beam`` on the same users."""
+    """Per method, aggregates over its lists at this K; speedups are over ``BASELINE`` on the same users."""
     at_k = [m for m in measurements if m.k == k]
     base = {m.user: m.time_s for m in at_k if m.method == BASELINE}
     summary = {}
@@ -645,7 +654,7 @@ def format_header(h: dict[str, Any]) -> str:
         f"{h['draft_beams']} | M (verified beams): {','.join(map(str, h['verify_beams']))} | gamma: {h['gamma']} | "
         f"scope: {h['scope']} | prune: {h.get('prune', True)} | repeats: {h['repeats']} (median) | warm-up: {h['warmup']} "
         f"lists per K | seed {h['seed']}",
-        "speedup_*: beam's time / the method's on the same users (tot: ratio of totals; mean: mean of per-list "
+        "speedup_*: beam_tree's time / the method's on the same users (tot: ratio of totals; mean: mean of per-list "
         "ratios); calls and tokens per list; mismatch: lists differing from beam (SIDs for hf_generate, items "
         "otherwise; sd_relaxed samples, so it differs by design)",
     ])

@@ -57,15 +57,17 @@ def test_bench_decoding_top_m_rows_and_throughput_table(tmp_path, capsys):
     ])
     out = capsys.readouterr().out
     summary = report["summary"]["5"]
-    assert set(summary) == {"beam", "sd_strict_m5", "sd_strict", "sd_relaxed_m5", "sd_relaxed"}
+    assert set(summary) == {"beam", "beam_tree", "sd_strict_m5", "sd_strict", "sd_relaxed_m5", "sd_relaxed"}
+    assert summary["beam"]["mismatches"] == 0  # the two beam-search layouts give the same lists
     assert summary["sd_strict_m5"]["mismatches"] == 0 and summary["sd_strict"]["mismatches"] == 0
     assert summary["sd_strict_m5"]["target_tokens"] <= summary["sd_strict"]["target_tokens"] * 2  # sane counts
     assert "M (verified beams): 5,10" in out and "scope: level" in out
     rows = report["throughput"]
     assert {(r["batch"], r["method"]) for r in rows} == {
-        (b, m) for b in (1, 4) for m in ("beam", "sd_strict_m5", "sd_strict", "sd_relaxed_m5", "sd_relaxed")}
+        (b, m) for b in (1, 4)
+        for m in ("beam_tree", "beam", "sd_strict_m5", "sd_strict", "sd_relaxed_m5", "sd_relaxed")}
     for row in rows:
         assert row["lists"] == 5 and row["lists_per_s"] > 0
-        if row["method"].startswith("sd_strict"):
+        if row["method"].startswith("sd_strict") or row["method"] == "beam":
             assert row["mismatches"] == 0
     assert "lists per second" in out

@@ -158,6 +158,7 @@ def test_batched_relaxed_returns_valid_lists_and_consistent_counters(mode):
 
 def test_batched_hf_llama_strict_matches_beam_search():
     transformers = pytest.importorskip("transformers")
+    from atspeed_exp.decoding.tree import tree_beam_search
     from atspeed_exp.models.adapter import HFDecoderLM
 
     trie, _, _, vocab = make_trie(seed=9)
@@ -175,8 +176,10 @@ def test_batched_hf_llama_strict_matches_beam_search():
     for k, n, m, gamma, scope in [(3, 6, 3, 3, "vocab"), (5, 40, 10, 2, "level"), (10, 10, 10, 1, "level")]:
         ref = beam_search(target, ids, mask, trie, k, scope=scope)
         out = speculative_beam_search(target, draft, ids, mask, trie, k, n, gamma, verify_beams=m, scope=scope)
+        tree = tree_beam_search(target, ids, mask, trie, k, scope=scope)
         for row in range(5):
             assert same_list(one_user(out, row), one_user(ref, row)), (k, n, m, gamma, scope, row)
+            assert same_list(one_user(tree, row), one_user(ref, row)), (k, scope, row)
 
 
 def test_vocabulary_ending_at_a_short_last_block():
@@ -193,3 +196,19 @@ def test_vocabulary_ending_at_a_short_last_block():
         if mode == "strict":
             for row in range(4):
                 assert same_list(one_user(out, row), one_user(ref, row))
+
+
+@pytest.mark.parametrize("scope", ["vocab", "level"])
+def test_tree_beam_search_equals_beam_search(scope):
+    from atspeed_exp.decoding.tree import tree_beam_search
+
+    for seed, level_sizes in ((0, (6, 5, 5, 4)), (5, (2, 4, 4, 4))):
+        trie, _, _, vocab = make_trie(num_items=50, level_sizes=level_sizes, num_collisions=2, seed=seed)
+        model = ToyLM(vocab, seed=seed)
+        ids, mask = left_pad(random_prompts(6, vocab, min_len=2, max_len=12, seed=seed), pad_id=0)
+        for k in (1, 3, 10, 20):
+            ref = beam_search(model, ids, mask, trie, k, scope=scope)
+            out = tree_beam_search(model, ids, mask, trie, k, scope=scope)
+            assert out.model_calls == ref.model_calls == trie.num_levels
+            for row in range(6):
+                assert same_list(one_user(out, row), one_user(ref, row)), (seed, k, row)

@@ -29,7 +29,7 @@ Contract (B users per call, each with its own tree, acceptance and depth; see "B
 - Both relaxed modes need an explicit ``torch.Generator``; lists are ranked by target cumulative log-prob.
 - Each model keeps ONE cache row per user holding the prompt and a token tree. A beam is a bool visibility vector over
   that row (prompt + its own fed ancestors), its pending (not yet fed) tokens and the position id of the first one;
-  every call appends tokens whose mask rows come from those vectors (``_Call``: the tree mask), so nothing is copied
+  every call appends tokens whose mask rows come from those vectors (``tree.TreeCall``: the tree mask), so nothing is copied
   while drafting; after a round both caches are pruned with ``gather_cache`` to the kept beams' paths.
 
 - ``verify_beams`` M (K <= M <= N): the target verifies only the draft's first M beams per depth (best first in
@@ -72,6 +72,7 @@ from atspeed_exp.decoding.beam_search import (
     select_top_k,
 )
 from atspeed_exp.decoding.protocol import DecoderLM
+from atspeed_exp.decoding.tree import TreeCall, take_beams, widen
 from atspeed_exp.decoding.trie import ItemTrie
 
 MODES = ("strict", "relaxed", "relaxed_exact")
@@ -129,18 +130,6 @@ class SpeculativeOutput:
 
 
 # -- small helpers on (B, beams, ...) tensors ----------------------------------------------------------------------
-def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows ``index`` ``[B, M']`` of ``x`` ``[B, M, *rest]`` -> ``[B, M', *rest]``."""
-    view = index.reshape(*index.shape, *([1] * (x.dim() - 2)))
-    return x.gather(1, view.expand(*index.shape, *x.shape[2:]))
-
-
-def _widen(visible: torch.Tensor, width: int) -> torch.Tensor:
-    """Pad a visibility ``[..., w]`` with False up to ``width`` keys (keys appended after it was built)."""
-    missing = width - visible.shape[-1]
-    return visible if missing == 0 else torch.cat([visible, visible.new_zeros(*visible.shape[:-1], missing)], -1)
-
-
 def _gumbel(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
     uniform = torch.rand(shape, generator=generator, device=generator.device).to(device)
     return -torch.log(-torch.log(uniform.clamp(min=torch.finfo(uniform.dtype).tiny)))
@@ -370,55 +359,6 @@ class _Level:
     target_log_probs: torch.Tensor | None = None  # [B, M, S] the target's next-level log-probs at this node
 
 
-class _Call:
-    """Assembles the queries of one model call: blocks of chains of tokens, each chain attending to its beam's
-    visible cache columns, to the earlier valid tokens of its own chain and to itself (tree attention). Void
-    tokens (padding, dead beams, levels a user does not need) are fed but seen by nobody and not counted."""
-
-    def __init__(self, cache_len: int, device: torch.device) -> None:
-        self.width, self.device = cache_len, device
-        self.ids: list[torch.Tensor] = []
-        self.positions: list[torch.Tensor] = []
-        self.rows: list[torch.Tensor] = []
-        self.valid: list[torch.Tensor] = []
-
-    @property
-    def num_queries(self) -> int:
-        return sum(ids.shape[1] for ids in self.ids)
-
-    def valid_counts(self) -> torch.Tensor:
-        """Real (non-void) tokens of this call per batch row ``[B]``."""
-        return torch.cat(self.valid, 1).sum(1)
-
-    def add(
-        self, visible: torch.Tensor, tokens: torch.Tensor, start: torch.Tensor, valid: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """visible ``[B, M, w <= width]``, tokens ``[B, M, p]`` (a chain per beam), start ``[B, M]`` position of
-        each chain's first slot, valid ``[B, M, p]``. Returns the beams' visibility once the chain is fed
-        ``[B, M, width']`` and the query index of each chain's last token ``[M]``."""
-        batch, beams, length = tokens.shape
-        visible = _widen(visible, self.width)
-        eye = torch.eye(beams, dtype=torch.bool, device=self.device)
-        causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
-        own = (eye[:, None, :, None] & causal[None, :, None, :]).reshape(beams, length, beams * length)  # [M, p, M*p]
-        own = own[None] & valid.reshape(batch, 1, 1, beams * length)  # void keys hidden
-        rows = torch.cat([visible[:, :, None].expand(-1, -1, length, -1), own], dim=-1)  # [B, M, p, width + M*p]
-        last = self.num_queries + torch.arange(beams, device=self.device) * length + length - 1
-        self.ids.append(tokens.reshape(batch, beams * length))
-        positions = (start[:, :, None] + torch.arange(length, device=self.device)).clamp(min=0)
-        self.positions.append(positions.reshape(batch, -1))
-        self.rows.append(rows.reshape(batch, beams * length, -1))
-        self.valid.append(valid.reshape(batch, beams * length))
-        self.width += beams * length
-        return rows[:, :, -1], last
-
-    def hidden(self, model: DecoderLM, cache: Any) -> tuple[torch.Tensor, Any]:
-        rows = torch.cat([_widen(r, self.width) for r in self.rows], dim=1)  # [B, q, width]
-        return model.hidden(
-            torch.cat(self.ids, 1), torch.cat(self.positions, 1), additive(rows[:, None], model.dtype), cache
-        )
-
-
 class _Timer:
     def __init__(self, stats: SpeculativeStats, device: torch.device, profile: bool) -> None:
         self.stats, self.sync = stats, profile and device.type == "cuda"
@@ -444,7 +384,7 @@ def _pick(tensors: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
     width = max(t.shape[1] for t in tensors)
     if tensors[0].dtype == torch.bool and tensors[0].dim() == 3:
         last = max(t.shape[2] for t in tensors)
-        tensors = [_widen(t, last) for t in tensors]
+        tensors = [widen(t, last) for t in tensors]
     padded = []
     for t in tensors:
         if t.shape[1] < width:
@@ -468,17 +408,17 @@ def _child(
     users with ``valid`` False get a void (dead) level."""
     num_levels = trie.num_levels
     alive = torch.isfinite(scores) if valid is None else torch.isfinite(scores) & valid[:, None]
-    nodes = trie.global_advance(_take(prev.nodes, parent), codes)
+    nodes = trie.global_advance(take_beams(prev.nodes, parent), codes)
     nodes = torch.where(alive, nodes, trie.global_dead[(depth + 1).clamp(max=num_levels + 1)][:, None])
     start = trie.block_starts[depth.clamp(max=num_levels - 1)][:, None]
     tokens = torch.where(alive, codes + start, start)  # a dead beam's code can lie past a short block's end
     column = torch.arange(num_levels, device=depth.device) == depth[:, None]  # [B, L]
-    sequences = torch.where(column[:, None, :], tokens[:, :, None], _take(prev.sequences, parent))
+    sequences = torch.where(column[:, None, :], tokens[:, :, None], take_beams(prev.sequences, parent))
     return _Level(
         sequences=sequences,
         nodes=nodes,
         draft_scores=scores.masked_fill(~alive, NEG_INF),
-        position=_take(prev.position, parent) + 1,
+        position=take_beams(prev.position, parent) + 1,
         token=tokens,
         parent=parent,
         codes=codes,
@@ -512,7 +452,7 @@ def _draft_phase(
     host_t, host_steps = host
     num_steps = max(host_steps)
     levels, cache = [root], view.cache
-    call = _Call(view.visible.shape[2], view.visible.device)
+    call = TreeCall(view.visible.shape[2], view.visible.device)
     root.draft_visible, last = call.add(
         view.visible, view.pending, view.position, view.pending_valid & (steps >= 1)[:, None, None]
     )
@@ -529,10 +469,10 @@ def _draft_phase(
         level = _child(prev, scores, parent, codes, trie, t + ell - 1, valid=steps >= ell)
         levels.append(level)
         if ell < num_steps:  # feed level ell to get the next level's distribution
-            call = _Call(call.width, view.visible.device)
+            call = TreeCall(call.width, view.visible.device)
             fed = torch.isfinite(level.draft_scores) & (steps > ell)[:, None]
             level.draft_visible, last = call.add(
-                _take(prev.draft_visible, parent), level.token[:, :, None], _take(prev.position, parent), fed[:, :, None]
+                take_beams(prev.draft_visible, parent), level.token[:, :, None], take_beams(prev.position, parent), fed[:, :, None]
             )
     return levels, cache, num_steps
 
@@ -551,20 +491,20 @@ def _verified_levels(levels: list[_Level], trie: ItemTrie, t: torch.Tensor, limi
         kept = ok & (ok.long().cumsum(1) <= limit)  # [B, N]
         order = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)[:, :limit]  # kept first, draft order
         alive = kept.gather(1, order)
-        parent = _take(level.parent, order)
+        parent = take_beams(level.parent, order)
         if position_prev is not None:
             parent = position_prev.gather(1, parent)
         dead = trie.global_dead[(t + ell).clamp(max=trie.num_levels + 1)][:, None]
         out.append(_Level(
-            sequences=_take(level.sequences, order),
-            nodes=torch.where(alive, _take(level.nodes, order), dead),
-            draft_scores=_take(level.draft_scores, order).masked_fill(~alive, NEG_INF),
-            position=_take(level.position, order),
-            token=_take(level.token, order),
+            sequences=take_beams(level.sequences, order),
+            nodes=torch.where(alive, take_beams(level.nodes, order), dead),
+            draft_scores=take_beams(level.draft_scores, order).masked_fill(~alive, NEG_INF),
+            position=take_beams(level.position, order),
+            token=take_beams(level.token, order),
             parent=parent.masked_fill(~alive, 0),
-            codes=_take(level.codes, order),
-            draft_visible=None if level.draft_visible is None else _take(level.draft_visible, order),
-            draft_log_probs=None if level.draft_log_probs is None else _take(level.draft_log_probs, order),
+            codes=take_beams(level.codes, order),
+            draft_visible=None if level.draft_visible is None else take_beams(level.draft_visible, order),
+            draft_log_probs=None if level.draft_log_probs is None else take_beams(level.draft_log_probs, order),
         ))
         batch, full = kept.shape
         slot = torch.where(alive, order, full)
@@ -588,14 +528,14 @@ def _verify_phase(
     (each token sees the prompt and its own ancestors) and position = parent position + 1; the target's
     next-level log-probs at every node, from the output projection of those rows only."""
     host_t, host_steps = host
-    call = _Call(view.visible.shape[2], view.visible.device)
+    call = TreeCall(view.visible.shape[2], view.visible.device)
     lasts = []
     levels[0].target_visible, last = call.add(view.visible, view.pending, view.position, view.pending_valid)
     lasts.append(last)
     for ell, (prev, level) in enumerate(zip(levels[:-1], levels[1:]), start=1):
         fed = torch.isfinite(level.draft_scores) & (steps >= ell)[:, None]
         level.target_visible, last = call.add(
-            _take(prev.target_visible, level.parent), level.token[:, :, None], _take(prev.position, level.parent),
+            take_beams(prev.target_visible, level.parent), level.token[:, :, None], take_beams(prev.position, level.parent),
             fed[:, :, None],
         )
         lasts.append(last)
@@ -637,7 +577,7 @@ def _accept_phase(
     for ell in range(1, num_steps + 2):
         prev = levels[ell - 1]
         alive = torch.isfinite(scores)
-        log_p = _take(prev.target_log_probs, ref).masked_fill(~alive[:, :, None], NEG_INF)  # [B, MA, S]
+        log_p = take_beams(prev.target_log_probs, ref).masked_fill(~alive[:, :, None], NEG_INF)  # [B, MA, S]
         size = log_p.shape[2]
         drafted = ell <= num_steps
         if drafted:
@@ -665,7 +605,7 @@ def _accept_phase(
             # to the continuations of the accepted beams and renormalised
             total = (scores[:, :, None] + log_p).reshape(batch, -1)  # [B, MA*S] target cumulative
             if drafted:
-                q = _take(prev.draft_scores, ref)[:, :, None] + _take(prev.draft_log_probs, ref)
+                q = take_beams(prev.draft_scores, ref)[:, :, None] + take_beams(prev.draft_log_probs, ref)
                 log_q = q.masked_fill(~alive[:, :, None], NEG_INF).reshape(batch, -1).log_softmax(1)
                 log_q = torch.where(torch.isnan(log_q), NEG_INF, log_q)  # users with nothing drafted here
             else:
@@ -678,7 +618,7 @@ def _accept_phase(
             accepted = taken == num_beams
         if drafted:
             accepted = accepted & (steps >= ell)
-        out.append(_Step(_take(ref, parent), codes, new_scores, accepted))
+        out.append(_Step(take_beams(ref, parent), codes, new_scores, accepted))
         ref, scores = match.long().argmax(2), new_scores  # the accepted beams' places in level l
     return out
 
@@ -813,7 +753,7 @@ def speculative_beam_search(
             )
             new = _child(base, new_scores, ref, codes, trie, t + accepted)
             alive = torch.isfinite(new_scores)
-            target_visible = _take(_pick([lv.target_visible for lv in levels], accepted), ref)
+            target_visible = take_beams(_pick([lv.target_visible for lv in levels], accepted), ref)
             keep_target = (target_visible & alive[:, :, None]).any(1)  # [B, C_t] columns a live beam sees
             if num_steps > 0:
                 # Draft view. accepted < d_b: the kept level was fed to the draft; only the new token is pending.
@@ -822,16 +762,16 @@ def speculative_beam_search(
                 fed_index = torch.where(short, accepted, steps - 1).clamp(min=0)
                 parents = _pick([lv.parent if lv.parent is not None else torch.zeros_like(lv.nodes)
                                  for lv in levels], accepted)
-                fed_ref = torch.where(short[:, None], ref, _take(parents, ref))
+                fed_ref = torch.where(short[:, None], ref, take_beams(parents, ref))
                 fed_visible = _pick([lv.draft_visible for lv in levels[:num_steps]], fed_index)
                 fed_position = _pick([lv.position for lv in levels[:num_steps]], fed_index)
-                draft_visible = _take(fed_visible, fed_ref)
+                draft_visible = take_beams(fed_visible, fed_ref)
                 keep_draft = (draft_visible & alive[:, :, None]).any(1)
                 new_t = t + accepted + 1
                 columns = torch.stack([(new_t - 2).clamp(min=0), new_t - 1], 1).clamp(max=num_levels - 1)  # [B, 2]
                 draft_pending = new.sequences.gather(2, columns[:, None, :].expand(-1, num_beams, -1))  # [B, K, 2]
                 draft_pending_valid = torch.stack([~short[:, None].expand_as(alive), alive], 2) & alive[:, :, None]
-                draft_position = _take(fed_position, fed_ref) - short[:, None].long()
+                draft_position = take_beams(fed_position, fed_ref) - short[:, None].long()
                 counts = torch.stack([accepted, keep_target.sum(1), keep_draft.sum(1)])
             else:
                 counts = torch.stack([accepted, keep_target.sum(1), keep_target.sum(1)])
@@ -863,13 +803,13 @@ def speculative_beam_search(
                 draft_cache = draft.reorder_cache(draft_cache, index)
                 new = _Level(new.sequences[index], new.nodes[index], new.draft_scores[index], new.position[index],
                              token=new.token[index])
-                alive, new_scores, base_position = alive[index], new_scores[index], _take(base.position, ref)[index]
+                alive, new_scores, base_position = alive[index], new_scores[index], take_beams(base.position, ref)[index]
                 target_visible, keep_target = target_visible[index], keep_target[index]
                 draft_visible, keep_draft = draft_visible[index], keep_draft[index]
                 draft_pending, draft_pending_valid = draft_pending[index], draft_pending_valid[index]
                 draft_position = draft_position[index]
             else:
-                base_position = _take(base.position, ref)
+                base_position = take_beams(base.position, ref)
             rows = [rows[i] for i in stay]
             host_t = [host_t[i] for i in stay]
             beams = _Beams(new.sequences, new_scores, new.nodes)
@@ -886,7 +826,7 @@ def speculative_beam_search(
             draft_view = _View(draft_cache, draft_visible, draft_pending, draft_pending_valid, draft_position)
 
     order = final_scores.argsort(dim=1, descending=True, stable=True)  # relaxed draws come unordered
-    scores, sequences = final_scores.gather(1, order), _take(final_sequences, order)
+    scores, sequences = final_scores.gather(1, order), take_beams(final_sequences, order)
     leaves = trie.global_leaves_to_local(final_nodes.gather(1, order))
     items, item_scores = expand_items(trie, leaves, scores, num_beams)
     lists.target_tokens = target_tokens.cpu().tolist()

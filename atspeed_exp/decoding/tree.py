@@ -1,0 +1,127 @@
+"""Tree attention over one cache row per user: the pieces beam search (``tree_beam_search``) and speculative beam
+search share. A beam is a bool visibility vector over its user's cache columns (the prompt and its own fed
+ancestors); a call appends chains of tokens whose attention rows come from those vectors, so beams never copy or
+reorder the cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from atspeed_exp.decoding.beam_search import (
+    BeamSearchOutput,
+    _advance,
+    additive,
+    causal_prefill_mask,
+    check_beam_settings,
+    expand_items,
+    level_scores,
+    prompt_positions,
+    select_top_k,
+)
+from atspeed_exp.decoding.protocol import DecoderLM
+from atspeed_exp.decoding.trie import ItemTrie
+
+
+def take_beams(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` ``[B, M']`` of ``x`` ``[B, M, *rest]`` -> ``[B, M', *rest]``."""
+    view = index.reshape(*index.shape, *([1] * (x.dim() - 2)))
+    return x.gather(1, view.expand(*index.shape, *x.shape[2:]))
+
+
+def widen(visible: torch.Tensor, width: int) -> torch.Tensor:
+    """Pad a visibility ``[..., w]`` with False up to ``width`` keys (keys appended after it was built)."""
+    missing = width - visible.shape[-1]
+    return visible if missing == 0 else torch.cat([visible, visible.new_zeros(*visible.shape[:-1], missing)], -1)
+
+
+class TreeCall:
+    """Assembles the queries of one model call: blocks of chains of tokens, each chain attending to its beam's
+    visible cache columns, to the earlier valid tokens of its own chain and to itself (tree attention). Void
+    tokens (padding, dead beams, levels a user does not need) are fed but seen by nobody and not counted."""
+
+    def __init__(self, cache_len: int, device: torch.device) -> None:
+        self.width, self.device = cache_len, device
+        self.ids: list[torch.Tensor] = []
+        self.positions: list[torch.Tensor] = []
+        self.rows: list[torch.Tensor] = []
+        self.valid: list[torch.Tensor] = []
+
+    @property
+    def num_queries(self) -> int:
+        return sum(ids.shape[1] for ids in self.ids)
+
+    def valid_counts(self) -> torch.Tensor:
+        """Real (non-void) tokens of this call per batch row ``[B]``."""
+        return torch.cat(self.valid, 1).sum(1)
+
+    def add(
+        self, visible: torch.Tensor, tokens: torch.Tensor, start: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """visible ``[B, M, w <= width]``, tokens ``[B, M, p]`` (a chain per beam), start ``[B, M]`` position of
+        each chain's first slot, valid ``[B, M, p]``. Returns the beams' visibility once the chain is fed
+        ``[B, M, width']`` and the query index of each chain's last token ``[M]``."""
+        batch, beams, length = tokens.shape
+        visible = widen(visible, self.width)
+        eye = torch.eye(beams, dtype=torch.bool, device=self.device)
+        causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
+        own = (eye[:, None, :, None] & causal[None, :, None, :]).reshape(beams, length, beams * length)  # [M, p, M*p]
+        own = own[None] & valid.reshape(batch, 1, 1, beams * length)  # void keys hidden
+        rows = torch.cat([visible[:, :, None].expand(-1, -1, length, -1), own], dim=-1)  # [B, M, p, width + M*p]
+        last = self.num_queries + torch.arange(beams, device=self.device) * length + length - 1
+        self.ids.append(tokens.reshape(batch, beams * length))
+        positions = (start[:, :, None] + torch.arange(length, device=self.device)).clamp(min=0)
+        self.positions.append(positions.reshape(batch, -1))
+        self.rows.append(rows.reshape(batch, beams * length, -1))
+        self.valid.append(valid.reshape(batch, beams * length))
+        self.width += beams * length
+        return rows[:, :, -1], last
+
+    def hidden(self, model: DecoderLM, cache: Any) -> tuple[torch.Tensor, Any]:
+        rows = torch.cat([widen(r, self.width) for r in self.rows], dim=1)  # [B, q, width]
+        return model.hidden(
+            torch.cat(self.ids, 1), torch.cat(self.positions, 1), additive(rows[:, None], model.dtype), cache
+        )
+
+
+@torch.inference_mode()
+def tree_beam_search(
+    model: DecoderLM,
+    prompt_ids: torch.Tensor,  # [B, P] left-padded
+    prompt_mask: torch.Tensor,  # [B, P] bool
+    trie: ItemTrie,
+    num_beams: int,
+    scope: str = "vocab",
+) -> BeamSearchOutput:
+    """The same lists as ``beam_search`` (up to float rounding), with ONE cache row per user: each step appends the
+    K beams' new tokens to their user's row with tree attention instead of keeping K copies of the prompt's cache and
+    reordering them. L calls; a step processes B*K tokens as in ``beam_search`` but never copies the cache, which is
+    what large batches pay for on memory-bound hardware (``beam_search`` replicates and reorders B*K rows)."""
+    check_beam_settings(trie, num_beams)
+    batch, prompt_width = prompt_ids.shape
+    device = prompt_ids.device
+    hidden, cache = model.hidden(
+        prompt_ids, prompt_positions(prompt_mask), causal_prefill_mask(prompt_mask, model.dtype), model.new_cache()
+    )
+    nodes = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the root
+    scores = torch.zeros(batch, 1, device=device)
+    log_probs, _ = level_scores(model, hidden[:, -1:], trie, nodes, [0], scope)
+    scores, parent, codes = select_top_k(scores, log_probs, num_beams)
+    nodes = _advance(trie, nodes, parent, codes, scores, 1)
+    visible = prompt_mask[:, None, :].expand(-1, num_beams, -1)  # [B, K, C]: every level-1 beam sees the prompt
+    position = prompt_mask.long().sum(1, keepdim=True).expand(-1, num_beams)  # [B, K] next position
+    sequences = (codes + trie.block(0)[0])[:, :, None]
+    calls, tokens = 1, batch * prompt_width
+    for depth in range(1, trie.num_levels):
+        call = TreeCall(visible.shape[2], device)
+        visible, last = call.add(visible, sequences[:, :, -1:], position, torch.isfinite(scores)[:, :, None])
+        hidden, cache = call.hidden(model, cache)
+        calls, tokens = calls + 1, tokens + batch * num_beams
+        log_probs, _ = level_scores(model, hidden[:, last], trie, nodes, [depth], scope)
+        scores, parent, codes = select_top_k(scores, log_probs, num_beams)
+        nodes = _advance(trie, nodes, parent, codes, scores, depth + 1)
+        visible, position = take_beams(visible, parent), take_beams(position, parent) + 1
+        sequences = torch.cat([take_beams(sequences, parent), (codes + trie.block(depth)[0])[:, :, None]], dim=2)
+    items, item_scores = expand_items(trie, trie.global_leaves_to_local(nodes), scores, num_beams)
+    return BeamSearchOutput(items, item_scores, sequences, scores, calls, tokens)
