@@ -2,7 +2,7 @@
 # The CPU performance tables of README "Performance" (issue 5): Beauty CPU-scale target (beauty_target) with its
 # AtSpeed-S (strict) and AtSpeed-R (relaxed) drafts (beauty_strict / beauty_relaxed runs), batch-1 latency over
 # gamma and M, then throughput at B in {1, 8, 32, 64} and all test users at K = 20. Run one at a time on a quiet
-# machine: ~25 min on the 2-core CPU. Outputs: results/cpu_perf/*.txt (printed tables) and *.json.
+# machine: ~20 min on the 2-core CPU. Outputs: results/cpu_perf/*.txt (printed tables) and *.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -17,12 +17,14 @@ bench() { local name=$1; shift; "$PY" benchmarks/bench_decoding.py --threads 2 -
     2> >(grep -v "Loading weights" >&2) | tee "$OUT/$name.txt"; }
 
 for gamma in 1 2 3; do
-  bench "strict_g$gamma" --target-dir "$TARGET" --draft-dir "$DRAFT_S" --methods beam,sd_strict --users "$USERS" \
+  bench "strict_g$gamma" --target-dir "$TARGET" --draft-dir "$DRAFT_S" --methods beam,beam_tree,sd_strict --users "$USERS" \
       --ks 5,10,20 --draft-beams 40 --verify-beams 20,30,40 --gamma "$gamma" --repeats 3
-  bench "relaxed_g$gamma" --target-dir "$TARGET" --draft-dir "$DRAFT_R" --methods beam,sd_relaxed --users "$USERS" \
+  bench "relaxed_g$gamma" --target-dir "$TARGET" --draft-dir "$DRAFT_R" --methods beam,beam_tree,sd_relaxed --users "$USERS" \
       --ks 5,10,20 --draft-beams 40 --verify-beams 20,30,40 --gamma "$gamma" --repeats 3
 done
-bench throughput_k10 --target-dir "$TARGET" --draft-dir "$DRAFT_S" --methods beam,sd_strict --users 512 --ks 10 \
-    --draft-beams 40 --gamma 1 --batch-sizes 1,8,32,64 --skip-latency
-bench all_users_k20 --target-dir "$TARGET" --draft-dir "$DRAFT_S" --methods beam,sd_strict --users 0 --ks 20 \
+bench throughput_k10 --target-dir "$TARGET" --draft-dir "$DRAFT_S" --methods beam,beam_tree,sd_strict --users 512 \
+    --ks 10 --draft-beams 40 --gamma 1 --batch-sizes 1,8,32,64 --skip-latency
+bench throughput_k10_relaxed --target-dir "$TARGET" --draft-dir "$DRAFT_R" --methods beam_tree,sd_relaxed --users 512 \
+    --ks 10 --draft-beams 40 --verify-beams 20 --gamma 1 --batch-sizes 1,8,32,64 --skip-latency
+bench all_users_k20 --target-dir "$TARGET" --draft-dir "$DRAFT_S" --methods beam,beam_tree,sd_strict --users 0 --ks 20 \
     --draft-beams 40 --gamma 1 --batch-sizes 64 --skip-latency
