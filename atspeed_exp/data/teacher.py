@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from atspeed_exp.decoding.beam_search import beam_search, causal_prefill_mask, left_pad, prompt_positions
+from atspeed_exp.decoding.beam_search import causal_prefill_mask, left_pad, prompt_positions
+from atspeed_exp.decoding.tree import tree_beam_search
 from atspeed_exp.decoding.protocol import DecoderLM
 from atspeed_exp.decoding.trie import ItemTrie
 
@@ -128,8 +129,8 @@ def generate_teacher_data(
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
             ids, mask = left_pad([torch.tensor(prompts[i], dtype=torch.long) for i in batch], pad_id)
-            out = beam_search(target, ids.to(target.device), mask.to(target.device), trie, num_beams,
-                              record_logits=True)
+            out = tree_beam_search(target, ids.to(target.device), mask.to(target.device), trie, num_beams,
+                                   record_logits=True)
             part = {
                 "sequences": out.sequences.int().cpu(),
                 "scores": out.sequence_scores.float().cpu(),

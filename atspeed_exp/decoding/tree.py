@@ -12,6 +12,8 @@ import torch
 from atspeed_exp.decoding.beam_search import (
     BeamSearchOutput,
     _advance,
+    _backtrack_records,
+    _level_record,
     additive,
     causal_prefill_mask,
     check_beam_settings,
@@ -93,11 +95,13 @@ def tree_beam_search(
     trie: ItemTrie,
     num_beams: int,
     scope: str = "vocab",
+    record_logits: bool = False,
 ) -> BeamSearchOutput:
     """The same lists as ``beam_search`` (up to float rounding), with ONE cache row per user: each step appends the
     K beams' new tokens to their user's row with tree attention instead of keeping K copies of the prompt's cache and
     reordering them. L calls; a step processes B*K tokens as in ``beam_search`` but never copies the cache, which is
-    what large batches pay for on memory-bound hardware (``beam_search`` replicates and reorders B*K rows)."""
+    what large batches pay for on memory-bound hardware (``beam_search`` replicates and reorders B*K rows).
+    ``record_logits``: as in ``beam_search`` (teacher data)."""
     check_beam_settings(trie, num_beams)
     batch, prompt_width = prompt_ids.shape
     device = prompt_ids.device
@@ -106,8 +110,13 @@ def tree_beam_search(
     )
     nodes = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the root
     scores = torch.zeros(batch, 1, device=device)
-    log_probs, _ = level_scores(model, hidden[:, -1:], trie, nodes, [0], scope)
+    recorded: list[tuple[torch.Tensor, torch.Tensor]] = []  # per depth: (level logits, normaliser) of all beams
+    parents: list[torch.Tensor] = []
+    log_probs, record = level_scores(model, hidden[:, -1:], trie, nodes, [0], scope, record_logits)
+    if record is not None:
+        recorded.append(_level_record(record, trie, 0))
     scores, parent, codes = select_top_k(scores, log_probs, num_beams)
+    parents.append(parent)
     nodes = _advance(trie, nodes, parent, codes, scores, 1)
     visible = prompt_mask[:, None, :].expand(-1, num_beams, -1)  # [B, K, C]: every level-1 beam sees the prompt
     position = prompt_mask.long().sum(1, keepdim=True).expand(-1, num_beams)  # [B, K] next position
@@ -118,10 +127,17 @@ def tree_beam_search(
         visible, last = call.add(visible, sequences[:, :, -1:], position, torch.isfinite(scores)[:, :, None])
         hidden, cache = call.hidden(model, cache)
         calls, tokens = calls + 1, tokens + batch * num_beams
-        log_probs, _ = level_scores(model, hidden[:, last], trie, nodes, [depth], scope)
+        log_probs, record = level_scores(model, hidden[:, last], trie, nodes, [depth], scope, record_logits)
+        if record is not None:
+            recorded.append(_level_record(record, trie, depth))
         scores, parent, codes = select_top_k(scores, log_probs, num_beams)
+        parents.append(parent)
         nodes = _advance(trie, nodes, parent, codes, scores, depth + 1)
         visible, position = take_beams(visible, parent), take_beams(position, parent) + 1
         sequences = torch.cat([take_beams(sequences, parent), (codes + trie.block(depth)[0])[:, :, None]], dim=2)
     items, item_scores = expand_items(trie, trie.global_leaves_to_local(nodes), scores, num_beams)
-    return BeamSearchOutput(items, item_scores, sequences, scores, calls, tokens)
+    output = BeamSearchOutput(items, item_scores, sequences, scores, calls, tokens)
+    if record_logits:  # top-K selection leaves the final beams best first: the identity order
+        order = torch.arange(num_beams, device=device).expand(batch, -1)
+        output.level_logits, output.full_logsumexp = _backtrack_records(recorded, parents, order)
+    return output
