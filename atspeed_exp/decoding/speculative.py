@@ -378,13 +378,16 @@ class _Timer:
 
 
 # -- helpers over the levels of a round ----------------------------------------------------------------------------
-def _pick(tensors: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
-    """Per user b, ``tensors[index[b]][b]``: the tensors ``[B, M_i, ...]`` are padded to a common M (and, for bool
-    visibilities, a common last dim) and stacked; returns ``[B, max M, ...]``."""
-    width = max(t.shape[1] for t in tensors)
+def _pick(tensors: list[torch.Tensor], index: torch.Tensor, host: list[int]) -> torch.Tensor:
+    """Per user b, ``tensors[index[b]][b]`` (``host``: the same indices on the host). Bool visibilities ``[B, M, C_i]``
+    are widened to the longest C. When every user picks the same level (always at B = 1) that level is returned as
+    is; otherwise the tensors are padded to a common M and stacked, and the result is ``[B, max M, ...]``."""
     if tensors[0].dtype == torch.bool and tensors[0].dim() == 3:
         last = max(t.shape[2] for t in tensors)
         tensors = [widen(t, last) for t in tensors]
+    if len(set(host)) == 1:
+        return tensors[host[0]]
+    width = max(t.shape[1] for t in tensors)
     padded = []
     for t in tensors:
         if t.shape[1] < width:
@@ -685,7 +688,7 @@ def speculative_beam_search(
     timer = _Timer(stats, target.device, profile)
     device = prompt_ids.device
     num_levels = trie.num_levels
-    batch, width = prompt_ids.shape
+    batch, prompt_width = prompt_ids.shape
 
     # per list, by original row: host counters (known after each round's sync) and device token counters
     lists = ListStats.zeros(batch)
@@ -703,7 +706,7 @@ def speculative_beam_search(
     # Round 1: one beam per user with empty caches whose pending chain is the (left-padded) prompt, so the first
     # verify call is also the target's prefill.
     empty = torch.zeros(batch, 1, 0, dtype=torch.bool, device=device)
-    first_position = (prompt_mask.long().sum(1) - width)[:, None]  # void padding slots get positions < 0
+    first_position = (prompt_mask.long().sum(1) - prompt_width)[:, None]  # void padding slots get positions < 0
     target_view = _View(target.new_cache(), empty, prompt_ids[:, None], prompt_mask[:, None], first_position)
     draft_view = _View(draft.new_cache(), empty, prompt_ids[:, None], prompt_mask[:, None], first_position)
 
@@ -739,32 +742,35 @@ def speculative_beam_search(
             if num_steps > 0:
                 flags = torch.stack([s.accepted for s in out[:num_steps]], 1)  # [B, D]
                 accepted = flags.long().cumprod(1).sum(1)  # [B] leading accepted depths
+                host_accepted = accepted.tolist()  # the round's one host sync: the next round's shape depends on it
             else:
                 accepted = torch.zeros(len(rows), dtype=torch.long, device=device)
+                host_accepted = [0] * len(rows)
             # the target's beams at depth t + accepted + 1, from logits it already has
-            ref = _pick([s.ref for s in out], accepted)
-            codes = _pick([s.codes for s in out], accepted)
-            new_scores = _pick([s.scores for s in out], accepted)
+            ref = _pick([s.ref for s in out], accepted, host_accepted)
+            codes = _pick([s.codes for s in out], accepted, host_accepted)
+            new_scores = _pick([s.scores for s in out], accepted, host_accepted)
             base = _Level(  # the level their parents are in
-                sequences=_pick([lv.sequences for lv in levels], accepted),
-                nodes=_pick([lv.nodes for lv in levels], accepted),
+                sequences=_pick([lv.sequences for lv in levels], accepted, host_accepted),
+                nodes=_pick([lv.nodes for lv in levels], accepted, host_accepted),
                 draft_scores=new_scores,
-                position=_pick([lv.position for lv in levels], accepted),
+                position=_pick([lv.position for lv in levels], accepted, host_accepted),
             )
             new = _child(base, new_scores, ref, codes, trie, t + accepted)
             alive = torch.isfinite(new_scores)
-            target_visible = take_beams(_pick([lv.target_visible for lv in levels], accepted), ref)
+            target_visible = take_beams(_pick([lv.target_visible for lv in levels], accepted, host_accepted), ref)
             keep_target = (target_visible & alive[:, :, None]).any(1)  # [B, C_t] columns a live beam sees
             if num_steps > 0:
                 # Draft view. accepted < d_b: the kept level was fed to the draft; only the new token is pending.
                 # accepted == d_b: level d_b was never fed, so its token and the new one are pending.
                 short = accepted < steps  # [B]
+                host_fed = [a if a < d else max(d - 1, 0) for a, d in zip(host_accepted, host_steps)]
                 fed_index = torch.where(short, accepted, steps - 1).clamp(min=0)
                 parents = _pick([lv.parent if lv.parent is not None else torch.zeros_like(lv.nodes)
-                                 for lv in levels], accepted)
+                                 for lv in levels], accepted, host_accepted)
                 fed_ref = torch.where(short[:, None], ref, take_beams(parents, ref))
-                fed_visible = _pick([lv.draft_visible for lv in levels[:num_steps]], fed_index)
-                fed_position = _pick([lv.position for lv in levels[:num_steps]], fed_index)
+                fed_visible = _pick([lv.draft_visible for lv in levels[:num_steps]], fed_index, host_fed)
+                fed_position = _pick([lv.position for lv in levels[:num_steps]], fed_index, host_fed)
                 draft_visible = take_beams(fed_visible, fed_ref)
                 keep_draft = (draft_visible & alive[:, :, None]).any(1)
                 new_t = t + accepted + 1
@@ -772,10 +778,6 @@ def speculative_beam_search(
                 draft_pending = new.sequences.gather(2, columns[:, None, :].expand(-1, num_beams, -1))  # [B, K, 2]
                 draft_pending_valid = torch.stack([~short[:, None].expand_as(alive), alive], 2) & alive[:, :, None]
                 draft_position = take_beams(fed_position, fed_ref) - short[:, None].long()
-                counts = torch.stack([accepted, keep_target.sum(1), keep_draft.sum(1)])
-            else:
-                counts = torch.stack([accepted, keep_target.sum(1), keep_target.sum(1)])
-            host_accepted, count_target, count_draft = counts.tolist()  # the round's one host sync
 
             # bookkeeping per list; lists that reached depth L leave the working batch
             target_tokens.index_add_(0, row_index, work_target_tokens)
@@ -814,14 +816,16 @@ def speculative_beam_search(
             host_t = [host_t[i] for i in stay]
             beams = _Beams(new.sequences, new_scores, new.nodes)
 
-            # prune both caches to the columns some live beam sees (per user; padded to the longest). Without
-            # pruning, rejected branches stay in the caches, hidden by the masks: later calls attend over more
-            # columns, but a round saves a gather per layer (what pays depends on the device and the depth).
+            # prune both caches to the columns some live beam sees. Their number is bounded on the host without a
+            # sync: the prompt's columns plus K paths of t - 1 fed tokens; users keeping fewer are padded with
+            # columns nobody sees. Without pruning, rejected branches stay in the caches, hidden by the masks:
+            # later calls attend over more columns, but a round saves a gather per layer.
             if prune:
+                bound = prompt_width + num_beams * (max(host_t) - 1)
                 target_cache, target_visible = _prune(target, target_cache, target_visible, keep_target,
-                                                      max(count_target[i] for i in stay))
+                                                      min(bound, target_visible.shape[2]))
                 draft_cache, draft_visible = _prune(draft, draft_cache, draft_visible, keep_draft,
-                                                    max(count_draft[i] for i in stay))
+                                                    min(bound, draft_visible.shape[2]))
             target_view = _View(target_cache, target_visible, new.token[:, :, None], alive[:, :, None], base_position)
             draft_view = _View(draft_cache, draft_visible, draft_pending, draft_pending_valid, draft_position)
 
@@ -841,7 +845,7 @@ def speculative_beam_search(
 def _prune(
     model: DecoderLM, cache: Any, visible: torch.Tensor, keep: torch.Tensor, width: int
 ) -> tuple[Any, torch.Tensor]:
-    """Keep, per user, the cache columns in ``keep`` ``[B, C]`` (``width`` = the most any user keeps; shorter rows
+    """Keep, per user, the cache columns in ``keep`` ``[B, C]`` (``width`` >= the most any user keeps; shorter rows
     are padded with columns nobody sees) and compact the visibilities ``[B, K, C]`` to them."""
     columns = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]  # kept columns first, in order
     visible = visible.gather(2, columns[:, None, :].expand(-1, visible.shape[1], -1))
