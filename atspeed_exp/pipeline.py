@@ -212,8 +212,14 @@ def target_id(target_dir: Path) -> str:
     return f"{target_dir.name}:{weights_fingerprint(target_dir / 'model')}"
 
 
+# teacher settings that change how the data is made, not what it is (strict SD returns the target's own beams)
+TEACHER_SPEED_KEYS = ("draft_dir", "draft_beams", "draft_gamma")
+
+
 def teacher_stage_dir(cfg: DictConfig, target_dir: Path) -> Path:
-    return Path(cfg.paths.artifacts_dir) / "teacher" / f"{target_dir.name}-{stage_key(cfg.teacher)}"
+    settings = {k: v for k, v in OmegaConf.to_container(cfg.teacher, resolve=True).items()
+                if k not in TEACHER_SPEED_KEYS}
+    return Path(cfg.paths.artifacts_dir) / "teacher" / f"{target_dir.name}-{stage_key(settings)}"
 
 
 def make_teacher(cfg: DictConfig, target_dir: Path, data: RecData) -> Path:
@@ -223,6 +229,13 @@ def make_teacher(cfg: DictConfig, target_dir: Path, data: RecData) -> Path:
         log.info("teacher stage: reusing %s", stage_dir)
         return stage_dir
     target = load_target(target_dir, eval_device(cfg))
+    draft = None
+    if cfg.teacher.get("draft_dir"):
+        draft_dir = Path(cfg.teacher.draft_dir)
+        if not (draft_dir / "model").is_dir():
+            raise FileNotFoundError(f"teacher.draft_dir={str(draft_dir)!r}: expected a draft stage dir holding model/")
+        draft = load_target(draft_dir, eval_device(cfg))
+        log.info("teacher stage: beams by strict speculative beam search with the draft %s", draft_dir)
     trie = data.trie().to(target.device)
     start = time.perf_counter()
     for split, limit in (("train", cfg.teacher.max_examples), ("valid", cfg.teacher.max_val_examples)):
@@ -230,7 +243,8 @@ def make_teacher(cfg: DictConfig, target_dir: Path, data: RecData) -> Path:
         generate_teacher_data(
             target, encoded.prompts, trie, stage_dir / split, target_id(target_dir),
             num_beams=cfg.teacher.num_beams, shard_size=cfg.teacher.shard_size, batch_size=cfg.teacher.batch_size,
-            pad_id=data.pad_id, responses=encoded.responses,
+            pad_id=data.pad_id, responses=encoded.responses, draft=draft,
+            draft_beams=cfg.teacher.get("draft_beams", 40), gamma=cfg.teacher.get("draft_gamma", 3),
         )
     write_json_atomic(stage_dir / STAGE_FILE, {
         "stage": "teacher",

@@ -178,3 +178,14 @@ def test_config_slurm_launcher_composes(tmp_path):
                       return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert cfg.hydra.launcher.gpus_per_node == 1
+
+
+def test_teacher_stage_key_ignores_how_the_beams_are_made(tmp_path):
+    # teacher.draft_dir (strict SD with an earlier draft) changes the speed, not the data: same stage dir
+    base = compose_config(tiny_overrides(tmp_path))
+    with_draft = compose_config(tiny_overrides(tmp_path) + [f"teacher.draft_dir={tmp_path / 'some_draft'}",
+                                                            "teacher.draft_beams=20", "teacher.draft_gamma=2"])
+    target_dir = tmp_path / "artifacts" / "target" / "synthetic-abc"
+    assert pipeline.teacher_stage_dir(base, target_dir) == pipeline.teacher_stage_dir(with_draft, target_dir)
+    other = compose_config(tiny_overrides(tmp_path) + ["teacher.num_beams=5"])
+    assert pipeline.teacher_stage_dir(other, target_dir) != pipeline.teacher_stage_dir(base, target_dir)

@@ -212,3 +212,26 @@ def test_tree_beam_search_equals_beam_search(scope):
             assert out.model_calls == ref.model_calls == trie.num_levels
             for row in range(6):
                 assert same_list(one_user(out, row), one_user(ref, row)), (seed, k, row)
+
+
+def test_strict_record_logits_equal_beam_search_records():
+    # teacher data made with a draft: the target's level logits at every final beam's prefixes, gathered across
+    # rounds and ragged users, equal those the target-only beam search records
+    trie, _, _, vocab = make_trie(num_items=60, num_collisions=2, seed=17)
+    target = ToyLM(vocab, seed=17)
+    draft = noisy_copy(target, vocab, 0.8, 18)
+    ids, mask = left_pad(random_prompts(6, vocab, min_len=2, max_len=12, seed=17), pad_id=0)
+    ragged = False
+    for k, n, m, gamma in ((5, 10, 10, 3), (10, 40, 20, 2), (10, 40, 40, 1), (3, 6, 4, 3)):
+        ref = beam_search(target, ids, mask, trie, k, record_logits=True)
+        out = speculative_beam_search(target, draft, ids, mask, trie, k, n, gamma, verify_beams=m,
+                                      record_logits=True)
+        assert torch.equal(out.sequences, ref.sequences)
+        ragged |= len(set(out.lists.rounds)) > 1
+        torch.testing.assert_close(out.full_logsumexp, ref.full_logsumexp, atol=1e-4, rtol=0)
+        for depth in range(trie.num_levels):
+            torch.testing.assert_close(out.level_logits[depth], ref.level_logits[depth], atol=1e-4, rtol=0)
+    assert ragged  # users finished after different numbers of rounds
+    with pytest.raises(ValueError, match="record_logits needs mode='strict'"):
+        speculative_beam_search(target, draft, ids, mask, trie, 5, 10, 3, mode="relaxed", record_logits=True,
+                                generator=torch.Generator())

@@ -103,3 +103,18 @@ def test_teacher_data_ground_truth_logits_match_teacher_forcing(tmp_path):
             start, end = trie.block(depth)
             expected = full[len(prompts[index]) - 1 + depth, start:end]
             torch.testing.assert_close(data.tensors[f"gt_logits_{depth}"][index].float(), expected, atol=2e-2, rtol=1e-3)
+
+
+def test_teacher_data_made_with_a_draft_equals_target_only(tmp_path):
+    trie, vocab, prompts = _setup()
+    target, draft = ToyLM(vocab, seed=2), ToyLM(vocab, seed=3)
+    responses = [[trie.block(d)[0] + 1 for d in range(4)] for _ in prompts]
+    generate_teacher_data(target, prompts, trie, tmp_path / "plain", "toy-2", num_beams=5, shard_size=8,
+                          batch_size=4, progress=False, responses=responses)
+    generate_teacher_data(target, prompts, trie, tmp_path / "sd", "toy-2", num_beams=5, shard_size=8,
+                          batch_size=4, progress=False, responses=responses, draft=draft, draft_beams=10, gamma=2)
+    plain = load_teacher_data(tmp_path / "plain", target_id="toy-2", num_beams=5)
+    sd = load_teacher_data(tmp_path / "sd", target_id="toy-2", num_beams=5)
+    assert set(plain.tensors) == set(sd.tensors)
+    for key, value in plain.tensors.items():
+        torch.testing.assert_close(sd.tensors[key].float(), value.float(), atol=2e-2, rtol=1e-3, msg=key)

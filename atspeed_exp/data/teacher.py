@@ -31,8 +31,9 @@ import torch
 from tqdm.auto import tqdm
 
 from atspeed_exp.decoding.beam_search import causal_prefill_mask, left_pad, prompt_positions
-from atspeed_exp.decoding.tree import tree_beam_search
 from atspeed_exp.decoding.protocol import DecoderLM
+from atspeed_exp.decoding.speculative import speculative_beam_search
+from atspeed_exp.decoding.tree import tree_beam_search
 from atspeed_exp.decoding.trie import ItemTrie
 
 MANIFEST = "manifest.json"
@@ -98,10 +99,17 @@ def generate_teacher_data(
     pad_id: int = 0,
     progress: bool = True,
     responses: list[list[int]] | None = None,
+    draft: DecoderLM | None = None,
+    draft_beams: int = 40,
+    gamma: int = 3,
 ) -> Path:
     """Run the target's constrained beam search over ``prompts`` and store the teacher data (see module docstring).
     ``responses``: each example's true SID token ids (at least L), to store the target at the true positions too.
-    Resumes: shards already on disk are kept. Returns the directory."""
+    Resumes: shards already on disk are kept. Returns the directory.
+    With ``draft`` (e.g. a draft aligned earlier, when teacher data is remade for more examples), the beams come
+    from batched strict speculative beam search, which returns the target's own beams and the target's logits at
+    their prefixes with fewer target calls; the data equals the target-only run's up to float rounding, so the
+    manifest does not record it."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     manifest = {
@@ -129,8 +137,12 @@ def generate_teacher_data(
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
             ids, mask = left_pad([torch.tensor(prompts[i], dtype=torch.long) for i in batch], pad_id)
-            out = tree_beam_search(target, ids.to(target.device), mask.to(target.device), trie, num_beams,
-                                   record_logits=True)
+            ids, mask = ids.to(target.device), mask.to(target.device)
+            if draft is None:
+                out = tree_beam_search(target, ids, mask, trie, num_beams, record_logits=True)
+            else:
+                out = speculative_beam_search(target, draft, ids, mask, trie, num_beams, draft_beams, gamma,
+                                              record_logits=True)
             part = {
                 "sequences": out.sequences.int().cpu(),
                 "scores": out.sequence_scores.float().cpu(),

@@ -127,6 +127,9 @@ class SpeculativeOutput:
     sequence_scores: torch.Tensor  # [B, K] float
     stats: SpeculativeStats
     lists: ListStats
+    # with record_logits (strict mode): as BeamSearchOutput's, for teacher data made with a draft
+    level_logits: list[torch.Tensor] | None = None  # per depth t: [B, K, S_t] raw level logits at each beam's prefix
+    full_logsumexp: torch.Tensor | None = None  # [B, K, L] their normalisers
 
 
 # -- small helpers on (B, beams, ...) tensors ----------------------------------------------------------------------
@@ -357,6 +360,7 @@ class _Level:
     draft_log_probs: torch.Tensor | None = None  # [B, M, S] the draft's next-level log-probs (fed levels only)
     target_visible: torch.Tensor | None = None  # [B, M, C_t] after the verify call
     target_log_probs: torch.Tensor | None = None  # [B, M, S] the target's next-level log-probs at this node
+    target_record: tuple[torch.Tensor, torch.Tensor] | None = None  # (raw level logits [B, M, S], normaliser [B, M])
 
 
 class _Timer:
@@ -526,6 +530,7 @@ def _verify_phase(
     host: tuple[list[int], list[int]],
     scope: str,
     target_tokens: torch.Tensor,
+    record: bool = False,
 ) -> Any:
     """ONE target call over the current beams' pending tokens and every drafted level, with tree attention
     (each token sees the prompt and its own ancestors) and position = parent position + 1; the target's
@@ -546,7 +551,9 @@ def _verify_phase(
     target_tokens += call.valid_counts()
     for ell, (level, last) in enumerate(zip(levels, lasts)):
         depths = _depths(host_t, host_steps, ell)
-        level.target_log_probs, _ = level_scores(target, hidden[:, last], trie, level.nodes, depths, scope)
+        level.target_log_probs, level.target_record = level_scores(
+            target, hidden[:, last], trie, level.nodes, depths, scope, record
+        )
     return cache
 
 
@@ -679,9 +686,12 @@ def speculative_beam_search(
     scope: str = "vocab",  # normaliser of level log-probs (beam_search.level_scores)
     profile: bool = False,  # on CUDA: synchronise at phase boundaries so the phase times are right
     prune: bool = True,  # drop cache columns no live beam sees after each round (False: keep them, masked)
+    record_logits: bool = False,  # strict: also the target's level logits at each final beam's prefixes (teacher)
 ) -> SpeculativeOutput:
     """Top-K items of each of B prompts by speculative beam search (see module docstring)."""
     verify_beams = draft_beams if verify_beams is None else verify_beams
+    if record_logits and mode != "strict":
+        raise ValueError(f"record_logits needs mode='strict' (the target's own beams), got mode={mode!r}")
     _check_settings(trie, prompt_ids, prompt_mask, num_beams, draft_beams, verify_beams, gamma, mode, generator, scope)
     start = time.perf_counter()
     stats = SpeculativeStats()
@@ -697,6 +707,11 @@ def speculative_beam_search(
     final_scores = torch.full((batch, num_beams), NEG_INF, device=device)
     final_nodes = torch.full((batch, num_beams), int(trie.global_dead[num_levels]), dtype=torch.long, device=device)
     final_sequences = torch.zeros(batch, num_beams, num_levels, dtype=torch.long, device=device)
+    if record_logits:  # per current beam: the target's raw level logits and normaliser at its prefix of each depth
+        history = (torch.full((batch, 1, num_levels, trie.max_block), NEG_INF, device=device),
+                   torch.zeros(batch, 1, num_levels, device=device))
+        final_history = (torch.full((batch, num_beams, num_levels, trie.max_block), NEG_INF, device=device),
+                         torch.zeros(batch, num_beams, num_levels, device=device))
 
     beams = _Beams(
         sequences=prompt_ids.new_zeros(batch, 1, num_levels),
@@ -734,7 +749,8 @@ def speculative_beam_search(
                 levels = [root]
         with timer.phase("verify"):
             target_cache = _verify_phase(
-                target, target_view, levels, trie, steps, (host_t, host_steps), scope, work_target_tokens
+                target, target_view, levels, trie, steps, (host_t, host_steps), scope, work_target_tokens,
+                record_logits,
             )
             stats.target_calls += 1
         with timer.phase("accept"):
@@ -758,6 +774,8 @@ def speculative_beam_search(
             )
             new = _child(base, new_scores, ref, codes, trie, t + accepted)
             alive = torch.isfinite(new_scores)
+            if record_logits:
+                history = _extend_history(history, levels, ref, accepted, t, num_steps)
             target_visible = take_beams(_pick([lv.target_visible for lv in levels], accepted, host_accepted), ref)
             keep_target = (target_visible & alive[:, :, None]).any(1)  # [B, C_t] columns a live beam sees
             if num_steps > 0:
@@ -796,6 +814,9 @@ def speculative_beam_search(
                 final_scores[original] = new_scores[index]
                 final_nodes[original] = new.nodes[index]
                 final_sequences[original] = new.sequences[index]
+                if record_logits:
+                    final_history[0][original] = history[0][index]
+                    final_history[1][original] = history[1][index]
             stay = [i for i, tb in enumerate(host_t) if tb < num_levels]
             if not stay:
                 break
@@ -810,6 +831,8 @@ def speculative_beam_search(
                 draft_visible, keep_draft = draft_visible[index], keep_draft[index]
                 draft_pending, draft_pending_valid = draft_pending[index], draft_pending_valid[index]
                 draft_position = draft_position[index]
+                if record_logits:
+                    history = (history[0][index], history[1][index])
             else:
                 base_position = take_beams(base.position, ref)
             rows = [rows[i] for i in stay]
@@ -833,13 +856,50 @@ def speculative_beam_search(
     scores, sequences = final_scores.gather(1, order), take_beams(final_sequences, order)
     leaves = trie.global_leaves_to_local(final_nodes.gather(1, order))
     items, item_scores = expand_items(trie, leaves, scores, num_beams)
+    output = SpeculativeOutput(items, item_scores, sequences, scores, stats, lists)
+    if record_logits:
+        raw, norm = take_beams(final_history[0], order), take_beams(final_history[1], order)
+        output.level_logits = [raw[:, :, d, : e - s] for d, (s, e) in enumerate(trie.level_blocks)]
+        output.full_logsumexp = norm
     lists.target_tokens = target_tokens.cpu().tolist()
     lists.draft_tokens = draft_tokens.cpu().tolist()
     stats.drafted_steps, stats.accepted_steps = sum(lists.drafted_steps), sum(lists.accepted_steps)
     stats.target_tokens, stats.draft_tokens = sum(lists.target_tokens), sum(lists.draft_tokens)
     phases = stats.draft_time_s + stats.verify_time_s + stats.accept_time_s
     stats.other_time_s = time.perf_counter() - start - phases
-    return SpeculativeOutput(items, item_scores, sequences, scores, stats, lists)
+    return output
+
+
+def _extend_history(
+    history: tuple[torch.Tensor, torch.Tensor],
+    levels: list[_Level],
+    ref: torch.Tensor,
+    accepted: torch.Tensor,
+    t: torch.Tensor,
+    num_steps: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The new beams' records: their root ancestor's history, plus the records of their ancestors at levels
+    0..accepted_b of this round (depths t_b..t_b + accepted_b), found by following parent pointers down from
+    ``ref`` (the new beams' parents in level accepted_b)."""
+    raw_history, norm_history = history
+    num_levels = raw_history.shape[2]
+    ancestors: list[torch.Tensor] = [ref] * (num_steps + 1)  # per level l: index of the ancestor (users with a_b >= l)
+    cur = ref
+    for ell in range(num_steps - 1, -1, -1):
+        below = levels[ell + 1].parent
+        stepped = take_beams(below, cur.clamp(max=below.shape[1] - 1))
+        cur = torch.where((accepted > ell)[:, None], stepped, ref)
+        ancestors[ell] = cur
+    raw = take_beams(raw_history, ancestors[0].clamp(max=raw_history.shape[1] - 1))  # [B, K, L, S]
+    norm = take_beams(norm_history, ancestors[0].clamp(max=norm_history.shape[1] - 1))
+    columns = torch.arange(num_levels, device=ref.device)
+    for ell in range(num_steps + 1):
+        level_raw, level_norm = levels[ell].target_record
+        index = ancestors[ell].clamp(max=level_raw.shape[1] - 1)
+        here = ((accepted >= ell)[:, None] & (columns == (t + ell)[:, None]))[:, None, :]  # [B, 1, L]
+        raw = torch.where(here[..., None], take_beams(level_raw, index)[:, :, None, :], raw)
+        norm = torch.where(here, take_beams(level_norm, index)[:, :, None], norm)
+    return raw, norm
 
 
 def _prune(
