@@ -235,3 +235,24 @@ def test_strict_record_logits_equal_beam_search_records():
     with pytest.raises(ValueError, match="record_logits needs mode='strict'"):
         speculative_beam_search(target, draft, ids, mask, trie, 5, 10, 3, mode="relaxed", record_logits=True,
                                 generator=torch.Generator())
+
+
+def test_bfloat16_models_decode_valid_lists():
+    # the CUDA setting (eval.dtype auto -> bfloat16) exercised on the CPU: masks, scores and caches in bf16
+    transformers = pytest.importorskip("transformers")
+    from atspeed_exp.decoding.tree import tree_beam_search
+    from atspeed_exp.models.adapter import HFDecoderLM
+
+    trie, item_ids, _, vocab = make_trie(seed=23)
+    torch.manual_seed(23)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    target = HFDecoderLM.from_model(transformers.LlamaForCausalLM(config).to(torch.bfloat16))
+    assert target.dtype == torch.bfloat16
+    ids, mask = left_pad(random_prompts(4, vocab, min_len=2, max_len=12, seed=23), pad_id=0)
+    for out in (speculative_beam_search(target, target, ids, mask, trie, 5, 10, 3, verify_beams=5, scope="level"),
+                tree_beam_search(target, ids, mask, trie, 5, scope="level")):
+        assert torch.isfinite(out.scores).all()
+        for row in range(4):
+            items = out.items[row].tolist()
+            assert len(set(items)) == 5 and set(items) <= set(item_ids.tolist())
