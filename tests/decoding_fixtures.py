@@ -44,3 +44,18 @@ def random_prompts(num: int, vocab_size: int, min_len: int = 3, max_len: int = 9
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min_len, max_len + 1, (num,), generator=gen)
     return [torch.randint(NUM_SPECIAL, vocab_size, (int(n),), generator=gen) for n in lengths]
+
+
+def tiny_llama(vocab_size: int, layers: int, hidden: int, seed: int, dtype=None):
+    """A random LLaMA (transformers) behind the DecoderLM adapter, in eval mode; ``dtype`` e.g. torch.bfloat16."""
+    import transformers
+
+    from atspeed_exp.models.adapter import HFDecoderLM
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa",
+    )
+    model = transformers.LlamaForCausalLM(config)
+    return HFDecoderLM.from_model(model if dtype is None else model.to(dtype))

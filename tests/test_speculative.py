@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from decoding_fixtures import make_trie, random_prompts
+from decoding_fixtures import make_trie, random_prompts, tiny_llama
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from toy_lm import ToyLM
@@ -606,26 +606,9 @@ def test_speculative_imports_torch_only():
 
 
 def test_speculative_hf_llama_strict_matches_beam_search():
-    transformers = pytest.importorskip("transformers")
-    from atspeed_exp.models.adapter import HFDecoderLM
-
+    pytest.importorskip("transformers")
     trie, item_ids, _, vocab = make_trie(seed=9)
-
-    def tiny_llama(layers: int, hidden: int, seed: int) -> HFDecoderLM:
-        torch.manual_seed(seed)
-        config = transformers.LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            attn_implementation="sdpa",
-        )
-        return HFDecoderLM.from_model(transformers.LlamaForCausalLM(config))
-
-    target, draft = tiny_llama(2, 64, 0), tiny_llama(1, 32, 1)
+    target, draft = tiny_llama(vocab, 2, 64, 0), tiny_llama(vocab, 1, 32, 1)
     for prompt in random_prompts(2, vocab, seed=9):
         ids, mask = left_pad([prompt], pad_id=0)
         for k, n, gamma in [(3, 6, 3), (5, 40, 2), (10, 10, 1)]:

@@ -6,21 +6,14 @@ import itertools
 
 import pytest
 import torch
-from decoding_fixtures import make_trie, random_prompts
+from decoding_fixtures import make_trie, random_prompts, tiny_llama
 from toy_lm import ToyLM
 
 from atspeed_exp.decoding.beam_search import beam_search, left_pad
 from atspeed_exp.decoding.speculative import speculative_beam_search
 
-from test_speculative import check_invariants, noisy_copy, same_list  # noqa: I001 (sibling test module)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# sibling test module: its helpers, and its autouse one_thread fixture (active here once imported)
+from test_speculative import check_invariants, noisy_copy, one_thread, same_list  # noqa: F401, I001
 
 
 def one_user(out, row):
@@ -157,21 +150,11 @@ def test_batched_relaxed_returns_valid_lists_and_consistent_counters(mode):
 
 
 def test_batched_hf_llama_strict_matches_beam_search():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from atspeed_exp.decoding.tree import tree_beam_search
-    from atspeed_exp.models.adapter import HFDecoderLM
 
     trie, _, _, vocab = make_trie(seed=9)
-
-    def tiny_llama(layers: int, hidden: int, seed: int) -> HFDecoderLM:
-        torch.manual_seed(seed)
-        config = transformers.LlamaConfig(
-            vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa",
-        )
-        return HFDecoderLM.from_model(transformers.LlamaForCausalLM(config))
-
-    target, draft = tiny_llama(2, 64, 0), tiny_llama(1, 32, 1)
+    target, draft = tiny_llama(vocab, 2, 64, 0), tiny_llama(vocab, 1, 32, 1)
     ids, mask = left_pad(random_prompts(5, vocab, min_len=2, max_len=12, seed=9), pad_id=0)
     for k, n, m, gamma, scope in [(3, 6, 3, 3, "vocab"), (5, 40, 10, 2, "level"), (10, 10, 10, 1, "level")]:
         ref = beam_search(target, ids, mask, trie, k, scope=scope)
@@ -239,15 +222,11 @@ def test_strict_record_logits_equal_beam_search_records():
 
 def test_bfloat16_models_decode_valid_lists():
     # the CUDA setting (eval.dtype auto -> bfloat16) exercised on the CPU: masks, scores and caches in bf16
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from atspeed_exp.decoding.tree import tree_beam_search
-    from atspeed_exp.models.adapter import HFDecoderLM
 
     trie, item_ids, _, vocab = make_trie(seed=23)
-    torch.manual_seed(23)
-    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    target = HFDecoderLM.from_model(transformers.LlamaForCausalLM(config).to(torch.bfloat16))
+    target = tiny_llama(vocab, 2, 64, 23, dtype=torch.bfloat16)
     assert target.dtype == torch.bfloat16
     ids, mask = left_pad(random_prompts(4, vocab, min_len=2, max_len=12, seed=23), pad_id=0)
     for out in (speculative_beam_search(target, target, ids, mask, trie, 5, 10, 3, verify_beams=5, scope="level"),
