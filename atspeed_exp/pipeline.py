@@ -305,10 +305,7 @@ def train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: RecD
         users = min(training.eval_users, len(valid))
         callback = SpeculativeEvalCallback(
             target, valid.prompts[:users], valid.ground_truth()[:users], data.trie().to(target.device),
-            modes=tuple(cfg.decoding.modes), ks=(cfg.decoding.beam_size,), draft_beams=cfg.decoding.draft_beams,
-            gamma=cfg.decoding.gamma, every_n_epochs=training.eval_every_n_epochs, seed=cfg.seed,
-            verify_beams=cfg.decoding.get("verify_beams"), scope=cfg.decoding.get("scope", "vocab"),
-            prune=cfg.decoding.get("prune_caches", True),
+            every_n_epochs=training.eval_every_n_epochs, ks=(cfg.decoding.beam_size,), **decoding_settings(cfg),
         )
         checkpoint = pl.callbacks.ModelCheckpoint(dirpath=stage_dir / "checkpoints", filename="last-epoch",
                                                   save_last=True, enable_version_counter=False)
@@ -336,6 +333,15 @@ def train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: RecD
 
 
 # -- evaluation --------------------------------------------------------------------------------------------------
+def decoding_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The speculative-decoding settings shared by the training callback and the final evaluation."""
+    return {
+        "modes": tuple(cfg.decoding.modes), "draft_beams": cfg.decoding.draft_beams, "gamma": cfg.decoding.gamma,
+        "seed": cfg.seed, "verify_beams": cfg.decoding.get("verify_beams"),
+        "scope": cfg.decoding.get("scope", "vocab"), "prune": cfg.decoding.get("prune_caches", True),
+    }
+
+
 def evaluate_draft(cfg: DictConfig, target_dir: Path, draft_dir: Path, data: RecData) -> dict[str, float]:
     """Final speculative evaluation on test users: every configured mode and K, against target-only beam search
     measured in the same call (``evaluate_speculative``)."""
@@ -345,11 +351,8 @@ def evaluate_draft(cfg: DictConfig, target_dir: Path, draft_dir: Path, data: Rec
     users = min(cfg.eval.speculative_users, len(test)) if cfg.eval.speculative_users else len(test)
     return evaluate_speculative(
         target, draft, test.prompts[:users], test.ground_truth()[:users], data.trie().to(device),
-        modes=tuple(cfg.decoding.modes), ks=tuple(cfg.decoding.ks), draft_beams=cfg.decoding.draft_beams,
-        gamma=cfg.decoding.gamma, cutoffs=tuple(cfg.eval.cutoffs), seed=cfg.seed,
-        verify_beams=cfg.decoding.get("verify_beams"), scope=cfg.decoding.get("scope", "vocab"),
-        batch_size=cfg.eval.get("throughput_batch_size"), pad_id=data.pad_id,
-        prune=cfg.decoding.get("prune_caches", True),
+        ks=tuple(cfg.decoding.ks), cutoffs=tuple(cfg.eval.cutoffs), batch_size=cfg.eval.get("throughput_batch_size"),
+        pad_id=data.pad_id, **decoding_settings(cfg),
     )
 
 

@@ -208,6 +208,13 @@ def build_from_config(path: str, seed: int, data: RecData) -> torch.nn.Module:
     return model
 
 
+def saved_or_random(model_dir: Path | None, config: str | None, seed: int, data: RecData) -> tuple[torch.nn.Module, str]:
+    """The model of a saved dir, else a random one from ``config``; with a label of where it came from."""
+    if model_dir:
+        return load_saved(model_dir), str(model_dir)
+    return build_from_config(config, seed, data), f"{Path(config).stem} (random init, seed {seed})"
+
+
 @dataclass
 class Setup:
     target: HFDecoderLM
@@ -255,11 +262,7 @@ def build_setup(args: argparse.Namespace, tmp: Path) -> Setup:
     args.users = args.users or len(test)
     args.hf_users = min(args.hf_users, args.users)
 
-    if target_dir:
-        target_model, target_source = load_saved(target_dir), str(target_dir)
-    else:
-        target_model = build_from_config(args.target_config, args.target_seed, data)
-        target_source = f"{Path(args.target_config).stem} (random init, seed {args.target_seed})"
+    target_model, target_source = saved_or_random(target_dir, args.target_config, args.target_seed, data)
     target_info = describe(target_model, target_source)
     target = HFDecoderLM.from_model(target_model.to(device=device, dtype=dtype))
 
@@ -268,11 +271,7 @@ def build_setup(args: argparse.Namespace, tmp: Path) -> Setup:
         draft = target
         draft_info = ModelInfo("same as target", target_info.params, target_info.layers, target_info.hidden)
     elif draft_dir or args.draft_config:
-        if draft_dir:
-            draft_model, draft_source = load_saved(draft_dir), str(draft_dir)
-        else:
-            draft_model = build_from_config(args.draft_config, args.draft_seed, data)
-            draft_source = f"{Path(args.draft_config).stem} (random init, seed {args.draft_seed})"
+        draft_model, draft_source = saved_or_random(draft_dir, args.draft_config, args.draft_seed, data)
         draft_info = describe(draft_model, draft_source)
         draft = HFDecoderLM.from_model(draft_model.to(device=device, dtype=dtype))
 

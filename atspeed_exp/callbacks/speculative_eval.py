@@ -6,6 +6,8 @@ and Recall/NDCG (see ``atspeed_exp.evaluation.evaluate_speculative``, which is a
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning.pytorch as pl
 
 from atspeed_exp.decoding.protocol import DecoderLM
@@ -15,33 +17,25 @@ from atspeed_exp.models.adapter import HFDecoderLM
 
 
 class SpeculativeEvalCallback(pl.Callback):
+    """``settings``: the keyword arguments of ``evaluate_speculative`` (modes, ks, draft_beams, gamma, cutoffs, seed,
+    verify_beams, scope, prune, ...), passed through as they are; ``prefix`` defaults to ``draft_eval``."""
+
     def __init__(
         self,
         target: DecoderLM,
         prompts: list[list[int]],
         ground_truth: list[tuple[int, ...]],
         trie: ItemTrie,
-        modes: tuple[str, ...] = ("strict",),
-        ks: tuple[int, ...] = (10,),
-        draft_beams: int = 40,
-        gamma: int = 3,
-        cutoffs: tuple[int, ...] = (5, 10, 20),
         every_n_epochs: int = 1,
         at_train_end: bool = True,
-        seed: int = 0,
-        prefix: str = "draft_eval",
-        verify_beams: int | None = None,
-        scope: str = "vocab",
-        prune: bool = True,
+        **settings: Any,
     ) -> None:
         super().__init__()
         self.target = target
         self.prompts = prompts
         self.ground_truth = ground_truth
         self.trie = trie
-        self.settings = dict(modes=tuple(modes), ks=tuple(ks), draft_beams=draft_beams, gamma=gamma,
-                             cutoffs=tuple(cutoffs), seed=seed, prefix=prefix, verify_beams=verify_beams,
-                             scope=scope, prune=prune)
+        self.settings = {"prefix": "draft_eval", **settings}
         self.every_n_epochs = every_n_epochs
         self.at_train_end = at_train_end
         self.history: list[dict[str, float]] = []

@@ -114,10 +114,6 @@ class ListStats:
     target_tokens: list[int]
     draft_tokens: list[int]
 
-    @classmethod
-    def zeros(cls, num_lists: int) -> ListStats:
-        return cls(*([0] * num_lists for _ in range(7)))
-
 
 @dataclass
 class SpeculativeOutput:
@@ -382,15 +378,15 @@ class _Timer:
 
 
 # -- helpers over the levels of a round ----------------------------------------------------------------------------
-def _pick(tensors: list[torch.Tensor], index: torch.Tensor, host: list[int]) -> torch.Tensor:
+def _pick(tensors: list[torch.Tensor], index: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
     """Per user b, ``tensors[index[b]][b]`` (``host``: the same indices on the host). Bool visibilities ``[B, M, C_i]``
     are widened to the longest C. When every user picks the same level (always at B = 1) that level is returned as
     is; otherwise the tensors are padded to a common M and stacked, and the result is ``[B, max M, ...]``."""
     if tensors[0].dtype == torch.bool and tensors[0].dim() == 3:
         last = max(t.shape[2] for t in tensors)
         tensors = [widen(t, last) for t in tensors]
-    if len(set(host)) == 1:
-        return tensors[host[0]]
+    if bool((host == host[0]).all()):  # host: a CPU tensor, no device sync
+        return tensors[int(host[0])]
     width = max(t.shape[1] for t in tensors)
     padded = []
     for t in tensors:
@@ -432,10 +428,10 @@ def _child(
     )
 
 
-def _depths(t: list[int], steps: list[int], ell: int, offset: int = 0) -> list[int]:
+def _depths(t: torch.Tensor, steps: torch.Tensor, ell: int, offset: int = 0) -> list[int]:
     """Distinct trie depths t_b + ell + offset over the users whose round reaches level ``ell`` (ell <= d_b), from
-    the host lists of t_b and d_b: the only projections a call needs."""
-    return sorted({tb + ell + offset for tb, db in zip(t, steps) if ell <= db})
+    the host (CPU) copies of t_b and d_b: the only projections a call needs."""
+    return (torch.unique(t[steps >= ell]) + ell + offset).tolist()
 
 
 # -- phases ---------------------------------------------------------------------------------------------------------
@@ -446,7 +442,7 @@ def _draft_phase(
     trie: ItemTrie,
     t: torch.Tensor,
     steps: torch.Tensor,
-    host: tuple[list[int], list[int]],
+    host: tuple[torch.Tensor, torch.Tensor],
     width: int,
     mode: str,
     generator: torch.Generator | None,
@@ -457,7 +453,7 @@ def _draft_phase(
     for the batch (pending tokens of the current beams, then drafted levels 1..D-1; a user's level d_b is never
     fed). Returns the tree levels 0..D, the draft cache and the calls made."""
     host_t, host_steps = host
-    num_steps = max(host_steps)
+    num_steps = int(host_steps.max())
     levels, cache = [root], view.cache
     call = TreeCall(view.visible.shape[2], view.visible.device)
     root.draft_visible, last = call.add(
@@ -527,7 +523,7 @@ def _verify_phase(
     levels: list[_Level],
     trie: ItemTrie,
     steps: torch.Tensor,
-    host: tuple[list[int], list[int]],
+    host: tuple[torch.Tensor, torch.Tensor],
     scope: str,
     target_tokens: torch.Tensor,
     record: bool = False,
@@ -701,7 +697,9 @@ def speculative_beam_search(
     batch, prompt_width = prompt_ids.shape
 
     # per list, by original row: host counters (known after each round's sync) and device token counters
-    lists = ListStats.zeros(batch)
+    rounds = torch.zeros(batch, dtype=torch.long)  # = target calls per list
+    drafted = torch.zeros(batch, dtype=torch.long)  # = draft calls per list
+    accepted_steps = torch.zeros(batch, dtype=torch.long)
     target_tokens = torch.zeros(batch, dtype=torch.long, device=device)
     draft_tokens = torch.zeros(batch, dtype=torch.long, device=device)
     final_scores = torch.full((batch, num_beams), NEG_INF, device=device)
@@ -725,14 +723,13 @@ def speculative_beam_search(
     target_view = _View(target.new_cache(), empty, prompt_ids[:, None], prompt_mask[:, None], first_position)
     draft_view = _View(draft.new_cache(), empty, prompt_ids[:, None], prompt_mask[:, None], first_position)
 
-    rows = list(range(batch))  # original row of each row of the working batch
-    host_t = [0] * batch  # SID tokens generated so far, per working row
-    while rows:
-        host_steps = [min(gamma, num_levels - tb - 1) for tb in host_t]  # d_b: the target makes the last token
-        num_steps = max(host_steps)
-        t = torch.tensor(host_t, device=device)
-        steps = torch.tensor(host_steps, device=device)
-        row_index = torch.tensor(rows, device=device)
+    # host (CPU) state of the working batch: no per-user Python, and no device sync to read it
+    rows = torch.arange(batch)  # original row of each row of the working batch
+    host_t = torch.zeros(batch, dtype=torch.long)  # SID tokens generated so far, per working row
+    while True:
+        host_steps = (num_levels - host_t - 1).clamp(max=gamma)  # d_b: the target always makes the last token
+        num_steps = int(host_steps.max())
+        t, steps, row_index = host_t.to(device), host_steps.to(device), rows.to(device)
         work_target_tokens = torch.zeros(len(rows), dtype=torch.long, device=device)
         work_draft_tokens = torch.zeros(len(rows), dtype=torch.long, device=device)
         stats.rounds += 1
@@ -758,10 +755,10 @@ def speculative_beam_search(
             if num_steps > 0:
                 flags = torch.stack([s.accepted for s in out[:num_steps]], 1)  # [B, D]
                 accepted = flags.long().cumprod(1).sum(1)  # [B] leading accepted depths
-                host_accepted = accepted.tolist()  # the round's one host sync: the next round's shape depends on it
+                host_accepted = accepted.cpu()  # the round's one host sync: the next round's shape depends on it
             else:
                 accepted = torch.zeros(len(rows), dtype=torch.long, device=device)
-                host_accepted = [0] * len(rows)
+                host_accepted = torch.zeros(len(rows), dtype=torch.long)
             # the target's beams at depth t + accepted + 1, from logits it already has
             ref = _pick([s.ref for s in out], accepted, host_accepted)
             codes = _pick([s.codes for s in out], accepted, host_accepted)
@@ -782,7 +779,7 @@ def speculative_beam_search(
                 # Draft view. accepted < d_b: the kept level was fed to the draft; only the new token is pending.
                 # accepted == d_b: level d_b was never fed, so its token and the new one are pending.
                 short = accepted < steps  # [B]
-                host_fed = [a if a < d else max(d - 1, 0) for a, d in zip(host_accepted, host_steps)]
+                host_fed = torch.where(host_accepted < host_steps, host_accepted, (host_steps - 1).clamp(min=0))
                 fed_index = torch.where(short, accepted, steps - 1).clamp(min=0)
                 parents = _pick([lv.parent if lv.parent is not None else torch.zeros_like(lv.nodes)
                                  for lv in levels], accepted, host_accepted)
@@ -800,16 +797,13 @@ def speculative_beam_search(
             # bookkeeping per list; lists that reached depth L leave the working batch
             target_tokens.index_add_(0, row_index, work_target_tokens)
             draft_tokens.index_add_(0, row_index, work_draft_tokens)
-            for i, row in enumerate(rows):
-                lists.target_calls[row] += 1
-                lists.rounds[row] += 1
-                lists.draft_calls[row] += host_steps[i]
-                lists.drafted_steps[row] += host_steps[i]
-                lists.accepted_steps[row] += host_accepted[i]
-                host_t[i] += host_accepted[i] + 1
-            done = [i for i, tb in enumerate(host_t) if tb >= num_levels]
-            if done:
-                index = torch.tensor(done, device=device)
+            rounds.index_add_(0, rows, torch.ones_like(rows))
+            drafted.index_add_(0, rows, host_steps)
+            accepted_steps.index_add_(0, rows, host_accepted)
+            host_t = host_t + host_accepted + 1
+            finished = host_t >= num_levels
+            if bool(finished.any()):
+                index = finished.nonzero().squeeze(1).to(device)
                 original = row_index[index]
                 final_scores[original] = new_scores[index]
                 final_nodes[original] = new.nodes[index]
@@ -817,11 +811,11 @@ def speculative_beam_search(
                 if record_logits:
                     final_history[0][original] = history[0][index]
                     final_history[1][original] = history[1][index]
-            stay = [i for i, tb in enumerate(host_t) if tb < num_levels]
-            if not stay:
+            if bool(finished.all()):
                 break
-            if done:  # shrink the working batch
-                index = torch.tensor(stay, device=device)
+            stay = (~finished).nonzero().squeeze(1)
+            if bool(finished.any()):  # shrink the working batch
+                index = stay.to(device)
                 target_cache = target.reorder_cache(target_cache, index)
                 draft_cache = draft.reorder_cache(draft_cache, index)
                 new = _Level(new.sequences[index], new.nodes[index], new.draft_scores[index], new.position[index],
@@ -835,8 +829,7 @@ def speculative_beam_search(
                     history = (history[0][index], history[1][index])
             else:
                 base_position = take_beams(base.position, ref)
-            rows = [rows[i] for i in stay]
-            host_t = [host_t[i] for i in stay]
+            rows, host_t = rows[stay], host_t[stay]
             beams = _Beams(new.sequences, new_scores, new.nodes)
 
             # prune both caches to the columns some live beam sees. Their number is bounded on the host without a
@@ -844,7 +837,7 @@ def speculative_beam_search(
             # columns nobody sees. Without pruning, rejected branches stay in the caches, hidden by the masks:
             # later calls attend over more columns, but a round saves a gather per layer.
             if prune:
-                bound = prompt_width + num_beams * (max(host_t) - 1)
+                bound = prompt_width + num_beams * (int(host_t.max()) - 1)
                 target_cache, target_visible = _prune(target, target_cache, target_visible, keep_target,
                                                       min(bound, target_visible.shape[2]))
                 draft_cache, draft_visible = _prune(draft, draft_cache, draft_visible, keep_draft,
@@ -856,13 +849,16 @@ def speculative_beam_search(
     scores, sequences = final_scores.gather(1, order), take_beams(final_sequences, order)
     leaves = trie.global_leaves_to_local(final_nodes.gather(1, order))
     items, item_scores = expand_items(trie, leaves, scores, num_beams)
+    lists = ListStats(
+        target_calls=rounds.tolist(), draft_calls=drafted.tolist(), rounds=rounds.tolist(),
+        drafted_steps=drafted.tolist(), accepted_steps=accepted_steps.tolist(),
+        target_tokens=target_tokens.cpu().tolist(), draft_tokens=draft_tokens.cpu().tolist(),
+    )
     output = SpeculativeOutput(items, item_scores, sequences, scores, stats, lists)
     if record_logits:
         raw, norm = take_beams(final_history[0], order), take_beams(final_history[1], order)
         output.level_logits = [raw[:, :, d, : e - s] for d, (s, e) in enumerate(trie.level_blocks)]
         output.full_logsumexp = norm
-    lists.target_tokens = target_tokens.cpu().tolist()
-    lists.draft_tokens = draft_tokens.cpu().tolist()
     stats.drafted_steps, stats.accepted_steps = sum(lists.drafted_steps), sum(lists.accepted_steps)
     stats.target_tokens, stats.draft_tokens = sum(lists.target_tokens), sum(lists.draft_tokens)
     phases = stats.draft_time_s + stats.verify_time_s + stats.accept_time_s
