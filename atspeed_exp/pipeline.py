@@ -37,11 +37,12 @@ from atspeed_exp.data.teacher import (
     weights_fingerprint,
 )
 from atspeed_exp.data.tokenizer import save_tokenizer
+from atspeed_exp.decoding.protocol import DecoderLM
 from atspeed_exp.evaluation import accuracy, evaluate_speculative, generate_lists, most_popular_accuracy
 from atspeed_exp.lit.draft_module import DraftAlignmentModule
 from atspeed_exp.lit.target_module import TargetFinetuneModule
-from atspeed_exp.models.adapter import HFDecoderLM
 from atspeed_exp.models.build import count_parameters, load_model, merge_lora, save_model
+from atspeed_exp.models.lean import BACKENDS, decoder_for
 
 log = logging.getLogger(__name__)
 STAGE_FILE = "stage.json"
@@ -184,11 +185,20 @@ def train_target(cfg: DictConfig, logger: Any, extra_callbacks: list | None = No
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_target(stage_dir: Path, device: str = "cpu", dtype: str = "float32") -> HFDecoderLM:
+def load_target(stage_dir: Path, device: str = "cpu", dtype: str = "float32", backend: str = "auto") -> DecoderLM:
+    """The saved model of a stage, in eval mode, behind the decoding protocol (``decoder_for``'s ``backend``)."""
     model = load_model(stage_dir / "model")
     if isinstance(model, PeftModel):  # unmerged token-row wrappers copy whole matrices on every forward
         model = merge_lora(model)
-    return HFDecoderLM.from_model(model.to(device=device, dtype=DTYPES[dtype]))
+    return decoder_for(model.to(device=device, dtype=DTYPES[dtype]).eval(), backend)
+
+
+def eval_backend(cfg: DictConfig) -> str:
+    """The forward pass used for decoding (``eval.backend``): auto | lean | hf."""
+    backend = cfg.eval.get("backend", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"eval.backend={backend!r}: expected one of {list(BACKENDS)}")
+    return backend
 
 
 def eval_dtype(cfg: DictConfig) -> str:
@@ -228,13 +238,13 @@ def make_teacher(cfg: DictConfig, target_dir: Path, data: RecData) -> Path:
     if stage_done(stage_dir):
         log.info("teacher stage: reusing %s", stage_dir)
         return stage_dir
-    target = load_target(target_dir, eval_device(cfg))
+    target = load_target(target_dir, eval_device(cfg), backend=eval_backend(cfg))
     draft = None
     if cfg.teacher.get("draft_dir"):
         draft_dir = Path(cfg.teacher.draft_dir)
         if not (draft_dir / "model").is_dir():
             raise FileNotFoundError(f"teacher.draft_dir={str(draft_dir)!r}: expected a draft stage dir holding model/")
-        draft = load_target(draft_dir, eval_device(cfg))
+        draft = load_target(draft_dir, eval_device(cfg), backend=eval_backend(cfg))
         log.info("teacher stage: beams by strict speculative beam search with the draft %s", draft_dir)
     trie = data.trie().to(target.device)
     start = time.perf_counter()
@@ -300,12 +310,13 @@ def train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: RecD
             draft, data.sid_index.level_blocks, lr=training.lr, weight_decay=training.weight_decay,
             warmup_steps=training.warmup_steps, min_lr_ratio=training.min_lr_ratio, **alignment,
         )
-        target = load_target(target_dir, eval_device(cfg))
+        target = load_target(target_dir, eval_device(cfg), backend=eval_backend(cfg))
         valid = data.splits["valid"]
         users = min(training.eval_users, len(valid))
         callback = SpeculativeEvalCallback(
             target, valid.prompts[:users], valid.ground_truth()[:users], data.trie().to(target.device),
-            every_n_epochs=training.eval_every_n_epochs, ks=(cfg.decoding.beam_size,), **decoding_settings(cfg),
+            every_n_epochs=training.eval_every_n_epochs, ks=(cfg.decoding.beam_size,), backend=eval_backend(cfg),
+            **decoding_settings(cfg),
         )
         checkpoint = pl.callbacks.ModelCheckpoint(dirpath=stage_dir / "checkpoints", filename="last-epoch",
                                                   save_last=True, enable_version_counter=False)
@@ -345,8 +356,8 @@ def decoding_settings(cfg: DictConfig) -> dict[str, Any]:
 def evaluate_draft(cfg: DictConfig, target_dir: Path, draft_dir: Path, data: RecData) -> dict[str, float]:
     """Final speculative evaluation on test users: every configured mode and K, against target-only beam search
     measured in the same call (``evaluate_speculative``)."""
-    device, dtype = eval_device(cfg), eval_dtype(cfg)
-    target, draft = load_target(target_dir, device, dtype), load_target(draft_dir, device, dtype)
+    device, dtype, backend = eval_device(cfg), eval_dtype(cfg), eval_backend(cfg)
+    target, draft = load_target(target_dir, device, dtype, backend), load_target(draft_dir, device, dtype, backend)
     test = data.splits["test"]
     users = min(cfg.eval.speculative_users, len(test)) if cfg.eval.speculative_users else len(test)
     return evaluate_speculative(
@@ -387,7 +398,7 @@ def eval_device(cfg: DictConfig) -> str:
 def evaluate_target(cfg: DictConfig, stage_dir: Path, data: RecData) -> dict[str, float]:
     """Target beam search on the test users, and the most-popular baseline on the same users."""
     device = eval_device(cfg)
-    target = load_target(stage_dir, device, eval_dtype(cfg))
+    target = load_target(stage_dir, device, eval_dtype(cfg), eval_backend(cfg))
     test = data.splits["test"]
     users = min(cfg.eval.max_users, len(test)) if cfg.eval.max_users else len(test)
     cutoffs = tuple(n for n in cfg.eval.cutoffs if n <= cfg.eval.num_beams)

@@ -46,6 +46,7 @@ from atspeed_exp.decoding.speculative import speculative_beam_search
 from atspeed_exp.decoding.tree import tree_beam_search
 from atspeed_exp.decoding.trie import ItemTrie
 from atspeed_exp.models.adapter import HFDecoderLM
+from atspeed_exp.models.lean import BACKENDS, LeanLlamaLM, decoder_for
 from atspeed_exp.models.build import count_parameters, load_model, merge_lora
 
 log = logging.getLogger("bench_decoding")
@@ -107,6 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     r.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     r.add_argument("--dtype", default="float32", choices=list(DTYPES), help="model weights (bfloat16: for cuda)")
+    r.add_argument("--backend", default="auto", choices=list(BACKENDS), help="forward pass of both models: lean "
+                   "(plain torch LLaMA), hf (transformers' module), auto (lean where it can run the model)")
     r.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     r.add_argument("--seed", type=int, default=0, help="seeds sd_relaxed's per-user generators")
     r.add_argument("--repeats", type=int, default=1, help="runs of each list; the median is kept")
@@ -217,8 +220,9 @@ def saved_or_random(model_dir: Path | None, config: str | None, seed: int, data:
 
 @dataclass
 class Setup:
-    target: HFDecoderLM
-    draft: HFDecoderLM | None
+    target: HFDecoderLM | LeanLlamaLM
+    draft: HFDecoderLM | LeanLlamaLM | None
+    target_model: torch.nn.Module  # the transformers module (hf_generate runs it)
     target_info: ModelInfo
     draft_info: ModelInfo | None
     data: RecData
@@ -264,7 +268,8 @@ def build_setup(args: argparse.Namespace, tmp: Path) -> Setup:
 
     target_model, target_source = saved_or_random(target_dir, args.target_config, args.target_seed, data)
     target_info = describe(target_model, target_source)
-    target = HFDecoderLM.from_model(target_model.to(device=device, dtype=dtype))
+    target_model = target_model.to(device=device, dtype=dtype).eval()
+    target = decoder_for(target_model, args.backend)
 
     draft, draft_info = None, None
     if args.draft == "same":
@@ -273,10 +278,10 @@ def build_setup(args: argparse.Namespace, tmp: Path) -> Setup:
     elif draft_dir or args.draft_config:
         draft_model, draft_source = saved_or_random(draft_dir, args.draft_config, args.draft_seed, data)
         draft_info = describe(draft_model, draft_source)
-        draft = HFDecoderLM.from_model(draft_model.to(device=device, dtype=dtype))
+        draft = decoder_for(draft_model.to(device=device, dtype=dtype).eval(), args.backend)
 
     for model, label in ((target, "target"), (draft, "draft")):
-        vocab = model.model.get_output_embeddings().weight.shape[0] if model is not None else None
+        vocab = model.vocab_size if model is not None else None
         if vocab is not None and vocab < len(data.tokenizer):
             raise ValueError(f"{label} has {vocab} output rows but the tokenizer has {len(data.tokenizer)} tokens")
 
@@ -285,7 +290,7 @@ def build_setup(args: argparse.Namespace, tmp: Path) -> Setup:
         for t in range(len(row)):
             prefixes.setdefault(tuple(row[:t]), set()).add(row[t])
     prompts = [torch.tensor(p, dtype=torch.long) for p in test.prompts[: args.users]]
-    return Setup(target, draft, target_info, draft_info, data, root, data.trie().to(device),
+    return Setup(target, draft, target_model, target_info, draft_info, data, root, data.trie().to(device),
                  {k: sorted(v) for k, v in prefixes.items()}, prompts)
 
 
@@ -366,7 +371,7 @@ def make_runners(setup: Setup, args: argparse.Namespace, k: int) -> dict[str, Ca
         out = tree_beam_search(target, *prompt(user), trie, k, scope=args.scope)
         return ListResult(out.items[0], out.sequences[0], out.model_calls, out.tokens_processed)
 
-    counter = CallCounter(target.model) if "hf_generate" in args.methods else None
+    counter = CallCounter(setup.target_model) if "hf_generate" in args.methods else None
 
     def hf_generate(user: int) -> ListResult:
         ids, mask = prompt(user)
@@ -377,7 +382,7 @@ def make_runners(setup: Setup, args: argparse.Namespace, k: int) -> dict[str, Ca
 
         counter.reset()
         with torch.inference_mode():
-            out = target.model.generate(
+            out = setup.target_model.generate(
                 ids, attention_mask=mask.long(), num_beams=k, num_return_sequences=k,
                 prefix_allowed_tokens_fn=allowed, max_new_tokens=trie.num_levels, min_new_tokens=trie.num_levels,
                 do_sample=False, length_penalty=0.0, early_stopping=True, return_dict_in_generate=True,
@@ -618,6 +623,8 @@ def header(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,
+        "backend": {"target": type(setup.target).__name__,
+                    "draft": type(setup.draft).__name__ if setup.draft is not None else None},
         "target": asdict(setup.target_info),
         "draft": asdict(setup.draft_info) if setup.draft_info else None,
         "data": {"name": setup.data.dataset.name,
@@ -644,7 +651,8 @@ def format_header(h: dict[str, Any]) -> str:
     draft = ModelInfo(**h["draft"]).describe() if h["draft"] else "none"
     return "\n".join([
         "bench_decoding: top-K decoding walltime per list, batch 1, one process, same users and models",
-        f"device: {h['device']} | torch {h['torch']} | threads {h['threads']} | dtype {h['dtype']}",
+        f"device: {h['device']} | torch {h['torch']} | threads {h['threads']} | dtype {h['dtype']} | "
+        f"forward: {h.get('backend', {}).get('target', 'HFDecoderLM')}",
         f"target: {ModelInfo(**h['target']).describe()}",
         f"draft:  {draft}",
         f"data: {d['name']} ({d['root']}): {d['items']} items, {d['test_users']} test users, {d['prompt_format']} "

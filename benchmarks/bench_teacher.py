@@ -18,7 +18,7 @@ import torch
 from atspeed_exp.data.atspeed_format import build_examples
 from atspeed_exp.data.recdata import RecData
 from atspeed_exp.data.teacher import generate_teacher_data, load_teacher_data
-from atspeed_exp.models.adapter import HFDecoderLM
+from atspeed_exp.models.lean import BACKENDS, decoder_for
 from atspeed_exp.models.build import load_model
 
 
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--draft-beams", type=int, default=40)
     p.add_argument("--gamma", type=int, default=1)
     p.add_argument("--threads", type=int)
+    p.add_argument("--backend", default="auto", choices=list(BACKENDS), help="forward pass (see decoder_for)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -42,8 +43,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          splits=("train",))
     examples = build_examples(data.dataset, "train", sliding_window=False)[: args.examples]
     encoded = data.encode(examples)
-    target = HFDecoderLM.from_model(load_model(target_dir))
-    draft = HFDecoderLM.from_model(load_model(Path(args.draft_dir)))
+    target = decoder_for(load_model(target_dir).eval(), args.backend)
+    draft = decoder_for(load_model(Path(args.draft_dir)).eval(), args.backend)
     trie = data.trie()
     rows, stores = [], {}
     with tempfile.TemporaryDirectory(prefix="bench_teacher-") as tmp:

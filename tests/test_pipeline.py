@@ -189,3 +189,13 @@ def test_teacher_stage_key_ignores_how_the_beams_are_made(tmp_path):
     assert pipeline.teacher_stage_dir(base, target_dir) == pipeline.teacher_stage_dir(with_draft, target_dir)
     other = compose_config(tiny_overrides(tmp_path) + ["teacher.num_beams=5"])
     assert pipeline.teacher_stage_dir(other, target_dir) != pipeline.teacher_stage_dir(base, target_dir)
+
+
+def test_eval_backend_setting_is_checked(tmp_path):
+    cfg = compose_config(tiny_overrides(tmp_path))
+    assert pipeline.eval_backend(cfg) == "auto"
+    cfg.eval.backend = "hf"
+    assert pipeline.eval_backend(cfg) == "hf"
+    cfg.eval.backend = "fast"
+    with pytest.raises(ValueError, match=r"eval.backend='fast': expected one of \['auto', 'lean', 'hf'\]"):
+        pipeline.eval_backend(cfg)

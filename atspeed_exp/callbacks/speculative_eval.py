@@ -13,12 +13,14 @@ import lightning.pytorch as pl
 from atspeed_exp.decoding.protocol import DecoderLM
 from atspeed_exp.decoding.trie import ItemTrie
 from atspeed_exp.evaluation import evaluate_speculative
-from atspeed_exp.models.adapter import HFDecoderLM
+from atspeed_exp.models.lean import decoder_for
 
 
 class SpeculativeEvalCallback(pl.Callback):
     """``settings``: the keyword arguments of ``evaluate_speculative`` (modes, ks, draft_beams, gamma, cutoffs, seed,
-    verify_beams, scope, prune, ...), passed through as they are; ``prefix`` defaults to ``draft_eval``."""
+    verify_beams, scope, prune, ...), passed through as they are; ``prefix`` defaults to ``draft_eval``. The draft
+    runs through ``decoder_for(model, backend)``, rebuilt at each measurement (the lean forward reads the weights
+    once, and they change between epochs)."""
 
     def __init__(
         self,
@@ -28,6 +30,7 @@ class SpeculativeEvalCallback(pl.Callback):
         trie: ItemTrie,
         every_n_epochs: int = 1,
         at_train_end: bool = True,
+        backend: str = "auto",
         **settings: Any,
     ) -> None:
         super().__init__()
@@ -38,13 +41,14 @@ class SpeculativeEvalCallback(pl.Callback):
         self.settings = {"prefix": "draft_eval", **settings}
         self.every_n_epochs = every_n_epochs
         self.at_train_end = at_train_end
+        self.backend = backend
         self.history: list[dict[str, float]] = []
 
     def _measure(self, pl_module: pl.LightningModule) -> dict[str, float]:
         was_training = pl_module.training
         pl_module.eval()
         try:
-            metrics = evaluate_speculative(self.target, HFDecoderLM(pl_module.model), self.prompts,
+            metrics = evaluate_speculative(self.target, decoder_for(pl_module.model, self.backend), self.prompts,
                                            self.ground_truth, self.trie, progress=False, **self.settings)
         finally:
             pl_module.train(was_training)

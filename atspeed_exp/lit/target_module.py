@@ -12,7 +12,7 @@ from atspeed_exp.data.prompts import IGNORE_INDEX
 from atspeed_exp.decoding.trie import ItemTrie
 from atspeed_exp.evaluation import accuracy, generate_lists
 from atspeed_exp.lit.schedules import adamw_warmup_cosine
-from atspeed_exp.models.adapter import HFDecoderLM
+from atspeed_exp.models.lean import decoder_for
 
 
 def response_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -68,7 +68,7 @@ class TargetFinetuneModule(pl.LightningModule):
             return
         self.trie.to(self.device)
         lists = generate_lists(
-            HFDecoderLM(self.model), self.val_prompts, self.trie, self.hparams.val_beams,
+            decoder_for(self.model), self.val_prompts, self.trie, self.hparams.val_beams,
             self.hparams.pad_id, batch_size=self.hparams.val_batch_size, progress=False,
         )
         n = self.hparams.val_beams

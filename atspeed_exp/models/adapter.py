@@ -78,7 +78,7 @@ class HFDecoderLM:
         if tuple(attention_mask.shape) != expected:
             # checked here because a batch-1 mask would broadcast silently over the batch
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {expected}")
-        mask = self._additive_mask(attention_mask)
+        mask = self.additive_mask(attention_mask, self.dtype, self.device)
         with torch.inference_mode():
             out = self.model.get_decoder()(
                 input_ids=input_ids.to(self.device),
@@ -106,13 +106,13 @@ class HFDecoderLM:
             logits = logits.clone()
         return logits
 
-    def _additive_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The mask in the model's dtype and device. Eager attention adds the mask to the scores, so a bool mask
         would give wrong numbers silently: it is converted. Values are clamped to the dtype's minimum because a
         float32 minimum (or -inf) cast to bf16/fp16 becomes -inf, and a fully masked (padding) row then softmaxes
         to NaN."""
-        dtype = self.dtype
-        mask = attention_mask.to(self.device)
+        mask = attention_mask.to(device)
         if mask.dtype == torch.bool:
             zero = torch.zeros((), dtype=dtype, device=mask.device)
             return torch.where(mask, zero, torch.finfo(dtype).min)
