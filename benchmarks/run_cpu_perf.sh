@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The CPU performance tables of README "Performance" (issue 5): Beauty CPU-scale target (beauty_target) with its
 # AtSpeed-S (strict) and AtSpeed-R (relaxed) drafts (beauty_strict / beauty_relaxed runs), batch-1 latency over
-# gamma and M, then throughput at B in {1, 8, 32, 64} and all test users at K = 20. Run one at a time on a quiet
-# machine: ~20 min on the 2-core CPU. Outputs: results/cpu_perf/*.txt (printed tables) and *.json.
+# gamma and M, then throughput at B in {1, 8, 32, 64} and all test users at K = 20; before them, one call of each
+# model under both forwards (bench_forward.py), and the bound "SD with the target as its own draft" (every step
+# accepted at M = N = K: what a perfect draft could save, its own cost aside). Run one at a time on a quiet machine:
+# ~20 min on the 2-core CPU. BACKEND=hf reproduces the transformers-forward tables (results/cpu_perf_hf/).
+# Outputs: $OUT/*.txt (printed tables) and *.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -12,9 +15,17 @@ DRAFT_R=${DRAFT_R:-$(ls -d artifacts/draft/beauty-*-atspeed_r-*/model | head -1)
 # the drafts' own target: a draft dir is named <target dir>-<teacher key>-<objective>-<key>
 TARGET=${TARGET:-artifacts/target/$(basename "$(dirname "$DRAFT_S")" | cut -d- -f1-2)/model}
 USERS=${USERS:-100}
+BACKEND=${BACKEND:-auto}
 mkdir -p "$OUT"
-bench() { local name=$1; shift; "$PY" benchmarks/bench_decoding.py --threads 2 --json-out "$OUT/$name.json" "$@" \
-    2> >(grep -v "Loading weights" >&2) | tee "$OUT/$name.txt"; }
+bench() { local name=$1; shift; "$PY" benchmarks/bench_decoding.py --threads 2 --backend "$BACKEND" \
+    --json-out "$OUT/$name.json" "$@" 2> >(grep -v "Loading weights" >&2) | tee "$OUT/$name.txt"; }
+
+"$PY" benchmarks/bench_forward.py --threads 2 --model-dir "$TARGET" --model-dir "$DRAFT_S" \
+    2> >(grep -v "Loading weights" >&2) | tee "$OUT/forward.txt"
+for k in 5 10 20; do
+  bench "bound_k$k" --target-dir "$TARGET" --draft same --methods beam_tree,sd_strict --users "$USERS" --ks "$k" \
+      --draft-beams "$k" --gamma 3 --repeats 3
+done
 
 for gamma in 1 2 3; do
   bench "strict_g$gamma" --target-dir "$TARGET" --draft-dir "$DRAFT_S" --methods beam,beam_tree,sd_strict --users "$USERS" \
