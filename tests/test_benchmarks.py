@@ -35,7 +35,8 @@ def test_bench_decoding_prints_every_method_and_column(tmp_path, capsys):
     for method in bench.METHODS:
         row = next(line for line in table if line.startswith(method + " "))
         assert len(row.split()) == len(bench.COLUMNS)
-    for field in ("device:", "threads", "target:", "draft:", "data: synthetic", "users: 3", "gamma: 3"):
+    for field in ("device:", "threads", "target:", "draft:", "data: synthetic", "users: 3", "gamma: 3",
+                  "forward: LeanLlamaLM"):
         assert field in out
 
     summary = report["summary"]["5"]
@@ -53,7 +54,7 @@ def test_bench_decoding_top_m_rows_and_throughput_table(tmp_path, capsys):
         "--draft-config", str(REPO / "conf" / "draft" / "draft_1l_128.yaml"),
         "--data-name", "synthetic", "--data-root", str(tmp_path / "synthetic"),
         "--users", "5", "--ks", "5", "--warmup", "1", "--threads", "1", "--methods", "beam,sd_strict,sd_relaxed",
-        "--draft-beams", "10", "--verify-beams", "5,10", "--scope", "level", "--batch-sizes", "1,4",
+        "--draft-beams", "10", "--verify-beams", "5,10", "--scope", "level", "--batch-sizes", "1,4", "--backend", "hf",
     ])
     out = capsys.readouterr().out
     summary = report["summary"]["5"]
@@ -61,7 +62,7 @@ def test_bench_decoding_top_m_rows_and_throughput_table(tmp_path, capsys):
     assert summary["beam"]["mismatches"] == 0  # the two beam-search layouts give the same lists
     assert summary["sd_strict_m5"]["mismatches"] == 0 and summary["sd_strict"]["mismatches"] == 0
     assert summary["sd_strict_m5"]["target_tokens"] <= summary["sd_strict"]["target_tokens"] * 2  # sane counts
-    assert "M (verified beams): 5,10" in out and "scope: level" in out
+    assert "M (verified beams): 5,10" in out and "scope: level" in out and "forward: HFDecoderLM" in out
     rows = report["throughput"]
     assert {(r["batch"], r["method"]) for r in rows} == {
         (b, m) for b in (1, 4)
@@ -71,3 +72,38 @@ def test_bench_decoding_top_m_rows_and_throughput_table(tmp_path, capsys):
         if row["method"].startswith("sd_strict") or row["method"] == "beam":
             assert row["mismatches"] == 0
     assert "lists per second" in out
+
+
+def test_bench_forward_compares_both_forwards(tmp_path, capsys):
+    from atspeed_exp.models.build import build_scratch_llama, save_model
+
+    model = build_scratch_llama(vocab_size=40, pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_size=32,
+                                intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, seed=0)
+    save_model(model, tmp_path / "model")
+    rows = load_script("bench_forward").main(["--model-dir", str(tmp_path / "model"), "--widths", "1,5",
+                                              "--prompt-len", "6", "--repeats", "20", "--threads", "1"])
+    assert [r["q"] for r in rows] == [1, 5]
+    for row in rows:
+        assert row["hf_ms"] > 0 and row["lean_ms"] > 0 and row["max_abs_diff"] < 1e-4
+    assert "hf/lean" in capsys.readouterr().out
+
+
+def test_perf_tables_come_from_the_benchmark_json(tmp_path, capsys):
+    bench = load_script("bench_decoding")
+    common = ["--target-config", str(REPO / "conf" / "model" / "llama_tiny.yaml"), "--data-name", "synthetic",
+              "--data-root", str(tmp_path / "synthetic"), "--users", "3", "--ks", "5", "--warmup", "1",
+              "--threads", "1"]
+    report = bench.main(common + ["--draft-config", str(REPO / "conf" / "draft" / "draft_1l_128.yaml"),
+                                  "--methods", "beam_tree,sd_strict", "--draft-beams", "10", "--verify-beams", "5,10",
+                                  "--gamma", "1", "--json-out", str(tmp_path / "strict_g1.json")])
+    bench.main(common + ["--draft", "same", "--methods", "beam_tree,sd_strict", "--draft-beams", "5",
+                         "--json-out", str(tmp_path / "bound_k5.json")])
+    capsys.readouterr()
+    text = load_script("perf_tables").main([str(tmp_path)])
+    best = max(("sd_strict_m5", "sd_strict"), key=lambda m: report["summary"]["5"][m]["speedup_tot"])
+    s = report["summary"]["5"][best]
+    assert f"| strict | 5 | 1 | {5 if best.endswith('m5') else 10} |" in text
+    assert f"**{s['speedup_tot']:.2f}** | {s['target_calls']:.2f} |" in text
+    bound_row = next(line for line in text.splitlines() if line.startswith("| 5 |"))
+    assert "(" in bound_row and bound_row.count("|") == 7

@@ -1,10 +1,10 @@
 """``LeanLlamaLM``: the forward pass of a transformers ``LlamaForCausalLM`` written out in plain torch ops, behind the
 ``DecoderLM`` protocol, for decoding only.
 
-Why: our models are small (a Beauty target is 4 layers of width 192), so a call's cost is mostly per-call overhead,
-not arithmetic. transformers spends ~2.4 ms per call of the 4-layer target on this project's CPU (module dispatch,
-mask and cache bookkeeping, output dataclasses) before any token is processed; this forward spends ~0.7 ms
-(measured with one query token). Fewer, larger matmuls help the GPU in the same way (fewer kernel launches).
+Why: our models are small (a Beauty target is 4 layers of width 192), so a call of a few tokens costs mostly
+per-call overhead (module dispatch, mask and cache bookkeeping, output dataclasses), not arithmetic: one-token calls
+of the Beauty target and draft are 1.5x and 2.4x faster than transformers' on the project's CPU
+(``benchmarks/bench_forward.py``). Fewer, larger matmuls should help a GPU the same way (fewer kernel launches).
 
 Contract (the same as ``HFDecoderLM``; any difference is float rounding):
 - Built from a plain ``LlamaForCausalLM`` in eval mode by ``LeanLlamaLM.from_model``; the weights are read at

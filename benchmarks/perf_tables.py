@@ -1,0 +1,97 @@
+"""README's CPU performance tables as markdown, from the JSON files that ``run_cpu_perf.sh`` writes (nothing is
+typed by hand): the K = 10 grid over (mode, γ, M), the best setting per (mode, K), the perfect-draft bound,
+throughput per batch size, and the all-users run.
+
+    python benchmarks/perf_tables.py results/cpu_perf
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+GRID_HEADER = ("| mode | K | γ | M | beam_tree ms | SD ms | speedup | target calls | draft calls | target tokens | "
+               "draft tokens | acceptance | profile (ms) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def load(folder: Path, name: str) -> dict | None:
+    path = folder / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def sd_rows(report: dict, mode: str) -> list[dict]:
+    """One row per (K, SD method) of a batch-1 report, with its own beam_tree time."""
+    rows = []
+    gamma, draft_beams = report["header"]["gamma"], report["header"]["draft_beams"]
+    for k, methods in report["summary"].items():
+        for method, s in methods.items():
+            if not method.startswith(f"sd_{mode}"):
+                continue
+            m = int(method.rsplit("_m", 1)[1]) if "_m" in method else draft_beams
+            rows.append({"mode": mode, "k": int(k), "gamma": gamma, "m": m, "beam_ms": methods["beam_tree"]["median_ms"],
+                         **s})
+    return rows
+
+
+def grid_line(r: dict) -> str:
+    profile = " / ".join(f"{r[p]:.1f}" for p in ("draft_ms", "verify_ms", "accept_ms", "other_ms"))
+    return (f"| {r['mode']} | {r['k']} | {r['gamma']} | {r['m']} | {r['beam_ms']:.1f} | {r['median_ms']:.1f} | "
+            f"**{r['speedup_tot']:.2f}** | {r['target_calls']:.2f} | {r['draft_calls']:.2f} | "
+            f"{r['target_tokens']:.0f} | {r['draft_tokens']:.0f} | {r['accept_rate']:.3f} | {profile} |")
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("folder", type=Path)
+    args = p.parse_args(argv)
+    folder, out = args.folder, []
+    rows = []
+    for mode in ("strict", "relaxed"):
+        for gamma in (1, 2, 3):
+            report = load(folder, f"{mode}_g{gamma}")
+            if report:
+                rows += sd_rows(report, mode)
+    if rows:
+        out += ["K = 10, every (γ, M):", "", GRID_HEADER]
+        out += [grid_line(r) for r in sorted(rows, key=lambda r: (r["mode"] != "strict", r["gamma"], r["m"]))
+                if r["k"] == 10]
+        out += ["", "The best setting per K (highest speedup_tot in the grid):", "", GRID_HEADER]
+        for mode in ("strict", "relaxed"):
+            for k in sorted({r["k"] for r in rows}):
+                candidates = [r for r in rows if r["mode"] == mode and r["k"] == k]
+                if candidates:
+                    out.append(grid_line(max(candidates, key=lambda r: r["speedup_tot"])))
+    bounds = [(k, load(folder, f"bound_k{k}")) for k in (5, 10, 20)]
+    if any(b for _, b in bounds):
+        out += ["", "Bound: the target drafts for itself (every step accepted, M = N = K, γ = 3, one target call):", "",
+                "| K | beam_tree ms | SD ms | verify + accept + other ms | beam_tree / (verify + accept + other) | "
+                "target tokens (beam_tree) |", "|---|---|---|---|---|---|"]
+        for k, b in bounds:
+            if b:
+                s = b["summary"][str(k)]
+                sd, beam = s["sd_strict"], s["beam_tree"]
+                rest = sd["verify_ms"] + sd["accept_ms"] + sd["other_ms"]
+                out.append(f"| {k} | {beam['median_ms']:.1f} | {sd['median_ms']:.1f} | {rest:.1f} | "
+                           f"**{beam['median_ms'] / rest:.2f}** | {sd['target_tokens']:.0f} ({beam['target_tokens']:.0f}) |")
+    for name in ("throughput_k10", "throughput_k10_relaxed", "all_users_k20"):
+        report = load(folder, name)
+        if not report or not report.get("throughput"):
+            continue
+        out += ["", f"`{name}` (lists per second; speedup against beam_tree at the same B):", "",
+                "| K | B | method | lists | total s | lists/s | speedup | target calls per list | batched target calls | "
+                "target tokens per list | mismatches |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in report["throughput"]:
+            mismatches = "-" if r["method"] == "beam_tree" or r["mismatches"] is None else str(r["mismatches"])
+            speedup = r.get("speedup", math.nan)
+            out.append(f"| {r['k']} | {r['batch']} | {r['method']} | {r['lists']} | {r['total_s']:.1f} | "
+                       f"{r['lists_per_s']:.1f} | {speedup:.2f} | {r['target_calls_per_list']:.2f} | "
+                       f"{r['batched_target_calls']} | {r['target_tokens_per_list']:.0f} | {mismatches} |")
+    text = "\n".join(out)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
