@@ -110,10 +110,9 @@ class LeanLlamaLM:
             for layer in base.layers
         ]
         rotary = base.rotary_emb
-        self.inv_freq = rotary.inv_freq.detach().float()
+        self.inv_freq = rotary.inv_freq.detach().float().to(self.embed.device)
         self.rope_scaling = float(rotary.attention_scaling)
         self.scaling = self.head_dim**-0.5
-        self._cos = self._sin = torch.empty(0, self.head_dim)  # rotary tables by position, grown on demand
 
     @classmethod
     def from_model(cls, model: nn.Module) -> LeanLlamaLM:
@@ -143,15 +142,11 @@ class LeanLlamaLM:
         return self.project(hidden), cache
 
     def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin ``[B, 1, q_len, head_dim]`` in the model's dtype (as transformers computes them, row by row)."""
-        needed = int(positions.max()) + 1 if positions.numel() else 0
-        if needed > self._cos.shape[0]:
-            size = max(needed, 2 * self._cos.shape[0], 256)
-            freqs = torch.arange(size, dtype=torch.float32, device=self.device)[:, None] * self.inv_freq.to(self.device)
-            emb = torch.cat([freqs, freqs], dim=-1)
-            self._cos = (emb.cos() * self.rope_scaling).to(self.dtype)
-            self._sin = (emb.sin() * self.rope_scaling).to(self.dtype)
-        return self._cos[positions][:, None], self._sin[positions][:, None]
+        """cos, sin ``[B, 1, q_len, head_dim]`` in the model's dtype, computed as transformers does (a table indexed
+        by position would need the largest position on the host: a device sync per call on a GPU)."""
+        freqs = positions[..., None].float() * self.inv_freq  # [B, q_len, head_dim / 2]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+        return (emb.cos() * self.rope_scaling).to(self.dtype), (emb.sin() * self.rope_scaling).to(self.dtype)
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:  # the same arithmetic as below, without two no-op casts per norm
