@@ -41,7 +41,7 @@ from atspeed_exp.decoding.protocol import DecoderLM
 from atspeed_exp.evaluation import accuracy, evaluate_speculative, generate_lists, most_popular_accuracy
 from atspeed_exp.lit.draft_module import DraftAlignmentModule
 from atspeed_exp.lit.target_module import TargetFinetuneModule
-from atspeed_exp.models.build import count_parameters, load_model, merge_lora, save_model
+from atspeed_exp.models.build import DTYPES, count_parameters, load_model, merge_lora, save_model
 from atspeed_exp.models.lean import BACKENDS, decoder_for
 
 log = logging.getLogger(__name__)
@@ -180,9 +180,6 @@ def train_target(cfg: DictConfig, logger: Any, extra_callbacks: list | None = No
         },
     )
     return stage_dir, data
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_target(stage_dir: Path, device: str = "cpu", dtype: str = "float32", backend: str = "auto") -> DecoderLM:

@@ -47,13 +47,12 @@ from atspeed_exp.decoding.tree import tree_beam_search
 from atspeed_exp.decoding.trie import ItemTrie
 from atspeed_exp.models.adapter import HFDecoderLM
 from atspeed_exp.models.lean import BACKENDS, LeanLlamaLM, decoder_for
-from atspeed_exp.models.build import count_parameters, load_model, merge_lora
+from atspeed_exp.models.build import DTYPES, count_parameters, load_model, merge_lora
 
 log = logging.getLogger("bench_decoding")
 
 METHODS = ("beam", "beam_tree", "hf_generate", "sd_strict", "sd_relaxed", "sd_relaxed_exact")
 BASELINE = "beam_tree"  # our best target-only beam search (one cache row per user, tree attention)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COLUMNS = (
     "method", "lists", "median_ms", "p90_ms", "speedup_tot", "speedup_mean", "tgt_calls", "drf_calls",
     "tgt_tokens", "drf_tokens", "accept_rate", "acc_steps/round", "draft_ms", "verify_ms", "accept_ms", "other_ms",

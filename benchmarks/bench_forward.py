@@ -18,21 +18,30 @@ from peft import PeftModel
 
 from atspeed_exp.decoding.protocol import mask_value
 from atspeed_exp.models.adapter import HFDecoderLM
-from atspeed_exp.models.build import count_parameters, load_model, merge_lora
+from atspeed_exp.models.build import DTYPES, count_parameters, load_model, merge_lora
 from atspeed_exp.models.lean import LeanLlamaLM
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":  # kernels are asynchronous: time them to completion
+        torch.cuda.synchronize(device)
 
 
 def timed_calls(lm, prompt_cache, width: int, prompt_len: int, repeats: int, vocab: int) -> tuple[list[float], torch.Tensor]:
     gen = torch.Generator().manual_seed(width)
-    ids = torch.randint(4, vocab, (1, width), generator=gen)
-    positions = prompt_len + torch.arange(width)[None]
-    mask = torch.zeros(1, 1, width, prompt_len + width)
+    device = lm.device
+    ids = torch.randint(4, vocab, (1, width), generator=gen).to(device)
+    positions = (prompt_len + torch.arange(width)[None]).to(device)
+    mask = torch.zeros(1, 1, width, prompt_len + width, device=device)
+    keep = torch.arange(prompt_len, device=device)[None]
     times, logits = [], None
     for _ in range(repeats):
-        cache = lm.gather_cache(prompt_cache(), torch.arange(prompt_len)[None])  # a fresh copy of the prompt cache
+        cache = lm.gather_cache(prompt_cache(), keep)  # a fresh copy of the prompt cache
+        sync(device)
         start = time.perf_counter()
         hidden, _ = lm.hidden(ids, positions, mask, cache)
         logits = lm.project(hidden)
+        sync(device)
         times.append(time.perf_counter() - start)
     return times, logits
 
@@ -44,6 +53,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--prompt-len", type=int, default=50, help="cached tokens before the call")
     p.add_argument("--repeats", type=int, default=200)
     p.add_argument("--threads", type=int)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="model weights (bfloat16: for cuda)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -52,7 +63,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         model = load_model(Path(model_dir))
         if isinstance(model, PeftModel):
             model = merge_lora(model)
-        model.eval()
+        model = model.to(device=args.device, dtype=DTYPES[args.dtype]).eval()
         vocab = model.config.vocab_size
         config = model.config
         label = (f"{Path(model_dir).parent.name}: {config.num_hidden_layers}L/{config.hidden_size}, "
@@ -62,7 +73,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             allowed = torch.ones(args.prompt_len, args.prompt_len, dtype=torch.bool).tril()
             mask = torch.where(allowed, 0.0, mask_value(torch.float32))[None, None]
             ids = torch.randint(4, vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
-            _, cache = lm.hidden(ids, torch.arange(args.prompt_len)[None], mask, None)
+            _, cache = lm.hidden(ids.to(lm.device), torch.arange(args.prompt_len, device=lm.device)[None],
+                                 mask.to(lm.device), None)
             caches[name] = (lm, cache)
         for width in map(int, args.widths.split(",")):
             times = {"hf": [], "lean": []}
@@ -74,13 +86,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     times[name] += block
             hf_ms, lean_ms = (1000 * statistics.median(times[n]) for n in ("hf", "lean"))
             rows.append({"model": label, "q": width, "hf_ms": hf_ms, "lean_ms": lean_ms, "ratio": hf_ms / lean_ms,
-                         "max_abs_diff": float((logits["hf"] - logits["lean"]).abs().max())})
+                         "max_abs_diff": float((logits["hf"] - logits["lean"]).abs().max().cpu())})
     header = ["model", "q", "hf_ms", "lean_ms", "hf/lean", "max|logit diff|"]
     table = [header] + [[r["model"], str(r["q"]), f"{r['hf_ms']:.3f}", f"{r['lean_ms']:.3f}", f"{r['ratio']:.2f}",
                          f"{r['max_abs_diff']:.1e}"] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, threads {torch.get_num_threads()}"
     print(f"bench_forward: one call of q tokens after a {args.prompt_len}-token cached prompt, median of "
-          f"{args.repeats}, threads {torch.get_num_threads()}, torch {torch.__version__}")
+          f"{args.repeats}, {device}, {args.dtype}, torch {torch.__version__}")
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
     return rows

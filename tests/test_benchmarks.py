@@ -2,8 +2,12 @@
 assertions: the script measures, the test only checks that it runs and reports everything)."""
 
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,3 +111,29 @@ def test_perf_tables_come_from_the_benchmark_json(tmp_path, capsys):
     assert f"**{s['speedup_tot']:.2f}** | {s['target_calls']:.2f} |" in text
     bound_row = next(line for line in text.splitlines() if line.startswith("| 5 |"))
     assert "(" in bound_row and bound_row.count("|") == 7
+
+
+@pytest.mark.slow
+def test_run_gpu_perf_script_runs_end_to_end_on_tiny_models(tmp_path):
+    # the GPU script can only be exercised for real on a lent GPU; this runs every step on the CPU (tiny models,
+    # synthetic data) so that a GPU session does not spend its minutes on a broken script
+    env = {**os.environ, "MODE": "strict", "PY": sys.executable, "DEVICE": "cpu", "DTYPE": "float32",
+           "DATA_ROOT": str(tmp_path / "data" / "synthetic"), "USERS": "3", "THROUGHPUT_USERS": "8",
+           "OUT": str(tmp_path / "out"), "RESULTS": str(tmp_path / "results"), "ARTIFACTS": str(tmp_path / "artifacts"),
+           "TARGET_EPOCHS": "1", "DRAFT_EPOCHS": "1", "WANDB_MODE": "disabled",
+           "EXTRA": " ".join([
+               "data=synthetic", "data.synthetic.num_users=150", "data.synthetic.num_items=120",
+               f"paths.data_dir={tmp_path / 'data'}", "model=llama_tiny",
+               "model.num_hidden_layers=1", "draft=draft_tiny", "trainer=cpu", "eval.device=cpu",
+               "target_training=default", "target_training.val_users=10", "eval.max_users=10",
+               "teacher.num_beams=10", "teacher.max_examples=30", "teacher.max_val_examples=5",
+               "draft_training.batch_size=8", "decoding.draft_beams=40"])}
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "run_gpu_perf.sh")], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    names = {p.name for p in (tmp_path / "results").iterdir()}
+    assert {"run.log", "forward.txt", "strict_g1.json", "strict_g3.json", "strict_g3_hf.json",
+            "throughput_k10_strict.json", "summary.json"} <= names
+    assert (tmp_path / "out" / "gpu_perf_strict.tgz").stat().st_size > 0
+    text = load_script("perf_tables").main([str(tmp_path / "results")])
+    assert "| strict | 10 | 3 | 40 |" in text

@@ -32,6 +32,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 MANIFEST = "atspeed_model.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # weights by config name
 EXTRA_ROWS = "atspeed_extra_rows.safetensors"
 # Where a peft model built here keeps what save_model needs to rebuild its base (set by load_pretrained_with_lora
 # and load_model; a plain attribute of the PeftModel, not saved by torch).
