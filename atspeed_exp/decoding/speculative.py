@@ -378,15 +378,22 @@ class _Timer:
 
 
 # -- helpers over the levels of a round ----------------------------------------------------------------------------
-def _pick(tensors: list[torch.Tensor], index: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
-    """Per user b, ``tensors[index[b]][b]`` (``host``: the same indices on the host). Bool visibilities ``[B, M, C_i]``
-    are widened to the longest C. When every user picks the same level (always at B = 1) that level is returned as
-    is; otherwise the tensors are padded to a common M and stacked, and the result is ``[B, max M, ...]``."""
-    if tensors[0].dtype == torch.bool and tensors[0].dim() == 3:
-        last = max(t.shape[2] for t in tensors)
-        tensors = [widen(t, last) for t in tensors]
-    if bool((host == host[0]).all()):  # host: a CPU tensor, no device sync
-        return tensors[int(host[0])]
+def _uniform(host: torch.Tensor) -> int | None:
+    """The index every user picks, if they all pick the same one (always at B = 1), else None; ``host`` is a CPU
+    tensor, so deciding costs no device sync. Decided once per round for all the ``_pick`` calls that share it."""
+    return int(host[0]) if bool((host == host[0]).all()) else None
+
+
+def _pick(tensors: list[torch.Tensor], index: torch.Tensor, same: int | None) -> torch.Tensor:
+    """Per user b, ``tensors[index[b]][b]``; ``same``: ``_uniform`` of the same indices on the host. Bool
+    visibilities ``[B, M, C_i]`` are widened to the longest C. When every user picks the same level that level is
+    returned as is (widened); otherwise the tensors are padded to a common M and stacked, and the result is
+    ``[B, max M, ...]``."""
+    widen_to = max(t.shape[2] for t in tensors) if tensors[0].dtype == torch.bool and tensors[0].dim() == 3 else None
+    if same is not None:
+        return tensors[same] if widen_to is None else widen(tensors[same], widen_to)
+    if widen_to is not None:
+        tensors = [widen(t, widen_to) for t in tensors]
     width = max(t.shape[1] for t in tensors)
     padded = []
     for t in tensors:
@@ -760,20 +767,21 @@ def speculative_beam_search(
                 accepted = torch.zeros(len(rows), dtype=torch.long, device=device)
                 host_accepted = torch.zeros(len(rows), dtype=torch.long)
             # the target's beams at depth t + accepted + 1, from logits it already has
-            ref = _pick([s.ref for s in out], accepted, host_accepted)
-            codes = _pick([s.codes for s in out], accepted, host_accepted)
-            new_scores = _pick([s.scores for s in out], accepted, host_accepted)
+            same = _uniform(host_accepted)
+            ref = _pick([s.ref for s in out], accepted, same)
+            codes = _pick([s.codes for s in out], accepted, same)
+            new_scores = _pick([s.scores for s in out], accepted, same)
             base = _Level(  # the level their parents are in
-                sequences=_pick([lv.sequences for lv in levels], accepted, host_accepted),
-                nodes=_pick([lv.nodes for lv in levels], accepted, host_accepted),
+                sequences=_pick([lv.sequences for lv in levels], accepted, same),
+                nodes=_pick([lv.nodes for lv in levels], accepted, same),
                 draft_scores=new_scores,
-                position=_pick([lv.position for lv in levels], accepted, host_accepted),
+                position=_pick([lv.position for lv in levels], accepted, same),
             )
             new = _child(base, new_scores, ref, codes, trie, t + accepted)
             alive = torch.isfinite(new_scores)
             if record_logits:
                 history = _extend_history(history, levels, ref, accepted, t, num_steps)
-            target_visible = take_beams(_pick([lv.target_visible for lv in levels], accepted, host_accepted), ref)
+            target_visible = take_beams(_pick([lv.target_visible for lv in levels], accepted, same), ref)
             keep_target = (target_visible & alive[:, :, None]).any(1)  # [B, C_t] columns a live beam sees
             if num_steps > 0:
                 # Draft view. accepted < d_b: the kept level was fed to the draft; only the new token is pending.
@@ -782,10 +790,11 @@ def speculative_beam_search(
                 host_fed = torch.where(host_accepted < host_steps, host_accepted, (host_steps - 1).clamp(min=0))
                 fed_index = torch.where(short, accepted, steps - 1).clamp(min=0)
                 parents = _pick([lv.parent if lv.parent is not None else torch.zeros_like(lv.nodes)
-                                 for lv in levels], accepted, host_accepted)
+                                 for lv in levels], accepted, same)
                 fed_ref = torch.where(short[:, None], ref, take_beams(parents, ref))
-                fed_visible = _pick([lv.draft_visible for lv in levels[:num_steps]], fed_index, host_fed)
-                fed_position = _pick([lv.position for lv in levels[:num_steps]], fed_index, host_fed)
+                same_fed = _uniform(host_fed)
+                fed_visible = _pick([lv.draft_visible for lv in levels[:num_steps]], fed_index, same_fed)
+                fed_position = _pick([lv.position for lv in levels[:num_steps]], fed_index, same_fed)
                 draft_visible = take_beams(fed_visible, fed_ref)
                 keep_draft = (draft_visible & alive[:, :, None]).any(1)
                 new_t = t + accepted + 1
