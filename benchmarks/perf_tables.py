@@ -12,8 +12,10 @@ import json
 import math
 from pathlib import Path
 
-GRID_HEADER = ("| mode | K | γ | M | beam_tree ms | SD ms | speedup | target calls | draft calls | target tokens | "
-               "draft tokens | acceptance | profile (ms) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+GRID_HEADER = ("| mode | K | γ | M | forward | beam_tree ms | SD ms | speedup | target calls | draft calls | "
+               "target tokens | draft tokens | acceptance | profile (ms) |\n"
+               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+FORWARDS = {"LeanLlamaLM": "lean", "HFDecoderLM": "hf"}
 
 
 def load(folder: Path, name: str) -> dict | None:
@@ -25,19 +27,20 @@ def sd_rows(report: dict, mode: str) -> list[dict]:
     """One row per (K, SD method) of a batch-1 report, with its own beam_tree time."""
     rows = []
     gamma, draft_beams = report["header"]["gamma"], report["header"]["draft_beams"]
+    forward = FORWARDS.get(report["header"].get("backend", {}).get("target", "HFDecoderLM"), "?")
     for k, methods in report["summary"].items():
         for method, s in methods.items():
             if not method.startswith(f"sd_{mode}"):
                 continue
             m = int(method.rsplit("_m", 1)[1]) if "_m" in method else draft_beams
-            rows.append({"mode": mode, "k": int(k), "gamma": gamma, "m": m, "beam_ms": methods["beam_tree"]["median_ms"],
-                         **s})
+            rows.append({"mode": mode, "k": int(k), "gamma": gamma, "m": m, "forward": forward,
+                         "beam_ms": methods["beam_tree"]["median_ms"], **s})
     return rows
 
 
 def grid_line(r: dict) -> str:
     profile = " / ".join(f"{r[p]:.1f}" for p in ("draft_ms", "verify_ms", "accept_ms", "other_ms"))
-    return (f"| {r['mode']} | {r['k']} | {r['gamma']} | {r['m']} | {r['beam_ms']:.1f} | {r['median_ms']:.1f} | "
+    return (f"| {r['mode']} | {r['k']} | {r['gamma']} | {r['m']} | {r['forward']} | {r['beam_ms']:.1f} | {r['median_ms']:.1f} | "
             f"**{r['speedup_tot']:.2f}** | {r['target_calls']:.2f} | {r['draft_calls']:.2f} | "
             f"{r['target_tokens']:.0f} | {r['draft_tokens']:.0f} | {r['accept_rate']:.3f} | {profile} |")
 
@@ -49,13 +52,11 @@ def main(argv: list[str] | None = None) -> str:
     folder, out = args.folder, []
     rows = []
     for mode in ("strict", "relaxed"):
-        for gamma in (1, 2, 3):
-            report = load(folder, f"{mode}_g{gamma}")
-            if report:
-                rows += sd_rows(report, mode)
+        for path in sorted(folder.glob(f"{mode}_g*.json")):  # strict_g1, strict_g3_hf, ...
+            rows += sd_rows(json.loads(path.read_text()), mode)
     if rows:
         out += ["K = 10, every (γ, M):", "", GRID_HEADER]
-        out += [grid_line(r) for r in sorted(rows, key=lambda r: (r["mode"] != "strict", r["gamma"], r["m"]))
+        out += [grid_line(r) for r in sorted(rows, key=lambda r: (r["mode"] != "strict", r["forward"], r["gamma"], r["m"]))
                 if r["k"] == 10]
         out += ["", "The best setting per K (highest speedup_tot in the grid):", "", GRID_HEADER]
         for mode in ("strict", "relaxed"):
@@ -75,9 +76,9 @@ def main(argv: list[str] | None = None) -> str:
                 rest = sd["verify_ms"] + sd["accept_ms"] + sd["other_ms"]
                 out.append(f"| {k} | {beam['median_ms']:.1f} | {sd['median_ms']:.1f} | {rest:.1f} | "
                            f"**{beam['median_ms'] / rest:.2f}** | {sd['target_tokens']:.0f} ({beam['target_tokens']:.0f}) |")
-    for name in ("throughput_k10", "throughput_k10_relaxed", "all_users_k20"):
-        report = load(folder, name)
-        if not report or not report.get("throughput"):
+    for path in sorted(folder.glob("*.json")):  # every report with a throughput table
+        name, report = path.stem, json.loads(path.read_text())
+        if not report.get("throughput"):
             continue
         out += ["", f"`{name}` (lists per second; speedup against beam_tree at the same B):", "",
                 "| K | B | method | lists | total s | lists/s | speedup | target calls per list | batched target calls | "
