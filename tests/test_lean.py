@@ -146,3 +146,4 @@ def test_lean_reads_weights_once():
     torch.testing.assert_close(after, before)
     rebuilt, _ = LeanLlamaLM(model)(ids, pos, mask, None)
     assert not torch.allclose(rebuilt, before)
+

@@ -75,6 +75,7 @@ def _cat_bias(*linears: nn.Linear) -> torch.Tensor | None:
 
 
 class LeanLlamaLM:
+    @torch.no_grad()  # the fused copies of a model being trained (the callback's draft) must not record a graph
     def __init__(self, model: nn.Module) -> None:
         reason = lean_supported(model)
         if reason is not None:
