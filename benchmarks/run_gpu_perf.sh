@@ -13,7 +13,7 @@
 # data/beauty, and run `WHEELS_DIR=.whl MODE=strict WANDB_MODE=disabled HF_HUB_OFFLINE=1 OUT=$OUT bash
 # benchmarks/run_gpu_perf.sh` (timeout_s 600); $OUT/gpu_perf_MODE.tgz comes back.
 # Env: PY (python), DATA_ROOT (Beauty folder; default data/beauty, a copy of ../shared/data/beauty carried along),
-# TARGET_EPOCHS (2), DRAFT_EPOCHS (2), USERS (100), THROUGHPUT_USERS (512), OUT (results/gpu_perf), RESULTS
+# TARGET_EPOCHS (2), DRAFT_EPOCHS (2), USERS (100), REPEATS (1; runs per list), THROUGHPUT_USERS (512), OUT (results/gpu_perf), RESULTS
 # (results/gpu_perf_MODE), ARTIFACTS (artifacts); DEVICE / DTYPE (cuda / bfloat16) and EXTRA (more Hydra overrides)
 # let a CPU smoke test run the same steps on tiny models (tests/test_benchmarks.py).
 set -euo pipefail
@@ -55,10 +55,10 @@ bench() { local name=$1; shift; "$PY" benchmarks/bench_decoding.py --device "$DE
     2> >(grep -v "Loading weights" >&2) | tee "$RESULTS/$name.txt"; }
 for gamma in 1 3; do
   bench "${MODE}_g$gamma" --methods "beam,beam_tree,sd_$MODE" --users "$USERS" --ks 10 --draft-beams 40 \
-      --verify-beams 10,20,40 --gamma "$gamma" --repeats 3
+      --verify-beams 10,20,40 --gamma "$gamma" --repeats "${REPEATS:-1}"
 done
 bench "${MODE}_g3_hf" --backend hf --methods "beam_tree,sd_$MODE" --users "$USERS" --ks 10 --draft-beams 40 \
-    --verify-beams 20,40 --gamma 3 --repeats 3
+    --verify-beams 20,40 --gamma 3 --repeats "${REPEATS:-1}"
 bench "throughput_k10_$MODE" --methods "beam_tree,sd_$MODE" --users "${THROUGHPUT_USERS:-512}" --ks 10 --draft-beams 40 --verify-beams 20,40 \
     --gamma 3 --batch-sizes 1,8,32,64 --skip-latency
 cp "$RESULTS/run/summary.json" "$RESULTS/summary.json"
