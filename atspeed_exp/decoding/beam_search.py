@@ -102,9 +102,7 @@ def level_scores(
             log_probs = torch.log_softmax(model.project(hidden), dim=-1)[..., start:end]
         else:
             log_probs = torch.log_softmax(model.project(hidden, start, end), dim=-1)
-        if end - start < width:
-            pad = log_probs.new_full((*log_probs.shape[:-1], width - (end - start)), float("-inf"))
-            log_probs = torch.cat([log_probs, pad], -1)
+        log_probs = _pad_block(log_probs, width)
         here = trie.global_allowed[nodes] & (trie.node_depth[nodes] == depths[0])[..., None]
         return log_probs.masked_fill(~here, float("-inf")), None
     row_depth = trie.node_depth[nodes]
@@ -122,8 +120,7 @@ def level_scores(
         else:
             block = model.project(hidden, start, end)
             lse = torch.logsumexp(block, dim=-1)
-        if end - start < width:
-            block = torch.cat([block, block.new_full((*block.shape[:-1], width - (end - start)), float("-inf"))], -1)
+        block = _pad_block(block, width)
         here = (row_depth == depth)[..., None]
         out = torch.where(here, block - lse[..., None], out)
         if record:
@@ -131,6 +128,12 @@ def level_scores(
             norm = torch.where(here[..., 0], lse, norm)
     out = out.masked_fill(~trie.global_allowed[nodes], float("-inf"))
     return out, ((raw, norm) if record else None)
+
+
+def _pad_block(block: torch.Tensor, width: int) -> torch.Tensor:
+    """A level's scores ``[..., S]`` padded with -inf to the widest block's ``width`` columns."""
+    missing = width - block.shape[-1]
+    return block if missing == 0 else torch.cat([block, block.new_full((*block.shape[:-1], missing), float("-inf"))], -1)
 
 
 def select_top_k(

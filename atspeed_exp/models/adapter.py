@@ -23,6 +23,13 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 
+def editable_float(logits: torch.Tensor) -> torch.Tensor:
+    """Logits as float32 in a normal tensor. Made under inference_mode, they would refuse in-place edits (e.g. the
+    trie constraint's masked_fill_) outside it; .float() of float32 logits is a no-op, so those are copied."""
+    logits = logits.float()
+    return logits.clone() if logits.is_inference() else logits
+
+
 class HFDecoderLM:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -99,12 +106,7 @@ class HFDecoderLM:
                 logits = F.linear(hidden, head.weight[start:end], bias)
             else:
                 logits = head(hidden)[..., start:end]
-        logits = logits.float()
-        if logits.is_inference():
-            # Made under inference_mode, the logits would refuse in-place edits (e.g. the trie constraint's
-            # masked_fill_) outside it; .float() of float32 logits is a no-op, so copy to a normal tensor.
-            logits = logits.clone()
-        return logits
+        return editable_float(logits)
 
     @staticmethod
     def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atspeed_exp.models.adapter import HFDecoderLM
+from atspeed_exp.models.adapter import HFDecoderLM, editable_float
 
 # RoPE types whose inverse frequencies are fixed at construction (the rest rescale with the sequence length)
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -201,8 +201,8 @@ class LeanLlamaLM:
         """Logits of tokens ``start..end - 1`` ``[..., end - start]`` float32 (only those rows of the head)."""
         with torch.inference_mode():
             bias = None if self.head_bias is None else self.head_bias[start:end]
-            logits = F.linear(hidden, self.head[start:end], bias).float()
-        return logits.clone() if logits.is_inference() else logits
+            logits = F.linear(hidden, self.head[start:end], bias)
+        return editable_float(logits)
 
     def reorder_cache(self, cache: LeanCache, batch_index: torch.Tensor) -> LeanCache:
         with torch.inference_mode():
