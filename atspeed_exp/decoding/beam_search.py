@@ -68,7 +68,8 @@ def causal_prefill_mask(prompt_mask: torch.Tensor, dtype: torch.dtype) -> torch.
 
 def additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Bool visibility -> additive float mask (0 where visible)."""
-    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, mask_value(dtype))
+    mask = torch.where(visible, 0.0, mask_value(dtype))  # one op (the default float dtype)
+    return mask if mask.dtype == dtype else mask.to(dtype)
 
 
 SCOPES = ("vocab", "level")
@@ -104,7 +105,7 @@ def level_scores(
             log_probs = torch.log_softmax(model.project(hidden, start, end), dim=-1)
         log_probs = _pad_block(log_probs, width)
         here = trie.global_allowed[nodes] & (trie.node_depth[nodes] == depths[0])[..., None]
-        return log_probs.masked_fill(~here, float("-inf")), None
+        return torch.where(here, log_probs, float("-inf")), None
     row_depth = trie.node_depth[nodes]
     out = torch.full((*nodes.shape, width), float("-inf"), device=hidden.device)
     raw = torch.full_like(out, float("-inf")) if record else None

@@ -378,10 +378,11 @@ class _Timer:
 
 
 # -- helpers over the levels of a round ----------------------------------------------------------------------------
-def _uniform(host: torch.Tensor) -> int | None:
-    """The index every user picks, if they all pick the same one (always at B = 1), else None; ``host`` is a CPU
-    tensor, so deciding costs no device sync. Decided once per round for all the ``_pick`` calls that share it."""
-    return int(host[0]) if bool((host == host[0]).all()) else None
+def _uniform(host: list[int]) -> int | None:
+    """The index every user picks, if they all pick the same one (always at B = 1), else None; ``host`` is read
+    from the host, so deciding costs no device sync. Decided once per round for all the ``_pick`` calls that share
+    it."""
+    return host[0] if len(set(host)) == 1 else None
 
 
 def _pick(tensors: list[torch.Tensor], index: torch.Tensor, same: int | None) -> torch.Tensor:
@@ -405,29 +406,65 @@ def _pick(tensors: list[torch.Tensor], index: torch.Tensor, same: int | None) ->
     return stacked.gather(1, view).squeeze(1)
 
 
+def _uniform_draft_view(
+    levels: list[_Level],
+    ref: torch.Tensor,
+    new: _Level,
+    alive: torch.Tensor,
+    accepted: int,
+    steps: int,
+    depth: int,
+    num_levels: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The draft's view of the new beams when every user accepted ``accepted`` of ``steps`` drafted depths and the
+    new beams' parents are at trie depth ``depth`` (the general case, per user, is in the engine's loop; same
+    result, a third of the ops). Returns (visible, columns some live beam sees, pending tokens, their validity,
+    position of the first pending one)."""
+    short = accepted < steps  # the kept level was fed to the draft: only the new token is pending
+    fed = accepted if short else steps - 1  # else level d was never fed: its token and the new one are pending
+    fed_ref = ref if short else take_beams(levels[accepted].parent, ref)
+    widest = max(level.draft_visible.shape[2] for level in levels[:steps])
+    visible = take_beams(widen(levels[fed].draft_visible, widest), fed_ref)
+    keep = (visible & alive[:, :, None]).any(1)
+    columns = [min(max(depth - 1, 0), num_levels - 1), min(depth, num_levels - 1)]  # tokens at depths d - 1, d
+    pending = new.sequences[:, :, columns]  # [B, K, 2]
+    pending_valid = torch.stack([alive & (not short), alive], 2)
+    position = take_beams(levels[fed].position, fed_ref) - int(short)
+    return visible, keep, pending, pending_valid, position
+
+
 def _child(
     prev: _Level,
     scores: torch.Tensor,
     parent: torch.Tensor,
     codes: torch.Tensor,
     trie: ItemTrie,
-    depth: torch.Tensor,
+    depth: torch.Tensor | int,
     valid: torch.Tensor | None = None,
 ) -> _Level:
-    """The level reached from ``prev`` (whose nodes are at trie depth ``depth`` ``[B]``) by (parent, code) ``[B, n]``;
-    users with ``valid`` False get a void (dead) level."""
+    """The level reached from ``prev`` (whose nodes are at trie depth ``depth``: ``[B]``, or an int when every user
+    is at the same depth, which saves the per-user lookups) by (parent, code) ``[B, n]``; users with ``valid``
+    False get a void (dead) level."""
     num_levels = trie.num_levels
     alive = torch.isfinite(scores) if valid is None else torch.isfinite(scores) & valid[:, None]
     nodes = trie.global_advance(take_beams(prev.nodes, parent), codes)
-    nodes = torch.where(alive, nodes, trie.global_dead[(depth + 1).clamp(max=num_levels + 1)][:, None])
-    start = trie.block_starts[depth.clamp(max=num_levels - 1)][:, None]
-    tokens = torch.where(alive, codes + start, start)  # a dead beam's code can lie past a short block's end
-    column = torch.arange(num_levels, device=depth.device) == depth[:, None]  # [B, L]
-    sequences = torch.where(column[:, None, :], tokens[:, :, None], take_beams(prev.sequences, parent))
+    sequences = take_beams(prev.sequences, parent)
+    if isinstance(depth, int):
+        nodes = torch.where(alive, nodes, trie.global_dead_ids[min(depth + 1, num_levels + 1)])
+        start = trie.level_blocks[min(depth, num_levels - 1)][0]
+        tokens = torch.where(alive, codes, 0) + start  # a dead beam's code can lie past a short block's end
+        if depth < num_levels:
+            sequences[:, :, depth] = tokens  # a fresh tensor (the gather above)
+    else:
+        nodes = torch.where(alive, nodes, trie.global_dead[(depth + 1).clamp(max=num_levels + 1)][:, None])
+        start = trie.block_starts[depth.clamp(max=num_levels - 1)][:, None]
+        tokens = torch.where(alive, codes + start, start)  # a dead beam's code can lie past a short block's end
+        column = torch.arange(num_levels, device=depth.device) == depth[:, None]  # [B, L]
+        sequences = torch.where(column[:, None, :], tokens[:, :, None], sequences)
     return _Level(
         sequences=sequences,
         nodes=nodes,
-        draft_scores=scores.masked_fill(~alive, NEG_INF),
+        draft_scores=torch.where(alive, scores, NEG_INF),
         position=take_beams(prev.position, parent) + 1,
         token=tokens,
         parent=parent,
@@ -435,10 +472,15 @@ def _child(
     )
 
 
-def _depths(t: torch.Tensor, steps: torch.Tensor, ell: int, offset: int = 0) -> list[int]:
+def _depths(host: list[tuple[int, int]], ell: int, offset: int = 0) -> list[int]:
     """Distinct trie depths t_b + ell + offset over the users whose round reaches level ``ell`` (ell <= d_b), from
-    the host (CPU) copies of t_b and d_b: the only projections a call needs."""
-    return (torch.unique(t[steps >= ell]) + ell + offset).tolist()
+    the round's distinct (t_b, d_b) pairs read on the host: the only projections a call needs."""
+    return [t + ell + offset for t, steps in host if steps >= ell]
+
+
+def _level_depth(host: list[tuple[int, int]], ell: int) -> int | None:
+    """The trie depth of level ``ell``'s nodes if every user is at the same depth (always at B = 1), else None."""
+    return host[0][0] + ell if len(host) == 1 else None
 
 
 # -- phases ---------------------------------------------------------------------------------------------------------
@@ -449,7 +491,7 @@ def _draft_phase(
     trie: ItemTrie,
     t: torch.Tensor,
     steps: torch.Tensor,
-    host: tuple[torch.Tensor, torch.Tensor],
+    host: list[tuple[int, int]],
     width: int,
     mode: str,
     generator: torch.Generator | None,
@@ -459,8 +501,7 @@ def _draft_phase(
     """d_b = ``steps[b]`` steps of N = ``width`` beams on the draft from the current beams: D = max d_b draft calls
     for the batch (pending tokens of the current beams, then drafted levels 1..D-1; a user's level d_b is never
     fed). Returns the tree levels 0..D, the draft cache and the calls made."""
-    host_t, host_steps = host
-    num_steps = int(host_steps.max())
+    num_steps = max(steps for _, steps in host)
     levels, cache = [root], view.cache
     call = TreeCall(view.visible.shape[2], view.visible.device)
     root.draft_visible, last = call.add(
@@ -470,13 +511,14 @@ def _draft_phase(
         prev = levels[-1]
         hidden, cache = call.hidden(draft, cache)
         draft_tokens += call.valid_counts()
-        depths = _depths(host_t, host_steps, ell, offset=-1)  # level ell - 1's nodes, for users drafting level ell
+        depths = _depths(host, ell, offset=-1)  # level ell - 1's nodes, for users drafting level ell
         prev.draft_log_probs, _ = level_scores(draft, hidden[:, last], trie, prev.nodes, depths, scope)
         if mode == "strict":
             scores, parent, codes = select_top_k(prev.draft_scores, prev.draft_log_probs, width)
         else:
             scores, parent, codes = sample_top_k(prev.draft_scores, prev.draft_log_probs, width, generator)
-        level = _child(prev, scores, parent, codes, trie, t + ell - 1, valid=steps >= ell)
+        depth = _level_depth(host, ell - 1)
+        level = _child(prev, scores, parent, codes, trie, t + ell - 1 if depth is None else depth, valid=steps >= ell)
         levels.append(level)
         if ell < num_steps:  # feed level ell to get the next level's distribution
             call = TreeCall(call.width, view.visible.device)
@@ -530,7 +572,7 @@ def _verify_phase(
     levels: list[_Level],
     trie: ItemTrie,
     steps: torch.Tensor,
-    host: tuple[torch.Tensor, torch.Tensor],
+    host: list[tuple[int, int]],
     scope: str,
     target_tokens: torch.Tensor,
     record: bool = False,
@@ -538,7 +580,6 @@ def _verify_phase(
     """ONE target call over the current beams' pending tokens and every drafted level, with tree attention
     (each token sees the prompt and its own ancestors) and position = parent position + 1; the target's
     next-level log-probs at every node, from the output projection of those rows only."""
-    host_t, host_steps = host
     call = TreeCall(view.visible.shape[2], view.visible.device)
     lasts = []
     levels[0].target_visible, last = call.add(view.visible, view.pending, view.position, view.pending_valid)
@@ -553,7 +594,7 @@ def _verify_phase(
     hidden, cache = call.hidden(target, view.cache)
     target_tokens += call.valid_counts()
     for ell, (level, last) in enumerate(zip(levels, lasts)):
-        depths = _depths(host_t, host_steps, ell)
+        depths = _depths(host, ell)
         level.target_log_probs, level.target_record = level_scores(
             target, hidden[:, last], trie, level.nodes, depths, scope, record
         )
@@ -584,15 +625,35 @@ def _accept_phase(
     num_steps = len(levels) - 1
     batch, roots = levels[0].draft_scores.shape
     device = levels[0].nodes.device
-    ref = torch.arange(roots, device=device).expand(batch, roots)  # accepted beams at depth l - 1
-    scores = levels[0].draft_scores  # target scores of the current beams
+    ref = None  # accepted beams at depth l - 1 as indices into its level (None: all of level 0, in order)
+    scores = levels[0].draft_scores  # target scores of the current beams (-inf: placeholders)
     out = []
     for ell in range(1, num_steps + 2):
         prev = levels[ell - 1]
-        alive = torch.isfinite(scores)
-        log_p = take_beams(prev.target_log_probs, ref).masked_fill(~alive[:, :, None], NEG_INF)  # [B, MA, S]
+        # [B, MA, S]; rows of placeholders need no masking: their -inf score makes every continuation -inf
+        log_p = prev.target_log_probs if ref is None else take_beams(prev.target_log_probs, ref)
         size = log_p.shape[2]
         drafted = ell <= num_steps
+        reached = (steps >= ell)[:, None] if drafted else None  # users whose round drafted depth l
+        if mode == "strict":
+            new_scores, parent, codes = select_top_k(scores, log_p, num_beams)
+            parent_in_level = parent if ref is None else take_beams(ref, parent)
+            if drafted:
+                # the target's top-K against the drafted beams, both as (parent in level l - 1, code): a drafted
+                # beam whose parent was not accepted matches nothing, since every target choice continues A
+                level = levels[ell]
+                drafted_flat = torch.where(torch.isfinite(level.draft_scores) & reached,
+                                           level.parent * size + level.codes, -1)
+                match = (parent_in_level * size + codes)[:, :, None] == drafted_flat[:, None, :]  # [B, K, N]
+                accepted = (match.any(2) | (new_scores == NEG_INF)).all(1) & reached[:, 0]
+                ref, scores = match.long().argmax(2), new_scores  # the accepted beams' places in level l
+            else:  # the target's own step past the drafted depths: never "accepted"
+                accepted = torch.zeros(batch, dtype=torch.bool, device=device)
+            out.append(_Step(parent_in_level, codes, new_scores, accepted))
+            continue
+        alive = torch.isfinite(scores)
+        if ref is None:
+            ref = torch.arange(roots, device=device).expand(batch, roots)
         if drafted:
             # drafted beams at depth l that continue an accepted beam, as flat (position in A, code) indices, in the
             # draft's order. Relaxed: the draft sampled them from all N parents by Gumbel-top-N; the subsequence
@@ -603,34 +664,27 @@ def _accept_phase(
             in_a = torch.full((batch, prev.nodes.shape[1] + 1), -1, dtype=torch.long, device=device)
             in_a = in_a.scatter(1, slot, torch.arange(ref.shape[1], device=device).expand_as(ref))[:, :-1]
             parent_in_a = in_a.gather(1, level.parent)  # [B, N]
-            usable = (parent_in_a >= 0) & torch.isfinite(level.draft_scores) & (steps >= ell)[:, None]
+            usable = (parent_in_a >= 0) & torch.isfinite(level.draft_scores) & reached
             candidates = torch.where(usable, parent_in_a * size + level.codes, -1)
         else:
             candidates = torch.full((batch, 1), -1, dtype=torch.long, device=device)
-
-        if mode == "strict":
-            new_scores, parent, codes = select_top_k(scores, log_p, num_beams)
-            flat = parent * size + codes
-            match = flat[:, :, None] == candidates[:, None, :]  # [B, K, N]
-            accepted = (match.any(2) | ~torch.isfinite(new_scores)).all(1)
-        else:
-            # Q: what the draft sampled from (its cumulative score of the parent + its level log-prob), restricted
-            # to the continuations of the accepted beams and renormalised
-            total = (scores[:, :, None] + log_p).reshape(batch, -1)  # [B, MA*S] target cumulative
-            if drafted:
-                q = take_beams(prev.draft_scores, ref)[:, :, None] + take_beams(prev.draft_log_probs, ref)
-                log_q = q.masked_fill(~alive[:, :, None], NEG_INF).reshape(batch, -1).log_softmax(1)
-                log_q = torch.where(torch.isnan(log_q), NEG_INF, log_q)  # users with nothing drafted here
-            else:
-                log_q = torch.full_like(total, NEG_INF)
-            select = relaxed_select if mode == "relaxed" else relaxed_exact_select
-            flat, alive_new, taken = select(total.log_softmax(1), log_q, candidates, num_beams, generator)
-            new_scores = total.gather(1, flat).masked_fill(~alive_new, NEG_INF)
-            parent, codes = flat // size, flat % size
-            match = flat[:, :, None] == candidates[:, None, :]
-            accepted = taken == num_beams
+        # Q: what the draft sampled from (its cumulative score of the parent + its level log-prob), restricted
+        # to the continuations of the accepted beams and renormalised
+        total = (scores[:, :, None] + log_p).reshape(batch, -1)  # [B, MA*S] target cumulative
         if drafted:
-            accepted = accepted & (steps >= ell)
+            q = take_beams(prev.draft_scores, ref)[:, :, None] + take_beams(prev.draft_log_probs, ref)
+            log_q = q.masked_fill(~alive[:, :, None], NEG_INF).reshape(batch, -1).log_softmax(1)
+            log_q = torch.where(torch.isnan(log_q), NEG_INF, log_q)  # users with nothing drafted here
+        else:
+            log_q = torch.full_like(total, NEG_INF)
+        select = relaxed_select if mode == "relaxed" else relaxed_exact_select
+        flat, alive_new, taken = select(total.log_softmax(1), log_q, candidates, num_beams, generator)
+        new_scores = total.gather(1, flat).masked_fill(~alive_new, NEG_INF)
+        parent, codes = flat // size, flat % size
+        match = flat[:, :, None] == candidates[:, None, :]
+        accepted = taken == num_beams
+        if drafted:
+            accepted = accepted & reached[:, 0]
         out.append(_Step(take_beams(ref, parent), codes, new_scores, accepted))
         ref, scores = match.long().argmax(2), new_scores  # the accepted beams' places in level l
     return out
@@ -735,7 +789,9 @@ def speculative_beam_search(
     host_t = torch.zeros(batch, dtype=torch.long)  # SID tokens generated so far, per working row
     while True:
         host_steps = (num_levels - host_t - 1).clamp(max=gamma)  # d_b: the target always makes the last token
-        num_steps = int(host_steps.max())
+        # the round's distinct (t_b, d_b): d_b is a function of t_b, so at most L pairs
+        host = [(depth, min(gamma, num_levels - depth - 1)) for depth in torch.unique(host_t).tolist()]
+        num_steps = max(steps for _, steps in host)
         t, steps, row_index = host_t.to(device), host_steps.to(device), rows.to(device)
         work_target_tokens = torch.zeros(len(rows), dtype=torch.long, device=device)
         work_draft_tokens = torch.zeros(len(rows), dtype=torch.long, device=device)
@@ -744,7 +800,7 @@ def speculative_beam_search(
         with timer.phase("draft"):
             if num_steps > 0:
                 levels, draft_cache, calls = _draft_phase(
-                    draft, draft_view, root, trie, t, steps, (host_t, host_steps), draft_beams, mode, generator,
+                    draft, draft_view, root, trie, t, steps, host, draft_beams, mode, generator,
                     scope, work_draft_tokens,
                 )
                 stats.draft_calls += calls
@@ -753,7 +809,7 @@ def speculative_beam_search(
                 levels = [root]
         with timer.phase("verify"):
             target_cache = _verify_phase(
-                target, target_view, levels, trie, steps, (host_t, host_steps), scope, work_target_tokens,
+                target, target_view, levels, trie, steps, host, scope, work_target_tokens,
                 record_logits,
             )
             stats.target_calls += 1
@@ -767,7 +823,8 @@ def speculative_beam_search(
                 accepted = torch.zeros(len(rows), dtype=torch.long, device=device)
                 host_accepted = torch.zeros(len(rows), dtype=torch.long)
             # the target's beams at depth t + accepted + 1, from logits it already has
-            same = _uniform(host_accepted)
+            host_accepted_list = host_accepted.tolist()
+            same = _uniform(host_accepted_list)
             ref = _pick([s.ref for s in out], accepted, same)
             codes = _pick([s.codes for s in out], accepted, same)
             new_scores = _pick([s.scores for s in out], accepted, same)
@@ -777,13 +834,18 @@ def speculative_beam_search(
                 draft_scores=new_scores,
                 position=_pick([lv.position for lv in levels], accepted, same),
             )
-            new = _child(base, new_scores, ref, codes, trie, t + accepted)
+            depth = _level_depth(host, same) if same is not None else None
+            new = _child(base, new_scores, ref, codes, trie, t + accepted if depth is None else depth)
             alive = torch.isfinite(new_scores)
             if record_logits:
                 history = _extend_history(history, levels, ref, accepted, t, num_steps)
             target_visible = take_beams(_pick([lv.target_visible for lv in levels], accepted, same), ref)
             keep_target = (target_visible & alive[:, :, None]).any(1)  # [B, C_t] columns a live beam sees
-            if num_steps > 0:
+            if num_steps > 0 and depth is not None:  # every user at the same depth, same acceptance (B = 1)
+                draft_visible, keep_draft, draft_pending, draft_pending_valid, draft_position = _uniform_draft_view(
+                    levels, ref, new, alive, same, host[0][1], depth, num_levels
+                )
+            elif num_steps > 0:
                 # Draft view. accepted < d_b: the kept level was fed to the draft; only the new token is pending.
                 # accepted == d_b: level d_b was never fed, so its token and the new one are pending.
                 short = accepted < steps  # [B]
@@ -792,7 +854,7 @@ def speculative_beam_search(
                 parents = _pick([lv.parent if lv.parent is not None else torch.zeros_like(lv.nodes)
                                  for lv in levels], accepted, same)
                 fed_ref = torch.where(short[:, None], ref, take_beams(parents, ref))
-                same_fed = _uniform(host_fed)
+                same_fed = _uniform(host_fed.tolist())
                 fed_visible = _pick([lv.draft_visible for lv in levels[:num_steps]], fed_index, same_fed)
                 fed_position = _pick([lv.position for lv in levels[:num_steps]], fed_index, same_fed)
                 draft_visible = take_beams(fed_visible, fed_ref)

@@ -28,6 +28,8 @@ from atspeed_exp.decoding.trie import ItemTrie
 
 def take_beams(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rows ``index`` ``[B, M']`` of ``x`` ``[B, M, *rest]`` -> ``[B, M', *rest]``."""
+    if x.dim() == 2:  # one op instead of three: every op is a kernel launch on a GPU, ~5 us on the CPU
+        return x.gather(1, index)
     view = index.reshape(*index.shape, *([1] * (x.dim() - 2)))
     return x.gather(1, view.expand(*index.shape, *x.shape[2:]))
 
@@ -45,46 +47,59 @@ class TreeCall:
 
     def __init__(self, cache_len: int, device: torch.device) -> None:
         self.width, self.device = cache_len, device
+        self.num_queries = 0
         self.ids: list[torch.Tensor] = []
         self.positions: list[torch.Tensor] = []
-        self.rows: list[torch.Tensor] = []
+        self.rows: list[torch.Tensor] = []  # per block [B, n, width at its add]
         self.valid: list[torch.Tensor] = []
-
-    @property
-    def num_queries(self) -> int:
-        return sum(ids.shape[1] for ids in self.ids)
 
     def valid_counts(self) -> torch.Tensor:
         """Real (non-void) tokens of this call per batch row ``[B]``."""
-        return torch.cat(self.valid, 1).sum(1)
+        return (self.valid[0] if len(self.valid) == 1 else torch.cat(self.valid, 1)).sum(1)
 
     def add(
         self, visible: torch.Tensor, tokens: torch.Tensor, start: torch.Tensor, valid: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, slice]:
         """visible ``[B, M, w <= width]``, tokens ``[B, M, p]`` (a chain per beam), start ``[B, M]`` position of
         each chain's first slot, valid ``[B, M, p]``. Returns the beams' visibility once the chain is fed
-        ``[B, M, width']`` and the query index of each chain's last token ``[M]``."""
+        ``[B, M, width']`` and the queries of the chains' last tokens, as a slice of the call's query axis (a view,
+        not a gather: ``hidden[:, last]`` is ``[B, M, H]``)."""
         batch, beams, length = tokens.shape
         visible = widen(visible, self.width)
-        eye = torch.eye(beams, dtype=torch.bool, device=self.device)
-        causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
-        own = (eye[:, None, :, None] & causal[None, :, None, :]).reshape(beams, length, beams * length)  # [M, p, M*p]
-        own = own[None] & valid.reshape(batch, 1, 1, beams * length)  # void keys hidden
-        rows = torch.cat([visible[:, :, None].expand(-1, -1, length, -1), own], dim=-1)  # [B, M, p, width + M*p]
-        last = self.num_queries + torch.arange(beams, device=self.device) * length + length - 1
+        if length == 1:  # one token per beam (every call but a round's first): it sees itself
+            rows = torch.cat([visible, torch.diag_embed(valid[:, :, 0])], dim=-1)  # [B, M, width + M]
+            positions = start.clamp(min=0)
+            last_rows = rows
+        else:
+            eye = torch.eye(beams, dtype=torch.bool, device=self.device)
+            causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
+            own = (eye[:, None, :, None] & causal[None, :, None, :]).reshape(beams, length, beams * length)
+            own = own[None] & valid.reshape(batch, 1, 1, beams * length)  # void keys hidden; [B, M, p, M*p]
+            rows = torch.cat([visible[:, :, None].expand(-1, -1, length, -1), own], dim=-1)  # [B, M, p, width+M*p]
+            positions = (start[:, :, None] + torch.arange(length, device=self.device)).clamp(min=0)
+            last_rows = rows[:, :, -1]
+            rows = rows.reshape(batch, beams * length, -1)
+        first = self.num_queries + length - 1
+        last = slice(first, first + beams * length, length)
         self.ids.append(tokens.reshape(batch, beams * length))
-        positions = (start[:, :, None] + torch.arange(length, device=self.device)).clamp(min=0)
         self.positions.append(positions.reshape(batch, -1))
-        self.rows.append(rows.reshape(batch, beams * length, -1))
+        self.rows.append(rows)
         self.valid.append(valid.reshape(batch, beams * length))
         self.width += beams * length
-        return rows[:, :, -1], last
+        self.num_queries += beams * length
+        return last_rows, last
 
     def hidden(self, model: DecoderLM, cache: Any) -> tuple[torch.Tensor, Any]:
-        rows = torch.cat([widen(r, self.width) for r in self.rows], dim=1)  # [B, q, width]
-        return model.hidden(
-            torch.cat(self.ids, 1), torch.cat(self.positions, 1), additive(rows[:, None], model.dtype), cache
-        )
+        if len(self.rows) == 1:
+            ids, positions, rows = self.ids[0], self.positions[0], self.rows[0]
+        else:  # blocks are narrower than the call's keys: place them in one mask instead of padding each
+            ids, positions = torch.cat(self.ids, 1), torch.cat(self.positions, 1)
+            rows = torch.zeros(ids.shape[0], self.num_queries, self.width, dtype=torch.bool, device=self.device)
+            query = 0
+            for block in self.rows:
+                rows[:, query : query + block.shape[1], : block.shape[2]] = block
+                query += block.shape[1]
+        return model.hidden(ids, positions, additive(rows[:, None], model.dtype), cache)
 
 
 @torch.inference_mode()

@@ -109,6 +109,8 @@ class ItemTrie:
         self.node_depth = depth_of  # [G]
         dead = [int(self.offsets[d]) + self.dead_node(d) for d in range(num_levels + 1)] + [self.sink]
         self.global_dead = torch.tensor(dead, dtype=torch.long)  # [L + 2]: dead node of depth 0..L+1
+        self.global_dead_ids = dead  # the same on the host: a beam-search step at a known depth reads no tensor
+        self.depth_offsets = self.offsets.tolist()
         self.block_starts = torch.tensor([s for s, _ in self.level_blocks], dtype=torch.long)  # [L]
 
     # -- queries (all tensor gathers) ---------------------------------------------------------------------------
@@ -137,7 +139,7 @@ class ItemTrie:
 
     def global_leaves_to_local(self, nodes: torch.Tensor) -> torch.Tensor:
         """Leaf ids (for ``items_of_leaves``) of global depth-L nodes; anything else maps to the dead leaf."""
-        local = nodes - int(self.offsets[self.num_levels])
+        local = nodes - self.depth_offsets[self.num_levels]
         return torch.where((local >= 0) & (local < self.num_leaves), local, self.num_leaves)
 
     def to(self, device: torch.device | str) -> "ItemTrie":

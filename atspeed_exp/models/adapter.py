@@ -25,9 +25,10 @@ from transformers.cache_utils import DynamicLayer
 
 def editable_float(logits: torch.Tensor) -> torch.Tensor:
     """Logits as float32 in a normal tensor. Made under inference_mode, they would refuse in-place edits (e.g. the
-    trie constraint's masked_fill_) outside it; .float() of float32 logits is a no-op, so those are copied."""
+    trie constraint's masked_fill_) outside it; .float() of float32 logits is a no-op, so those are copied. A caller
+    that is itself under inference_mode (the decoders) can edit them as they are: no copy."""
     logits = logits.float()
-    return logits.clone() if logits.is_inference() else logits
+    return logits.clone() if logits.is_inference() and not torch.is_inference_mode_enabled() else logits
 
 
 class HFDecoderLM:
