@@ -1,6 +1,6 @@
 """README's CPU performance tables as markdown, from the JSON files that ``run_cpu_perf.sh`` writes (nothing is
 typed by hand): the K = 10 grid over (mode, γ, M), the best setting per (mode, K), the perfect-draft bound,
-throughput per batch size, and the all-users run.
+tensor ops per list (``count_ops.py``), throughput per batch size, and the all-users run.
 
     python benchmarks/perf_tables.py results/cpu_perf
 """
@@ -45,6 +45,21 @@ def grid_line(r: dict) -> str:
             f"{r['target_tokens']:.0f} | {r['draft_tokens']:.0f} | {r['accept_rate']:.3f} | {profile} |")
 
 
+def ops_table(rows: list[dict]) -> str:
+    """``count_ops.py``'s rows: aten ops per list by where they run (kernels; views and host reads apart)."""
+    head = ("| K | γ | method | target calls | draft calls | target kernels (per call) | draft kernels | "
+            "search kernels | search views | host reads | kernels per list |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        reads = sum(r[f"{part}_sync"] for part in ("target", "draft", "search"))
+        lines.append(
+            f"| {r['k']} | {r.get('gamma', '-')} | {r['method']} | {r['target_calls']:.2f} | {r['draft_calls']:.2f} | "
+            f"{r['target_kernel']:.0f} ({r['target_kernels_per_call']:.0f}) | {r['draft_kernel']:.0f} | "
+            f"{r['search_kernel']:.0f} | {r['search_view']:.0f} | {reads:.1f} | {r['kernel_total']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folder", type=Path)
@@ -76,6 +91,10 @@ def main(argv: list[str] | None = None) -> str:
                 rest = sd["verify_ms"] + sd["accept_ms"] + sd["other_ms"]
                 out.append(f"| {k} | {beam['median_ms']:.1f} | {sd['median_ms']:.1f} | {rest:.1f} | "
                            f"**{beam['median_ms'] / rest:.2f}** | {sd['target_tokens']:.0f} ({beam['target_tokens']:.0f}) |")
+    ops = [row for path in sorted(folder.glob("ops_*.json")) for row in json.loads(path.read_text())["rows"]]
+    if ops:
+        out += ["", "Tensor ops per list (`count_ops.py`; kernels: ops that compute or copy, each a launch on a GPU):",
+                "", ops_table(ops)]
     for path in sorted(folder.glob("*.json")):  # every report with a throughput table
         name, report = path.stem, json.loads(path.read_text())
         if not report.get("throughput"):

@@ -19,6 +19,8 @@ BACKEND=${BACKEND:-auto}
 mkdir -p "$OUT"
 bench() { local name=$1; shift; "$PY" benchmarks/bench_decoding.py --threads 2 --backend "$BACKEND" \
     --json-out "$OUT/$name.json" "$@" 2> >(grep -v "Loading weights" >&2) | tee "$OUT/$name.txt"; }
+ops() { local name=$1; shift; "$PY" benchmarks/count_ops.py --threads 2 --backend "$BACKEND" \
+    --json-out "$OUT/$name.json" "$@" 2> >(grep -v "Loading weights" >&2) | tee "$OUT/$name.txt"; }
 
 "$PY" benchmarks/bench_forward.py --threads 2 --model-dir "$TARGET" --model-dir "$DRAFT_S" \
     2> >(grep -v "Loading weights" >&2) | tee "$OUT/forward.txt"
@@ -32,6 +34,13 @@ for gamma in 1 2 3; do
       --ks 5,10,20 --draft-beams 40 --verify-beams 20,30,40 --gamma "$gamma" --repeats 3
   bench "relaxed_g$gamma" --target-dir "$TARGET" --draft-dir "$DRAFT_R" --methods beam,beam_tree,sd_relaxed --users "$USERS" \
       --ks 5,10,20 --draft-beams 40 --verify-beams 20,30,40 --gamma "$gamma" --repeats 3
+done
+# tensor ops per list, by model forward and search (device-independent: kernel launches on a GPU)
+for gamma in 1 3; do
+  ops "ops_strict_g$gamma" --target-dir "$TARGET" --draft-dir "$DRAFT_S" --methods beam_tree,sd_strict --users 20 --ks 10 \
+      --draft-beams 40 --verify-beams 20,40 --gamma "$gamma"
+  ops "ops_relaxed_g$gamma" --target-dir "$TARGET" --draft-dir "$DRAFT_R" --methods beam_tree,sd_relaxed --users 20 --ks 10 \
+      --draft-beams 40 --verify-beams 20,40 --gamma "$gamma"
 done
 bench throughput_k10 --target-dir "$TARGET" --draft-dir "$DRAFT_S" --methods beam,beam_tree,sd_strict --users 512 \
     --ks 10 --draft-beams 40 --gamma 1 --batch-sizes 1,8,32,64 --skip-latency

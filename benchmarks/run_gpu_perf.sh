@@ -61,5 +61,10 @@ bench "${MODE}_g3_hf" --backend hf --methods "beam_tree,sd_$MODE" --users "$USER
     --verify-beams 20,40 --gamma 3 --repeats "${REPEATS:-1}"
 bench "throughput_k10_$MODE" --methods "beam_tree,sd_$MODE" --users "${THROUGHPUT_USERS:-512}" --ks 10 --draft-beams 40 --verify-beams 20,40 \
     --gamma 3 --batch-sizes 1,8,32,64 --skip-latency
+# kernel launches per list with these models (a failure here must not cost the measurements above)
+"$PY" benchmarks/count_ops.py --device "$DEVICE" --dtype "$DTYPE" --target-dir "$TARGET" --draft-dir "$DRAFT" \
+    --data-root "$DATA_ROOT" --methods "beam_tree,sd_$MODE" --users 20 --ks 10 --draft-beams 40 --verify-beams 20,40 \
+    --gamma 3 --json-out "$RESULTS/ops_${MODE}_g3.json" 2> >(grep -v "Loading weights" >&2) \
+    | tee "$RESULTS/ops_${MODE}_g3.txt" || echo "count_ops failed (see above); the other results stand"
 cp "$RESULTS/run/summary.json" "$RESULTS/summary.json"
 tar czf "$OUT/gpu_perf_$MODE.tgz" "$RESULTS"

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,6 +94,45 @@ def test_bench_forward_compares_both_forwards(tmp_path, capsys):
     assert "hf/lean" in capsys.readouterr().out
 
 
+def test_op_counter_tells_kernels_from_views_and_host_reads():
+    counter = load_script("count_ops").OpCounter()
+    x = torch.ones(3)  # made outside: not counted
+    with counter:
+        y = x.add(1).mul(2)  # two kernels
+        z = y.reshape(3, 1).expand(3, 4)  # views launch nothing
+        with counter.inside("target"):
+            z.sum()  # one kernel, charged to the target's forward
+        value = y[0].item()  # a view and a host read
+    assert value == 4.0
+    assert counter.counts[("search", "kernel")] == 2
+    assert counter.counts[("target", "kernel")] == 1
+    assert counter.counts[("search", "view")] == 3
+    assert counter.counts[("search", "sync")] == 1
+
+
+def test_count_ops_charges_each_forward_to_its_model(tmp_path, capsys):
+    common = ["--target-config", str(REPO / "conf" / "model" / "llama_tiny.yaml"), "--data-name", "synthetic",
+              "--data-root", str(tmp_path / "synthetic"), "--users", "3", "--ks", "5", "--warmup", "1",
+              "--threads", "1", "--methods", "beam_tree,sd_strict", "--draft-beams", "10", "--gamma", "1",
+              "--json-out", str(tmp_path / "ops_strict.json")]
+    report = load_script("count_ops").main(common + ["--draft-config",
+                                                     str(REPO / "conf" / "draft" / "draft_1l_128.yaml")])
+    rows = {row["method"]: row for row in report["rows"]}
+    beam, sd = rows["beam_tree"], rows["sd_strict"]
+    levels = 4  # synthetic SIDs: one target call per level in beam search
+    assert beam["target_calls"] == levels and beam["draft_kernel"] == 0 and beam["draft_calls"] == 0
+    # every call of the same model runs the same layers: a 2-layer target launches the same ops per call in both
+    # searches (the prefill has no cache to extend: two fewer concatenations per layer)
+    assert abs(beam["target_kernels_per_call"] - sd["target_kernels_per_call"]) <= 4
+    assert sd["draft_calls"] >= 1 and 0 < sd["draft_kernel"] / sd["draft_calls"] < beam["target_kernels_per_call"]
+    assert sd["search_kernel"] > beam["search_kernel"] > 0
+    assert sd["kernel_total"] == sd["target_kernel"] + sd["draft_kernel"] + sd["search_kernel"]
+    out = capsys.readouterr().out
+    assert "| 5 | 1 | beam_tree | 4.00 |" in out and "| 5 | 1 | sd_strict |" in out
+    text = load_script("perf_tables").main([str(tmp_path)])  # README's table of them
+    assert "search kernels" in text and f"| 5 | 1 | sd_strict | {sd['target_calls']:.2f} |" in text
+
+
 def test_perf_tables_come_from_the_benchmark_json(tmp_path, capsys):
     bench = load_script("bench_decoding")
     common = ["--target-config", str(REPO / "conf" / "model" / "llama_tiny.yaml"), "--data-name", "synthetic",
@@ -133,7 +173,7 @@ def test_run_gpu_perf_script_runs_end_to_end_on_tiny_models(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     names = {p.name for p in (tmp_path / "results").iterdir()}
     assert {"run.log", "forward.txt", "strict_g1.json", "strict_g3.json", "strict_g3_hf.json",
-            "throughput_k10_strict.json", "summary.json"} <= names
+            "throughput_k10_strict.json", "ops_strict_g3.json", "summary.json"} <= names
     assert (tmp_path / "out" / "gpu_perf_strict.tgz").stat().st_size > 0
     text = load_script("perf_tables").main([str(tmp_path / "results")])
     assert "| strict | 10 | 3 | 40 |" in text
