@@ -130,8 +130,9 @@ class SpeculativeOutput:
 
 # -- small helpers on (B, beams, ...) tensors ----------------------------------------------------------------------
 def _gumbel(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    uniform = torch.rand(shape, generator=generator, device=generator.device).to(device)
-    return -torch.log(-torch.log(uniform.clamp(min=torch.finfo(uniform.dtype).tiny)))
+    """Standard Gumbel noise: -log E with E ~ Exp(1) (4 ops; -log(-log U) takes 6)."""
+    exponential = torch.empty(shape, device=generator.device).exponential_(generator=generator)
+    return -torch.log(exponential.clamp(min=torch.finfo(exponential.dtype).tiny)).to(device)
 
 
 def sample_top_k(
@@ -651,40 +652,39 @@ def _accept_phase(
                 accepted = torch.zeros(batch, dtype=torch.bool, device=device)
             out.append(_Step(parent_in_level, codes, new_scores, accepted))
             continue
-        alive = torch.isfinite(scores)
         if ref is None:
             ref = torch.arange(roots, device=device).expand(batch, roots)
-        if drafted:
-            # drafted beams at depth l that continue an accepted beam, as flat (position in A, code) indices, in the
-            # draft's order. Relaxed: the draft sampled them from all N parents by Gumbel-top-N; the subsequence
-            # that continues A is successive sampling from Q restricted to A's continuations (the Gumbel argmax is
-            # independent of the max, so where the stream stops says nothing about which item comes next).
-            level = levels[ell]
-            slot = torch.where(alive, ref, prev.nodes.shape[1])  # placeholders to a dummy column
-            in_a = torch.full((batch, prev.nodes.shape[1] + 1), -1, dtype=torch.long, device=device)
-            in_a = in_a.scatter(1, slot, torch.arange(ref.shape[1], device=device).expand_as(ref))[:, :-1]
-            parent_in_a = in_a.gather(1, level.parent)  # [B, N]
-            usable = (parent_in_a >= 0) & torch.isfinite(level.draft_scores) & reached
-            candidates = torch.where(usable, parent_in_a * size + level.codes, -1)
-        else:
-            candidates = torch.full((batch, 1), -1, dtype=torch.long, device=device)
+        if not drafted:
+            # the target's own step past the drafted depths: with no candidate both verifications reduce to K
+            # draws without replacement from P, which is what beam sampling's step is (Gumbel-top-K)
+            new_scores, parent, codes = sample_top_k(scores, log_p, num_beams, generator)
+            accepted = torch.zeros(batch, dtype=torch.bool, device=device)
+            out.append(_Step(take_beams(ref, parent), codes, new_scores, accepted))
+            continue
+        alive = torch.isfinite(scores)
+        # drafted beams at depth l that continue an accepted beam, as flat (position in A, code) indices, in the
+        # draft's order. Relaxed: the draft sampled them from all N parents by Gumbel-top-N; the subsequence
+        # that continues A is successive sampling from Q restricted to A's continuations (the Gumbel argmax is
+        # independent of the max, so where the stream stops says nothing about which item comes next).
+        level = levels[ell]
+        slot = torch.where(alive, ref, prev.nodes.shape[1])  # placeholders to a dummy column
+        in_a = torch.full((batch, prev.nodes.shape[1] + 1), -1, dtype=torch.long, device=device)
+        in_a = in_a.scatter(1, slot, torch.arange(ref.shape[1], device=device).expand_as(ref))[:, :-1]
+        parent_in_a = in_a.gather(1, level.parent)  # [B, N]
+        usable = (parent_in_a >= 0) & torch.isfinite(level.draft_scores) & reached
+        candidates = torch.where(usable, parent_in_a * size + level.codes, -1)
         # Q: what the draft sampled from (its cumulative score of the parent + its level log-prob), restricted
         # to the continuations of the accepted beams and renormalised
         total = (scores[:, :, None] + log_p).reshape(batch, -1)  # [B, MA*S] target cumulative
-        if drafted:
-            q = take_beams(prev.draft_scores, ref)[:, :, None] + take_beams(prev.draft_log_probs, ref)
-            log_q = q.masked_fill(~alive[:, :, None], NEG_INF).reshape(batch, -1).log_softmax(1)
-            log_q = torch.where(torch.isnan(log_q), NEG_INF, log_q)  # users with nothing drafted here
-        else:
-            log_q = torch.full_like(total, NEG_INF)
+        q = take_beams(prev.draft_scores, ref)[:, :, None] + take_beams(prev.draft_log_probs, ref)
+        log_q = q.masked_fill(~alive[:, :, None], NEG_INF).reshape(batch, -1).log_softmax(1)
+        log_q = torch.where(torch.isnan(log_q), NEG_INF, log_q)  # users with nothing drafted here
         select = relaxed_select if mode == "relaxed" else relaxed_exact_select
         flat, alive_new, taken = select(total.log_softmax(1), log_q, candidates, num_beams, generator)
         new_scores = total.gather(1, flat).masked_fill(~alive_new, NEG_INF)
         parent, codes = flat // size, flat % size
         match = flat[:, :, None] == candidates[:, None, :]
-        accepted = taken == num_beams
-        if drafted:
-            accepted = accepted & reached[:, 0]
+        accepted = (taken == num_beams) & reached[:, 0]
         out.append(_Step(take_beams(ref, parent), codes, new_scores, accepted))
         ref, scores = match.long().argmax(2), new_scores  # the accepted beams' places in level l
     return out
