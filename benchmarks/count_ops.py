@@ -9,7 +9,8 @@ and allocations (empty*), which launch nothing; host syncs (a tensor read on the
 a handful of ops per round) count as kernels too.
 
 Takes the models, data and decoding options of ``bench_decoding.py`` (same flags; ``--ks``, ``--gamma``,
-``--verify-beams``, ``--methods``, ``--users``; timing options are ignored) and prints, per K, one row per method:
+``--verify-beams``, ``--methods``, ``--users``; timing options are ignored; ``--cache-edits stacked`` counts the
+lean forward's CUDA cache edits on a CPU) and prints, per K, one row per method:
 
     python benchmarks/count_ops.py --target-dir artifacts/target/beauty-*/model \\
         --draft-dir 'artifacts/draft/beauty-*-atspeed_s-*/model' --methods beam_tree,sd_strict --ks 10 --gamma 3
@@ -21,6 +22,7 @@ trained model's, so read the per-call columns, not the totals, for such runs).
 
 from __future__ import annotations
 
+import argparse
 import collections
 import json
 import sys
@@ -85,8 +87,17 @@ def attribute_forwards(model: Any, counter: OpCounter, part: str) -> None:
     model.hidden = counted
 
 
+def parse_args(argv: list[str] | None) -> tuple[Any, str]:
+    """bench_decoding's arguments, plus ``--cache-edits``: how the lean forward reorders and prunes its cache
+    (auto: one indexing of all layers on CUDA, per layer on the CPU; ``stacked`` counts the CUDA path on a CPU)."""
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--cache-edits", choices=["auto", "stacked", "per-layer"], default="auto")
+    own, rest = extra.parse_known_args(argv)
+    return bench_decoding.parse_args(rest), own.cache_edits
+
+
 def count(argv: list[str] | None = None) -> dict[str, Any]:
-    args = bench_decoding.parse_args(argv)
+    args, cache_edits = parse_args(argv if argv is not None else sys.argv[1:])
     if args.threads:
         torch.set_num_threads(args.threads)
     counter = OpCounter()
@@ -95,6 +106,10 @@ def count(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="count_ops-") as tmp:
         setup = bench_decoding.build_setup(args, Path(tmp))
         report["header"] = bench_decoding.header(setup, args)
+        report["header"]["cache_edits"] = cache_edits
+        for model in (setup.target, setup.draft):
+            if cache_edits != "auto" and hasattr(model, "stack_cache_edits"):  # the lean forward
+                model.stack_cache_edits = cache_edits == "stacked"
         attribute_forwards(setup.target, counter, "target")
         if setup.draft is not None and setup.draft is not setup.target:
             attribute_forwards(setup.draft, counter, "draft")
@@ -129,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = count(argv)
     print("count_ops: aten ops per list (kernels: ops that compute or copy; views and allocations apart)")
     print("\n".join(bench_decoding.format_header(report["header"]).splitlines()[1:6]))  # device .. decoding settings
+    print(f"cache edits: {report['header']['cache_edits']}")
     print(ops_table(report["rows"]), flush=True)
     if report["json_out"]:
         Path(report["json_out"]).parent.mkdir(parents=True, exist_ok=True)

@@ -73,9 +73,11 @@ def test_lean_matches_transformers_through_prefill_reorder_tree_and_pruning(over
                 if name.endswith("bias"):
                     param.normal_(0, 0.5)
     ids = torch.tensor([[1, 11, 12, 13, 14], [PAD, PAD, 1, 21, 22]])
-    hf, lean = run_calls(HFDecoderLM(model), ids, ids != PAD), run_calls(LeanLlamaLM(model), ids, ids != PAD)
-    for expected, got in zip(hf, lean, strict=True):
-        torch.testing.assert_close(got, expected, atol=2e-5, rtol=0)
+    hf = run_calls(HFDecoderLM(model), ids, ids != PAD)
+    for stacked in (False, True):  # cache reorder/prune per layer (the CPU default) or all layers at once (CUDA's)
+        lean = run_calls(LeanLlamaLM(model, stack_cache_edits=stacked), ids, ids != PAD)
+        for expected, got in zip(hf, lean, strict=True):
+            torch.testing.assert_close(got, expected, atol=2e-5, rtol=0)
 
 
 def test_lean_bf16_matches_transformers_and_projects_a_block():
@@ -101,8 +103,12 @@ def test_lean_decoding_gives_the_transformers_lists():
     lean = tree_beam_search(lean_target, ids, mask, trie, 5)
     assert torch.equal(lean.items, hf.items) and torch.equal(lean.sequences, hf.sequences)
     torch.testing.assert_close(lean.scores, hf.scores, atol=1e-4, rtol=0)
-    sd = speculative_beam_search(lean_target, LeanLlamaLM(draft), ids, mask, trie, 5, draft_beams=12, gamma=2)
-    assert torch.equal(sd.items, hf.items) and torch.equal(sd.sequences, hf.sequences)
+    assert not lean_target.stack_cache_edits  # per-layer cache edits on the CPU (no extra copy)
+    for stacked in (False, True):
+        sd = speculative_beam_search(LeanLlamaLM(target, stack_cache_edits=stacked),
+                                     LeanLlamaLM(draft, stack_cache_edits=stacked), ids, mask, trie, 5,
+                                     draft_beams=12, gamma=2)
+        assert torch.equal(sd.items, hf.items) and torch.equal(sd.sequences, hf.sequences)
 
 
 def test_lean_refusals_and_backend_choice():

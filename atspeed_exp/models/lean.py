@@ -76,7 +76,7 @@ def _cat_bias(*linears: nn.Linear) -> torch.Tensor | None:
 
 class LeanLlamaLM:
     @torch.no_grad()  # the fused copies of a model being trained (the callback's draft) must not record a graph
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, stack_cache_edits: bool | None = None) -> None:
         reason = lean_supported(model)
         if reason is not None:
             raise ValueError(f"LeanLlamaLM cannot run {reason}; use the 'hf' decoding backend for this model")
@@ -114,6 +114,8 @@ class LeanLlamaLM:
         self.inv_freq = rotary.inv_freq.detach().float().to(self.embed.device)
         self.rope_scaling = float(rotary.attention_scaling)
         self.scaling = self.head_dim**-0.5
+        # cache reorder/prune as one indexing of all layers (fewer launches) or per layer (no extra copy); see below
+        self.stack_cache_edits = self.device.type == "cuda" if stack_cache_edits is None else stack_cache_edits
 
     @classmethod
     def from_model(cls, model: nn.Module) -> LeanLlamaLM:
@@ -204,22 +206,43 @@ class LeanLlamaLM:
             logits = F.linear(hidden, self.head[start:end], bias)
         return editable_float(logits)
 
+    # With ``stack_cache_edits`` both edits stack the layers' keys and values and index them once: 2 kernels instead
+    # of 2 per layer (a 30-layer target launches 60 per pruning round), for one extra copy of the cache. On a GPU
+    # launches are what a small cache costs; on the CPU the copy is (30 layers at batch 1: 3.1 ms stacked vs 2.7 ms
+    # per layer; 4 layers at batch 64: 11.3 vs 9.4 ms), so the default stacks on CUDA only.
+    @staticmethod
+    def _stacked(cache: LeanCache) -> torch.Tensor:
+        return torch.stack(cache.keys + cache.values)  # [2 * layers, B, kv_heads, seq, head_dim]
+
+    @staticmethod
+    def _unstacked(stacked: torch.Tensor) -> LeanCache:
+        layers = stacked.shape[0] // 2
+        parts = stacked.unbind(0)
+        return LeanCache(list(parts[:layers]), list(parts[layers:]))
+
     def reorder_cache(self, cache: LeanCache, batch_index: torch.Tensor) -> LeanCache:
         with torch.inference_mode():
+            if not cache.keys:
+                return cache
             index = batch_index.to(self.device)
-            cache.keys = [keys.index_select(0, index) for keys in cache.keys]
-            cache.values = [values.index_select(0, index) for values in cache.values]
-        return cache
+            if self.stack_cache_edits:
+                return self._unstacked(self._stacked(cache).index_select(1, index))
+            return LeanCache([keys.index_select(0, index) for keys in cache.keys],
+                             [values.index_select(0, index) for values in cache.values])
 
     def gather_cache(self, cache: LeanCache, positions: torch.Tensor) -> LeanCache:
         with torch.inference_mode():
             if not cache.keys:
                 return cache
-            batch, kv_heads, _, head_dim = cache.keys[0].shape
-            index = positions.to(self.device)[:, None, :, None].expand(batch, kv_heads, -1, head_dim)
-            cache.keys = [keys.gather(2, index) for keys in cache.keys]
-            cache.values = [values.gather(2, index) for values in cache.values]
-        return cache
+            if not self.stack_cache_edits:
+                batch, kv_heads, _, head_dim = cache.keys[0].shape
+                index = positions.to(self.device)[:, None, :, None].expand(batch, kv_heads, -1, head_dim)
+                return LeanCache([keys.gather(2, index) for keys in cache.keys],
+                                 [values.gather(2, index) for values in cache.values])
+            stacked = self._stacked(cache)
+            planes, batch, kv_heads, _, head_dim = stacked.shape
+            index = positions.to(self.device)[None, :, None, :, None].expand(planes, batch, kv_heads, -1, head_dim)
+            return self._unstacked(stacked.gather(3, index))
 
 
 BACKENDS = ("auto", "lean", "hf")
