@@ -50,6 +50,28 @@ def test_trie_dead_node_allows_nothing():
         assert int(trie.advance(depth, dead, torch.tensor(0))) == trie.dead_node(depth + 1)
 
 
+def test_level_scores_may_skip_the_depth_check_only_for_rows_at_that_depth_or_dead():
+    from atspeed_exp.decoding.beam_search import level_scores
+
+    trie, *_, vocab = make_trie(seed=2)
+    model = ToyLM(vocab, seed=2)
+    depth = 1
+    first = trie.depth_offsets[depth]
+    live = torch.arange(first, first + 3)  # three depth-1 nodes
+    dead = torch.tensor(trie.global_dead_ids)  # the dead node of every depth, the sink
+    leaves = torch.arange(trie.depth_offsets[trie.num_levels], trie.depth_offsets[trie.num_levels] + 2)
+    nodes = torch.cat([live, dead, leaves])[None]  # [1, n]
+    hidden = torch.randn(1, nodes.shape[1], model.out.shape[0])
+    checked, _ = level_scores(model, hidden, trie, nodes, [depth])
+    skipped, _ = level_scores(model, hidden, trie, nodes, [depth], same_depth=True)
+    assert torch.equal(checked, skipped)
+    assert torch.isfinite(checked[0, :3]).any(1).all() and not torch.isfinite(checked[0, 3:]).any()
+    # a live node of another depth is exactly what the check is for
+    other = torch.tensor([[trie.depth_offsets[2]]])
+    checked, _ = level_scores(model, hidden[:, :1], trie, other, [depth])
+    assert not torch.isfinite(checked).any()
+
+
 def test_trie_rejects_token_outside_block():
     _, item_ids, tokens, _ = make_trie()
     blocks = [(4, 10), (10, 15), (15, 20), (20, 24)]

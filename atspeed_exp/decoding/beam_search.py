@@ -83,6 +83,7 @@ def level_scores(
     depths: list[int],  # the distinct depths (< L) of the live rows, known on the host
     scope: str = "vocab",
     record: bool = False,
+    same_depth: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Log-probabilities ``[..., max_block]`` of each row's next SID code, -inf where the trie forbids it (and past
     the row's block), from the output projection of these rows only.
@@ -93,6 +94,8 @@ def level_scores(
     rankings differ only by the mass a model puts outside the block). Rows of several depths (ragged batches) get
     one projection per depth in ``depths``; rows at other depths (dead, finished) stay -inf.
     With ``record``: also (raw block logits ``[..., max_block]``, log-normaliser ``[...]``) for teacher data.
+    ``same_depth``: the caller guarantees that every row's node is at ``depths[0]`` or dead (dead nodes and leaves
+    allow nothing), as in beam search and single-depth speculative rounds, so the per-row depth check is skipped.
     """
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
@@ -104,7 +107,9 @@ def level_scores(
         else:
             log_probs = torch.log_softmax(model.project(hidden, start, end), dim=-1)
         log_probs = _pad_block(log_probs, width)
-        here = trie.global_allowed[nodes] & (trie.node_depth[nodes] == depths[0])[..., None]
+        here = trie.global_allowed[nodes]
+        if not same_depth:  # a live node of another depth (a ragged batch) must not read this block
+            here = here & (trie.node_depth[nodes] == depths[0])[..., None]
         return torch.where(here, log_probs, float("-inf")), None
     row_depth = trie.node_depth[nodes]
     out = torch.full((*nodes.shape, width), float("-inf"), device=hidden.device)
@@ -213,7 +218,8 @@ def beam_search(
     # Level 0: one live beam per user (the prompt); its K copies come from the cache reorder below.
     nodes = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the root
     beam_scores = torch.zeros(batch, 1, device=device)
-    step_logp, record = level_scores(model, hidden[:, -1:], trie, nodes, [0], scope, record_logits)  # [B, 1, S]
+    step_logp, record = level_scores(model, hidden[:, -1:], trie, nodes, [0], scope, record_logits,
+                                     same_depth=True)  # [B, 1, S]
     if record is not None:
         recorded.append(_level_record(record, trie, 0))
     beam_scores, parent, codes = select(beam_scores, step_logp, num_beams)
@@ -236,7 +242,8 @@ def beam_search(
         )
         calls, tokens = calls + 1, tokens + batch * num_beams
         step_hidden = hidden[:, -1].view(batch, num_beams, -1)  # [B, K, H]
-        step_logp, record = level_scores(model, step_hidden, trie, nodes, [depth], scope, record_logits)
+        step_logp, record = level_scores(model, step_hidden, trie, nodes, [depth], scope, record_logits,
+                                         same_depth=True)
         if record is not None:
             recorded.append(_level_record(record, trie, depth))
         beam_scores, parent, codes = select(beam_scores, step_logp, num_beams)

@@ -513,7 +513,8 @@ def _draft_phase(
         hidden, cache = call.hidden(draft, cache)
         draft_tokens += call.valid_counts()
         depths = _depths(host, ell, offset=-1)  # level ell - 1's nodes, for users drafting level ell
-        prev.draft_log_probs, _ = level_scores(draft, hidden[:, last], trie, prev.nodes, depths, scope)
+        prev.draft_log_probs, _ = level_scores(draft, hidden[:, last], trie, prev.nodes, depths, scope,
+                                               same_depth=len(host) == 1)
         if mode == "strict":
             scores, parent, codes = select_top_k(prev.draft_scores, prev.draft_log_probs, width)
         else:
@@ -597,7 +598,7 @@ def _verify_phase(
     for ell, (level, last) in enumerate(zip(levels, lasts)):
         depths = _depths(host, ell)
         level.target_log_probs, level.target_record = level_scores(
-            target, hidden[:, last], trie, level.nodes, depths, scope, record
+            target, hidden[:, last], trie, level.nodes, depths, scope, record, same_depth=len(host) == 1
         )
     return cache
 

@@ -127,7 +127,7 @@ def tree_beam_search(
     scores = torch.zeros(batch, 1, device=device)
     recorded: list[tuple[torch.Tensor, torch.Tensor]] = []  # per depth: (level logits, normaliser) of all beams
     parents: list[torch.Tensor] = []
-    log_probs, record = level_scores(model, hidden[:, -1:], trie, nodes, [0], scope, record_logits)
+    log_probs, record = level_scores(model, hidden[:, -1:], trie, nodes, [0], scope, record_logits, same_depth=True)
     if record is not None:
         recorded.append(_level_record(record, trie, 0))
     scores, parent, codes = select_top_k(scores, log_probs, num_beams)
@@ -142,7 +142,8 @@ def tree_beam_search(
         visible, last = call.add(visible, sequences[:, :, -1:], position, torch.isfinite(scores)[:, :, None])
         hidden, cache = call.hidden(model, cache)
         calls, tokens = calls + 1, tokens + batch * num_beams
-        log_probs, record = level_scores(model, hidden[:, last], trie, nodes, [depth], scope, record_logits)
+        log_probs, record = level_scores(model, hidden[:, last], trie, nodes, [depth], scope, record_logits,
+                                         same_depth=True)
         if record is not None:
             recorded.append(_level_record(record, trie, depth))
         scores, parent, codes = select_top_k(scores, log_probs, num_beams)
