@@ -628,6 +628,7 @@ def _accept_phase(
     batch, roots = levels[0].draft_scores.shape
     device = levels[0].nodes.device
     ref = None  # accepted beams at depth l - 1 as indices into its level (None: all of level 0, in order)
+    never = torch.zeros(batch, dtype=torch.bool, device=device)  # the target's own step past the drafted depths
     scores = levels[0].draft_scores  # target scores of the current beams (-inf: placeholders)
     out = []
     for ell in range(1, num_steps + 2):
@@ -649,9 +650,7 @@ def _accept_phase(
                 match = (parent_in_level * size + codes)[:, :, None] == drafted_flat[:, None, :]  # [B, K, N]
                 accepted = (match.any(2) | (new_scores == NEG_INF)).all(1) & reached[:, 0]
                 ref, scores = match.long().argmax(2), new_scores  # the accepted beams' places in level l
-            else:  # the target's own step past the drafted depths: never "accepted"
-                accepted = torch.zeros(batch, dtype=torch.bool, device=device)
-            out.append(_Step(parent_in_level, codes, new_scores, accepted))
+            out.append(_Step(parent_in_level, codes, new_scores, accepted if drafted else never))
             continue
         if ref is None:
             ref = torch.arange(roots, device=device).expand(batch, roots)
@@ -659,8 +658,7 @@ def _accept_phase(
             # the target's own step past the drafted depths: with no candidate both verifications reduce to K
             # draws without replacement from P, which is what beam sampling's step is (Gumbel-top-K)
             new_scores, parent, codes = sample_top_k(scores, log_p, num_beams, generator)
-            accepted = torch.zeros(batch, dtype=torch.bool, device=device)
-            out.append(_Step(take_beams(ref, parent), codes, new_scores, accepted))
+            out.append(_Step(take_beams(ref, parent), codes, new_scores, never))
             continue
         alive = torch.isfinite(scores)
         # drafted beams at depth l that continue an accepted beam, as flat (position in A, code) indices, in the
@@ -824,8 +822,7 @@ def speculative_beam_search(
                 accepted = torch.zeros(len(rows), dtype=torch.long, device=device)
                 host_accepted = torch.zeros(len(rows), dtype=torch.long)
             # the target's beams at depth t + accepted + 1, from logits it already has
-            host_accepted_list = host_accepted.tolist()
-            same = _uniform(host_accepted_list)
+            same = _uniform(host_accepted.tolist())
             ref = _pick([s.ref for s in out], accepted, same)
             codes = _pick([s.codes for s in out], accepted, same)
             new_scores = _pick([s.scores for s in out], accepted, same)
