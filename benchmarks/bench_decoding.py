@@ -53,6 +53,7 @@ log = logging.getLogger("bench_decoding")
 
 METHODS = ("beam", "beam_tree", "hf_generate", "sd_strict", "sd_relaxed", "sd_relaxed_exact")
 BASELINE = "beam_tree"  # our best target-only beam search (one cache row per user, tree attention)
+PROFILED = ":profiled"  # suffix of the runner that repeats an SD list with synchronised phase timers (CUDA)
 COLUMNS = (
     "method", "lists", "median_ms", "p90_ms", "speedup_tot", "speedup_mean", "tgt_calls", "drf_calls",
     "tgt_tokens", "drf_tokens", "accept_rate", "acc_steps/round", "draft_ms", "verify_ms", "accept_ms", "other_ms",
@@ -389,14 +390,14 @@ def make_runners(setup: Setup, args: argparse.Namespace, k: int) -> dict[str, Ca
             )
         return ListResult(None, out.sequences[:, width:], counter.calls, counter.tokens)
 
-    def speculative(mode: str, verify_beams: int) -> Callable[[int], ListResult]:
+    def speculative(mode: str, verify_beams: int, profile: bool) -> Callable[[int], ListResult]:
         def run(user: int) -> ListResult:
             generator = None
             if mode != "strict":  # seeded per user: every repeat of a list samples the same way
                 generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + user)
             out = speculative_beam_search(
                 target, draft, *prompt(user), trie, k, args.draft_beams, args.gamma, mode, generator,
-                verify_beams=verify_beams, scope=args.scope, profile=True, prune=not args.no_prune,
+                verify_beams=verify_beams, scope=args.scope, profile=profile, prune=not args.no_prune,
             )
             s = out.stats
             phases = {"draft": s.draft_time_s, "verify": s.verify_time_s, "accept": s.accept_time_s,
@@ -406,9 +407,16 @@ def make_runners(setup: Setup, args: argparse.Namespace, k: int) -> dict[str, Ca
 
         return run
 
+    # On CUDA the phase profile synchronises at every phase boundary, which a timed list must not pay (beam search
+    # pays no such syncs): timed runs go unprofiled and one extra, untimed run per list gives the phases
+    # (``name + PROFILED``). On the CPU nothing is asynchronous, so the timed run's phases are exact.
+    profile = device.type != "cuda"
     runners = {"beam": beam, "beam_tree": beam_tree, "hf_generate": hf_generate}
-    runners.update({label: speculative(mode, m) for label, mode, m in args.variants})
-    return {name: runners[name] for name in args.rows}
+    runners.update({label: speculative(mode, m, profile) for label, mode, m in args.variants})
+    runners = {name: runners[name] for name in args.rows}
+    if not profile:
+        runners.update({f"{label}{PROFILED}": speculative(mode, m, True) for label, mode, m in args.variants})
+    return runners
 
 
 def timed(fn: Callable[[int], ListResult], user: int, cuda: bool) -> tuple[float, ListResult]:
@@ -432,10 +440,11 @@ def run_benchmark(setup: Setup, args: argparse.Namespace) -> list[Measurement]:
     cuda = args.device == "cuda"
     measurements: list[Measurement] = []
     for k in args.ks:
-        runners = make_runners(setup, args, k)
+        everything = make_runners(setup, args, k)
+        runners = {name: fn for name, fn in everything.items() if not name.endswith(PROFILED)}
         start = time.perf_counter()
         for user in range(min(args.warmup, len(setup.prompts))):
-            for name, fn in runners.items():
+            for name, fn in everything.items():
                 if name != "hf_generate" or user < args.hf_users:
                     fn(user)
         for user in range(len(setup.prompts)):
@@ -447,6 +456,9 @@ def run_benchmark(setup: Setup, args: argparse.Namespace) -> list[Measurement]:
                         continue
                     elapsed, last[name] = timed(fn, user, cuda)
                     times[name].append(elapsed)
+            for name in last:  # CUDA: the phases of a separate synchronised run (same list, untimed)
+                if name + PROFILED in everything:
+                    last[name].phases_s = everything[name + PROFILED](user).phases_s
             for name, result in last.items():
                 mismatch = None if name == BASELINE else differs(result, last[BASELINE])
                 if name.startswith("sd_strict") and mismatch:
@@ -640,6 +652,7 @@ def header(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
         "prune": not args.no_prune,
         "methods": args.methods,
         "repeats": args.repeats,
+        "phase_profile": "separate synchronised run" if args.device == "cuda" else "timed run",
         "warmup": args.warmup,
         "seed": args.seed,
     }
@@ -702,9 +715,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["walltime_s"] = time.perf_counter() - start
     print(f"\ntotal walltime {report['walltime_s']:.0f} s", flush=True)
     if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(report, indent=2, default=str))
+        write_atomic(Path(args.json_out), json.dumps(report, indent=2, default=str))
     return report
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename: an interrupted run never leaves a half-written report that
+    perf_tables.py would read."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
