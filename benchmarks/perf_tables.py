@@ -12,9 +12,9 @@ import json
 import math
 from pathlib import Path
 
-GRID_HEADER = ("| mode | K | γ | M | forward | beam_tree ms | SD ms | speedup | target calls | draft calls | "
+GRID_HEADER = ("| mode | K | γ | N | M | forward | beam_tree ms | SD ms | speedup | target calls | draft calls | "
                "target tokens | draft tokens | acceptance | profile (ms) |\n"
-               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 FORWARDS = {"LeanLlamaLM": "lean", "HFDecoderLM": "hf"}
 
 
@@ -33,14 +33,14 @@ def sd_rows(report: dict, mode: str) -> list[dict]:
             if not method.startswith(f"sd_{mode}"):
                 continue
             m = int(method.rsplit("_m", 1)[1]) if "_m" in method else draft_beams
-            rows.append({"mode": mode, "k": int(k), "gamma": gamma, "m": m, "forward": forward,
+            rows.append({"mode": mode, "k": int(k), "gamma": gamma, "n": draft_beams, "m": m, "forward": forward,
                          "beam_ms": methods["beam_tree"]["median_ms"], **s})
     return rows
 
 
 def grid_line(r: dict) -> str:
     profile = " / ".join(f"{r[p]:.1f}" for p in ("draft_ms", "verify_ms", "accept_ms", "other_ms"))
-    return (f"| {r['mode']} | {r['k']} | {r['gamma']} | {r['m']} | {r['forward']} | {r['beam_ms']:.1f} | {r['median_ms']:.1f} | "
+    return (f"| {r['mode']} | {r['k']} | {r['gamma']} | {r['n']} | {r['m']} | {r['forward']} | {r['beam_ms']:.1f} | {r['median_ms']:.1f} | "
             f"**{r['speedup_tot']:.2f}** | {r['target_calls']:.2f} | {r['draft_calls']:.2f} | "
             f"{r['target_tokens']:.0f} | {r['draft_tokens']:.0f} | {r['accept_rate']:.3f} | {profile} |")
 
@@ -60,6 +60,27 @@ def ops_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def beams_table(folder: Path) -> str:
+    """``run_beams_sweep.sh``'s reports (``beams_{mode}_n{N}.json``): one row per (mode, K, N)."""
+    rows = []
+    for path in folder.glob("beams_*_n*.json"):
+        report = json.loads(path.read_text())
+        mode = path.stem.split("_")[1]
+        for k, methods in report["summary"].items():
+            s = methods[f"sd_{mode}"]
+            rows.append((mode != "strict", int(k), report["header"]["draft_beams"], mode, s,
+                         methods["beam_tree"]["median_ms"]))
+    if not rows:
+        return ""
+    lines = ["| mode | K | N | target calls | draft calls | acceptance | target tokens | draft tokens | "
+             "beam_tree ms | SD ms | speedup |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for _, k, n, mode, s, beam_ms in sorted(rows, key=lambda r: r[:3]):
+        lines.append(f"| {mode} | {k} | {n} | {s['target_calls']:.2f} | {s['draft_calls']:.2f} | "
+                     f"{s['accept_rate']:.3f} | {s['target_tokens']:.0f} | {s['draft_tokens']:.0f} | {beam_ms:.1f} | "
+                     f"{s['median_ms']:.1f} | {s['speedup_tot']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folder", type=Path)
@@ -70,15 +91,19 @@ def main(argv: list[str] | None = None) -> str:
         for path in sorted(folder.glob(f"{mode}_g*.json")):  # strict_g1, strict_g3_hf, ...
             rows += sd_rows(json.loads(path.read_text()), mode)
     if rows:
-        out += ["K = 10, every (γ, M):", "", GRID_HEADER]
-        out += [grid_line(r) for r in sorted(rows, key=lambda r: (r["mode"] != "strict", r["forward"], r["gamma"], r["m"]))
-                if r["k"] == 10]
+        out += ["K = 10, every (γ, N, M):", "", GRID_HEADER]
+        out += [grid_line(r) for r in sorted(rows, key=lambda r: (r["mode"] != "strict", r["forward"], r["gamma"],
+                                                                   r["n"], r["m"])) if r["k"] == 10]
         out += ["", "The best setting per K (highest speedup_tot in the grid):", "", GRID_HEADER]
         for mode in ("strict", "relaxed"):
             for k in sorted({r["k"] for r in rows}):
                 candidates = [r for r in rows if r["mode"] == mode and r["k"] == k]
                 if candidates:
                     out.append(grid_line(max(candidates, key=lambda r: r["speedup_tot"])))
+    beams = beams_table(folder)
+    if beams:
+        out += ["", "Draft beams N (M = N, γ = 3; calls and acceptance are hardware-independent, walltimes this "
+                "machine's):", "", beams]
     bounds = [(k, load(folder, f"bound_k{k}")) for k in (5, 10, 20)]
     if any(b for _, b in bounds):
         out += ["", "Bound: the target drafts for itself (every step accepted, M = N = K, γ = 3, one target call):", "",

@@ -7,8 +7,8 @@
 #      the call at once (exit 3) so the session can fix it and rerun while the machine is warm;
 #   2. the beauty_gpu_strict pipeline (deep target: 30 layers, hidden 576; teacher; 2-layer AtSpeed-S draft), then
 #      beauty_gpu_relaxed, which reuses the target and teacher and aligns an AtSpeed-R draft;
-#   3. the headline: bench_decoding at K = 10, batch 1, γ 3, M 10/20/40 for strict and relaxed, SD and beam_tree
-#      alternating per user in one process;
+#   3. the headline: bench_decoding at K = 10, batch 1, γ 3, N 40 with M 10/20/40, then N = M = 120 and 80, for
+#      strict and relaxed, SD and beam_tree alternating per user in one process;
 #   4. as time allows (each step is skipped when fewer than its seconds remain before DEADLINE): γ 1 rows, one call
 #      of each model (bench_forward), kernels per list (count_ops), transformers' forward, throughput at B 1-64.
 # After every step the results folder is packed into $OUT/gpu_perf.tgz (through a temporary file and a rename), so
@@ -24,8 +24,9 @@
 # USERS (100; batch-1 lists per row), EVAL_USERS (30; the pipeline's own speculative table), REPEATS (1),
 # THROUGHPUT_USERS (256), DEADLINE (540 s after the start: optional steps that would end later are skipped), OUT
 # (results/gpu_perf_out), RESULTS (results/gpu_perf), ARTIFACTS (artifacts), DEVICE / DTYPE (cuda / bfloat16),
-# SMOKE (1; 0 skips it), DATA_NAME (beauty) and SMOKE_DATA_ROOT (DATA_ROOT) for other data, EXTRA (more Hydra overrides for both pipeline runs). DEVICE=cpu with EXTRA pointing at tiny
-# models runs every step on a CPU (tests/test_benchmarks.py does, so a GPU session does not debug this script).
+# SMOKE (1; 0 skips it), DATA_NAME (beauty) and SMOKE_DATA_ROOT (DATA_ROOT) for other data, EXTRA (more Hydra
+# overrides for both pipeline runs). DEVICE=cpu with EXTRA pointing at tiny models runs every step on a CPU
+# (tests/test_benchmarks.py does, so that a GPU session does not spend its minutes debugging this script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -139,9 +140,17 @@ echo "target: $TARGET; drafts: ${DRAFT[*]}"
 
 # 3. the headline rows, then 4. the rest while time remains (rough seconds each on an H100-class GPU)
 models() { echo --target-dir "$TARGET" --draft-dir "${DRAFT[$1]}"; }
-for mode in "${ready[@]}"; do
+for mode in "${ready[@]}"; do  # the paper's N = 40, with top-M verification
   step "${mode}_g3" 90 bench "${mode}_g3" $(models "$mode") --methods "beam_tree,sd_$mode" --users "$USERS" \
       --ks 10 --draft-beams 40 --verify-beams 10,20,40 --gamma 3 --repeats "${REPEATS:-1}"
+done
+# wider draft trees: fewer target calls (run_beams_sweep.sh on the CPU: strict K = 10 2.02 -> 1.53 calls from N 40
+# to 120), and a GPU call costs about the same for a few hundred tokens
+for n in 120 80; do
+  for mode in "${ready[@]}"; do
+    step "${mode}_g3_n$n" 45 bench "${mode}_g3_n$n" $(models "$mode") --methods "beam_tree,sd_$mode" \
+        --users "$USERS" --ks 10 --draft-beams "$n" --gamma 3 --repeats "${REPEATS:-1}"
+  done
 done
 step forward 40 saved forward bench_forward.py --model-dir "$TARGET" --model-dir "${DRAFT[${ready[0]}]}" \
     --widths 1,10,40,120,240 --repeats 100

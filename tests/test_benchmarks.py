@@ -154,10 +154,27 @@ def test_perf_tables_come_from_the_benchmark_json(tmp_path, capsys):
     text = load_script("perf_tables").main([str(tmp_path)])
     best = max(("sd_strict_m5", "sd_strict"), key=lambda m: report["summary"]["5"][m]["speedup_tot"])
     s = report["summary"]["5"][best]
-    assert f"| strict | 5 | 1 | {5 if best.endswith('m5') else 10} |" in text
+    assert f"| strict | 5 | 1 | 10 | {5 if best.endswith('m5') else 10} |" in text
     assert f"**{s['speedup_tot']:.2f}** | {s['target_calls']:.2f} |" in text
     bound_row = next(line for line in text.splitlines() if line.startswith("| 5 |"))
     assert "(" in bound_row and bound_row.count("|") == 7
+
+
+def test_perf_tables_draft_beams_rows_come_from_the_sweep_reports(tmp_path, capsys):
+    bench = load_script("bench_decoding")
+    common = ["--target-config", str(REPO / "conf" / "model" / "llama_tiny.yaml"), "--data-name", "synthetic",
+              "--data-root", str(tmp_path / "synthetic"), "--users", "2", "--ks", "5", "--warmup", "0",
+              "--threads", "1", "--draft-config", str(REPO / "conf" / "draft" / "draft_1l_128.yaml"),
+              "--methods", "beam_tree,sd_strict", "--gamma", "3"]
+    reports = {n: bench.main(common + ["--draft-beams", str(n), "--json-out", str(tmp_path / f"beams_strict_n{n}.json")])
+               for n in (5, 12)}
+    capsys.readouterr()
+    text = load_script("perf_tables").main([str(tmp_path)])
+    rows = [line for line in text.splitlines() if line.startswith("| strict | 5 |")]
+    assert [row.split(" | ")[2] for row in rows] == ["5", "12"]  # sorted by N
+    for row, n in zip(rows, (5, 12)):
+        s = reports[n]["summary"]["5"]["sd_strict"]
+        assert f"| {s['target_calls']:.2f} | {s['draft_calls']:.2f} | {s['accept_rate']:.3f} |" in row
 
 
 @pytest.mark.slow
@@ -181,15 +198,16 @@ def test_run_gpu_perf_script_runs_end_to_end_on_tiny_models(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     names = {p.name for p in (tmp_path / "results").iterdir()}
     per_mode = {f"{name}.json" for mode in ("strict", "relaxed")
-                for name in (f"summary_{mode}", f"{mode}_g3", f"{mode}_g1", f"ops_{mode}_g3", f"{mode}_g3_hf",
-                             f"throughput_k10_{mode}")}
+                for name in (f"summary_{mode}", f"{mode}_g3", f"{mode}_g3_n120", f"{mode}_g3_n80", f"{mode}_g1",
+                             f"ops_{mode}_g3", f"{mode}_g3_hf", f"throughput_k10_{mode}")}
     assert per_mode | {"log.txt", "device.txt", "smoke_lean.txt", "smoke_hf.txt", "smoke_ops.txt",
                        "forward.txt"} <= names
     # one archive of everything, replaced after each step
     assert (tmp_path / "out" / "gpu_perf.tgz").stat().st_size > 0
     assert not list((tmp_path / "out").glob(".*tmp"))
     text = load_script("perf_tables").main([str(tmp_path / "results")])
-    assert "| strict | 10 | 3 | 40 |" in text and "| relaxed | 10 | 3 | 10 |" in text
+    assert "| strict | 10 | 3 | 40 | 40 |" in text and "| relaxed | 10 | 3 | 40 | 10 |" in text
+    assert "| strict | 10 | 3 | 120 | 120 |" in text and "| relaxed | 10 | 3 | 120 | 120 |" in text
     # both modes benchmark the one target the first pipeline trained
     assert len(list((tmp_path / "artifacts" / "target").iterdir())) == 1
 

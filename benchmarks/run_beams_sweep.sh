@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Target calls and acceptance against the number of draft beams N (M = N, γ = 3, batch 1) for the Beauty CPU pair:
+# beauty_target's target with the beauty_strict AtSpeed-S draft (strict) and the beauty_relaxed AtSpeed-R draft
+# (relaxed). Calls and acceptance do not depend on the hardware; this CPU's walltimes at large N do (a CPU forward
+# pays for every verified token, a GPU call at batch 1 barely does), so read the walltime columns as this CPU's only.
+# The paper fixes N = 40; on a GPU a wider draft tree costs little, so this says what N buys there.
+#   bash benchmarks/run_beams_sweep.sh        (after beauty_strict and beauty_relaxed; ~10 min on the 2-core CPU)
+#   python benchmarks/perf_tables.py results/cpu_perf     (prints the table with the others)
+# Env: PY, OUT (results/cpu_perf), USERS (100), BEAMS ("10 20 40 60 80 120"), MODES ("strict relaxed"), DRAFT_S,
+# DRAFT_R, TARGET (default: the drafts found under artifacts/draft and their target).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-results/cpu_perf}
+USERS=${USERS:-100}
+BEAMS=${BEAMS:-"10 20 40 60 80 120"}
+MODES=${MODES:-"strict relaxed"}
+pick_draft() {  # the 3-epoch 1-layer width-128 draft of the objective (as run_cpu_perf.sh)
+  "$PY" - "$1" <<'PICK'
+import glob, json, sys
+for stage in sorted(glob.glob(f"artifacts/draft/beauty-*-{sys.argv[1]}-*/stage.json")):
+    settings = json.load(open(stage))["settings"]
+    if settings["draft"]["name"] == "draft_1l_128" and settings["draft_training"]["max_epochs"] == 3:
+        print(stage.rsplit("/", 1)[0] + "/model")
+        break
+else:
+    sys.exit(f"no 3-epoch draft_1l_128 {sys.argv[1]} draft under artifacts/draft: run the beauty_strict / "
+             "beauty_relaxed experiments first")
+PICK
+}
+DRAFT_S=${DRAFT_S:-$(pick_draft atspeed_s)}
+DRAFT_R=${DRAFT_R:-$([[ $MODES == *relaxed* ]] && pick_draft atspeed_r || echo none)}
+TARGET=${TARGET:-artifacts/target/$(basename "$(dirname "$DRAFT_S")" | cut -d- -f1-2)/model}
+mkdir -p "$OUT"
+for n in $BEAMS; do
+  ks=$(for k in 5 10 20; do if [ "$k" -le "$n" ]; then printf '%s,' "$k"; fi; done)  # K <= N
+  for mode in $MODES; do
+    draft=$DRAFT_S; [ "$mode" = relaxed ] && draft=$DRAFT_R
+    "$PY" benchmarks/bench_decoding.py --threads 2 --target-dir "$TARGET" --draft-dir "$draft" \
+        --methods "beam_tree,sd_$mode" --users "$USERS" --ks "${ks%,}" --draft-beams "$n" --gamma 3 \
+        --json-out "$OUT/beams_${mode}_n$n.json" 2> >(grep -v "Loading weights" >&2) | tee "$OUT/beams_${mode}_n$n.txt"
+  done
+done
