@@ -177,22 +177,28 @@ def test_perf_tables_draft_beams_rows_come_from_the_sweep_reports(tmp_path, caps
         assert f"| {s['target_calls']:.2f} | {s['draft_calls']:.2f} | {s['accept_rate']:.3f} |" in row
 
 
+def gpu_script_env(tmp_path: Path, **settings: str) -> dict[str, str]:
+    """Environment that runs benchmarks/run_gpu_perf.sh on the CPU with tiny models and synthetic data."""
+    return {**os.environ, "PY": sys.executable, "DEVICE": "cpu", "DTYPE": "float32", "DATA_NAME": "synthetic",
+            "DATA_ROOT": str(tmp_path / "data" / "synthetic"), "OUT": str(tmp_path / "out"),
+            "RESULTS": str(tmp_path / "results"), "ARTIFACTS": str(tmp_path / "artifacts"), "TARGET_EPOCHS": "1",
+            "DRAFT_EPOCHS": "1",
+            "EXTRA": " ".join([
+                "data=synthetic", "data.synthetic.num_users=150", "data.synthetic.num_items=120",
+                f"paths.data_dir={tmp_path / 'data'}", "model=llama_tiny", "model.num_hidden_layers=1",
+                "draft=draft_tiny", "trainer=cpu", "eval.device=cpu", "target_training=default",
+                "target_training.val_users=10", "eval.max_users=10", "teacher.num_beams=10",
+                "teacher.max_examples=30", "teacher.max_val_examples=5", "draft_training.batch_size=8",
+                "decoding.draft_beams=40"]),
+            **settings}
+
+
 @pytest.mark.slow
 def test_run_gpu_perf_script_runs_end_to_end_on_tiny_models(tmp_path):
     # the GPU script can only be exercised for real on a lent GPU (15 minutes a session: no time to debug it there);
     # this runs every step of it on the CPU (tiny models, synthetic data): smoke, both pipelines, every table
-    env = {**os.environ, "PY": sys.executable, "DEVICE": "cpu", "DTYPE": "float32", "DATA_NAME": "synthetic",
-           "DATA_ROOT": str(tmp_path / "data" / "synthetic"), "SMOKE_DATA_ROOT": str(tmp_path / "smoke_data"),
-           "USERS": "3", "EVAL_USERS": "3", "THROUGHPUT_USERS": "8", "DEADLINE": "100000",
-           "OUT": str(tmp_path / "out"), "RESULTS": str(tmp_path / "results"), "ARTIFACTS": str(tmp_path / "artifacts"),
-           "TARGET_EPOCHS": "1", "DRAFT_EPOCHS": "1",
-           "EXTRA": " ".join([
-               "data=synthetic", "data.synthetic.num_users=150", "data.synthetic.num_items=120",
-               f"paths.data_dir={tmp_path / 'data'}", "model=llama_tiny",
-               "model.num_hidden_layers=1", "draft=draft_tiny", "trainer=cpu", "eval.device=cpu",
-               "target_training=default", "target_training.val_users=10", "eval.max_users=10",
-               "teacher.num_beams=10", "teacher.max_examples=30", "teacher.max_val_examples=5",
-               "draft_training.batch_size=8", "decoding.draft_beams=40"])}
+    env = gpu_script_env(tmp_path, SMOKE_DATA_ROOT=str(tmp_path / "smoke_data"), USERS="3", EVAL_USERS="3",
+                         THROUGHPUT_USERS="8", DEADLINE="100000")
     result = subprocess.run(["bash", str(REPO / "benchmarks" / "run_gpu_perf.sh")], env=env, cwd=REPO,
                             capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -215,17 +221,7 @@ def test_run_gpu_perf_script_runs_end_to_end_on_tiny_models(tmp_path):
 @pytest.mark.slow
 def test_run_gpu_perf_script_skips_optional_steps_past_its_deadline(tmp_path):
     # DEADLINE=0: the smoke is skipped (SMOKE=0), the pipelines run anyway, every table step is skipped, nothing fails
-    env = {**os.environ, "PY": sys.executable, "DEVICE": "cpu", "DTYPE": "float32", "DATA_NAME": "synthetic",
-           "DATA_ROOT": str(tmp_path / "data" / "synthetic"), "SMOKE": "0", "MODES": "strict", "DEADLINE": "0",
-           "EVAL_USERS": "2", "OUT": str(tmp_path / "out"), "RESULTS": str(tmp_path / "results"),
-           "ARTIFACTS": str(tmp_path / "artifacts"), "TARGET_EPOCHS": "1", "DRAFT_EPOCHS": "1",
-           "EXTRA": " ".join([
-               "data=synthetic", "data.synthetic.num_users=150", "data.synthetic.num_items=120",
-               f"paths.data_dir={tmp_path / 'data'}", "model=llama_tiny", "model.num_hidden_layers=1",
-               "draft=draft_tiny", "trainer=cpu", "eval.device=cpu", "target_training=default",
-               "target_training.val_users=10", "eval.max_users=10", "teacher.num_beams=10",
-               "teacher.max_examples=30", "teacher.max_val_examples=5", "draft_training.batch_size=8",
-               "decoding.draft_beams=40"])}
+    env = gpu_script_env(tmp_path, SMOKE="0", MODES="strict", DEADLINE="0", EVAL_USERS="2")
     result = subprocess.run(["bash", str(REPO / "benchmarks" / "run_gpu_perf.sh")], env=env, cwd=REPO,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
