@@ -128,8 +128,8 @@ def count(argv: list[str] | None = None) -> dict[str, Any]:
                     calls["target"] += result.target_calls
                     calls["draft"] += result.draft_calls
                 lists = len(setup.prompts)
-                row = {"k": k, "gamma": args.gamma, "method": name, "lists": lists,
-                       "target_calls": calls["target"] / lists, "draft_calls": calls["draft"] / lists}
+                row = {"k": k, "gamma": args.gamma, "draft_beams": args.draft_beams, "method": name,
+                       "lists": lists, "target_calls": calls["target"] / lists, "draft_calls": calls["draft"] / lists}
                 for part in PARTS:
                     for kind in ("kernel", "view", "sync"):
                         row[f"{part}_{kind}"] = counter.counts[(part, kind)] / lists

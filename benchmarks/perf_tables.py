@@ -47,13 +47,13 @@ def grid_line(r: dict) -> str:
 
 def ops_table(rows: list[dict]) -> str:
     """``count_ops.py``'s rows: aten ops per list by where they run (kernels; views and host reads apart)."""
-    head = ("| K | γ | method | target calls | draft calls | target kernels (per call) | draft kernels | "
+    head = ("| K | γ | N | method | target calls | draft calls | target kernels (per call) | draft kernels | "
             "search kernels | search views | host reads | kernels per list |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         reads = sum(r[f"{part}_sync"] for part in ("target", "draft", "search"))
         lines.append(
-            f"| {r['k']} | {r.get('gamma', '-')} | {r['method']} | {r['target_calls']:.2f} | {r['draft_calls']:.2f} | "
+            f"| {r['k']} | {r.get('gamma', '-')} | {r.get('draft_beams', '-')} | {r['method']} | {r['target_calls']:.2f} | {r['draft_calls']:.2f} | "
             f"{r['target_kernel']:.0f} ({r['target_kernels_per_call']:.0f}) | {r['draft_kernel']:.0f} | "
             f"{r['search_kernel']:.0f} | {r['search_view']:.0f} | {reads:.1f} | {r['kernel_total']:.0f} |"
         )
@@ -64,6 +64,8 @@ def beams_table(folder: Path) -> str:
     """``run_beams_sweep.sh``'s reports (``beams_{mode}_n{N}.json``): one row per (mode, K, N)."""
     rows = []
     for path in folder.glob("beams_*_n*.json"):
+        if path.stem.startswith("beams_ops_"):  # count_ops reports of the sweep (beams_ops_table)
+            continue
         report = json.loads(path.read_text())
         mode = path.stem.split("_")[1]
         for k, methods in report["summary"].items():
@@ -104,6 +106,13 @@ def main(argv: list[str] | None = None) -> str:
     if beams:
         out += ["", "Draft beams N (M = N, γ = 3; calls and acceptance are hardware-independent, walltimes this "
                 "machine's):", "", beams]
+    beams_ops = [{"draft_beams": report["header"]["draft_beams"], **row}
+                 for report in (json.loads(p.read_text()) for p in sorted(folder.glob("beams_ops_*.json")))
+                 for row in report["rows"]]
+    if beams_ops:  # each mode's report has its own beam_tree rows: one per N is enough
+        unique = {(r["method"], r["draft_beams"]): r for r in reversed(beams_ops)}
+        out += ["", "Tensor ops per list against N (`count_ops.py`, M = N, γ = 3):", "",
+                ops_table([unique[key] for key in sorted(unique)])]
     bounds = [(k, load(folder, f"bound_k{k}")) for k in (5, 10, 20)]
     if any(b for _, b in bounds):
         out += ["", "Bound: the target drafts for itself (every step accepted, M = N = K, γ = 3, one target call):", "",
@@ -116,7 +125,9 @@ def main(argv: list[str] | None = None) -> str:
                 rest = sd["verify_ms"] + sd["accept_ms"] + sd["other_ms"]
                 out.append(f"| {k} | {beam['median_ms']:.1f} | {sd['median_ms']:.1f} | {rest:.1f} | "
                            f"**{beam['median_ms'] / rest:.2f}** | {sd['target_tokens']:.0f} ({beam['target_tokens']:.0f}) |")
-    ops = [row for path in sorted(folder.glob("ops_*.json")) for row in json.loads(path.read_text())["rows"]]
+    ops = [{"draft_beams": report["header"]["draft_beams"], **row}
+           for report in (json.loads(path.read_text()) for path in sorted(folder.glob("ops_*.json")))
+           for row in report["rows"]]
     if ops:
         out += ["", "Tensor ops per list (`count_ops.py`; kernels: ops that compute or copy, each a launch on a GPU):",
                 "", ops_table(ops)]

@@ -128,7 +128,7 @@ def test_count_ops_charges_each_forward_to_its_model(tmp_path, capsys):
     assert sd["search_kernel"] > beam["search_kernel"] > 0
     assert sd["kernel_total"] == sd["target_kernel"] + sd["draft_kernel"] + sd["search_kernel"]
     out = capsys.readouterr().out
-    assert "| 5 | 1 | beam_tree | 4.00 |" in out and "| 5 | 1 | sd_strict |" in out
+    assert "| 5 | 1 | 10 | beam_tree | 4.00 |" in out and "| 5 | 1 | 10 | sd_strict |" in out
     # the CUDA default (all layers' caches edited by one indexing) counted on the CPU: fewer search kernels, the same
     # lists and forwards
     stacked = load_script("count_ops").main(common + ["--cache-edits", "stacked", "--draft-config",
@@ -137,7 +137,7 @@ def test_count_ops_charges_each_forward_to_its_model(tmp_path, capsys):
     assert sd_stacked["target_calls"] == sd["target_calls"] and sd_stacked["target_kernel"] == sd["target_kernel"]
     assert sd_stacked["search_kernel"] < sd["search_kernel"]
     text = load_script("perf_tables").main([str(tmp_path)])  # README's table of them
-    assert "search kernels" in text and f"| 5 | 1 | sd_strict | {sd['target_calls']:.2f} |" in text
+    assert "search kernels" in text and f"| 5 | 1 | 10 | sd_strict | {sd['target_calls']:.2f} |" in text
 
 
 def test_perf_tables_come_from_the_benchmark_json(tmp_path, capsys):
