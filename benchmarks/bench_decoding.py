@@ -48,12 +48,12 @@ from atspeed_exp.decoding.trie import ItemTrie
 from atspeed_exp.models.adapter import HFDecoderLM
 from atspeed_exp.models.lean import BACKENDS, LeanLlamaLM, decoder_for
 from atspeed_exp.models.build import DTYPES, count_parameters, load_model, merge_lora
+from atspeed_exp.pipeline import write_json_atomic
 
 log = logging.getLogger("bench_decoding")
 
 METHODS = ("beam", "beam_tree", "hf_generate", "sd_strict", "sd_relaxed", "sd_relaxed_exact")
 BASELINE = "beam_tree"  # our best target-only beam search (one cache row per user, tree attention)
-PROFILED = ":profiled"  # suffix of the runner that repeats an SD list with synchronised phase timers (CUDA)
 COLUMNS = (
     "method", "lists", "median_ms", "p90_ms", "speedup_tot", "speedup_mean", "tgt_calls", "drf_calls",
     "tgt_tokens", "drf_tokens", "accept_rate", "acc_steps/round", "draft_ms", "verify_ms", "accept_ms", "other_ms",
@@ -350,8 +350,11 @@ class CallCounter:
         self.calls = self.tokens = 0
 
 
-def make_runners(setup: Setup, args: argparse.Namespace, k: int) -> dict[str, Callable[[int], ListResult]]:
-    """Per method, a function of the user index that decodes that user's list of K items."""
+def make_runners(
+    setup: Setup, args: argparse.Namespace, k: int
+) -> tuple[dict[str, Callable[[int], ListResult]], dict[str, Callable[[int], ListResult]]]:
+    """Per method, a function of the user index that decodes that user's list of K items; and, on CUDA, per SD
+    method the same list decoded with synchronised phase timers (untimed: its phases only; empty on the CPU)."""
     target, draft, trie, pad = setup.target, setup.draft, setup.trie, setup.data.pad_id
     device = torch.device(args.device)
     eos = setup.data.tokenizer.eos_token_id
@@ -409,14 +412,12 @@ def make_runners(setup: Setup, args: argparse.Namespace, k: int) -> dict[str, Ca
 
     # On CUDA the phase profile synchronises at every phase boundary, which a timed list must not pay (beam search
     # pays no such syncs): timed runs go unprofiled and one extra, untimed run per list gives the phases
-    # (``name + PROFILED``). On the CPU nothing is asynchronous, so the timed run's phases are exact.
+    # (the second dict). On the CPU nothing is asynchronous, so the timed run's phases are exact.
     profile = device.type != "cuda"
     runners = {"beam": beam, "beam_tree": beam_tree, "hf_generate": hf_generate}
     runners.update({label: speculative(mode, m, profile) for label, mode, m in args.variants})
-    runners = {name: runners[name] for name in args.rows}
-    if not profile:
-        runners.update({f"{label}{PROFILED}": speculative(mode, m, True) for label, mode, m in args.variants})
-    return runners
+    profiled = {} if profile else {label: speculative(mode, m, True) for label, mode, m in args.variants}
+    return {name: runners[name] for name in args.rows}, profiled
 
 
 def timed(fn: Callable[[int], ListResult], user: int, cuda: bool) -> tuple[float, ListResult]:
@@ -440,11 +441,10 @@ def run_benchmark(setup: Setup, args: argparse.Namespace) -> list[Measurement]:
     cuda = args.device == "cuda"
     measurements: list[Measurement] = []
     for k in args.ks:
-        everything = make_runners(setup, args, k)
-        runners = {name: fn for name, fn in everything.items() if not name.endswith(PROFILED)}
+        runners, profiled = make_runners(setup, args, k)
         start = time.perf_counter()
         for user in range(min(args.warmup, len(setup.prompts))):
-            for name, fn in everything.items():
+            for name, fn in [*runners.items(), *profiled.items()]:
                 if name != "hf_generate" or user < args.hf_users:
                     fn(user)
         for user in range(len(setup.prompts)):
@@ -456,9 +456,8 @@ def run_benchmark(setup: Setup, args: argparse.Namespace) -> list[Measurement]:
                         continue
                     elapsed, last[name] = timed(fn, user, cuda)
                     times[name].append(elapsed)
-            for name in last:  # CUDA: the phases of a separate synchronised run (same list, untimed)
-                if name + PROFILED in everything:
-                    last[name].phases_s = everything[name + PROFILED](user).phases_s
+            for name, fn in profiled.items():  # CUDA: the phases of a separate synchronised run (same list, untimed)
+                last[name].phases_s = fn(user).phases_s
             for name, result in last.items():
                 mismatch = None if name == BASELINE else differs(result, last[BASELINE])
                 if name.startswith("sd_strict") and mismatch:
@@ -715,17 +714,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["walltime_s"] = time.perf_counter() - start
     print(f"\ntotal walltime {report['walltime_s']:.0f} s", flush=True)
     if args.json_out:
-        write_atomic(Path(args.json_out), json.dumps(report, indent=2, default=str))
+        write_json_atomic(Path(args.json_out), report)  # never a half-written report for perf_tables.py
     return report
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file and a rename: an interrupted run never leaves a half-written report that
-    perf_tables.py would read."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

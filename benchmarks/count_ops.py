@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -33,6 +32,8 @@ from typing import Any, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from atspeed_exp.pipeline import write_json_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_decoding  # noqa: E402  (the sibling script: same setup, same runners)
@@ -114,10 +115,8 @@ def count(argv: list[str] | None = None) -> dict[str, Any]:
         if setup.draft is not None and setup.draft is not setup.target:
             attribute_forwards(setup.draft, counter, "draft")
         for k in args.ks:
-            runners = bench_decoding.make_runners(setup, args, k)
+            runners, _ = bench_decoding.make_runners(setup, args, k)  # not the CUDA phase-profile runs
             for name, run in runners.items():
-                if name.endswith(bench_decoding.PROFILED):  # the CUDA phase-profile runs: not what a list costs
-                    continue
                 for user in range(min(args.warmup, len(setup.prompts))):
                     run(user)  # first calls build lazy state (kernels, caches) that later lists do not pay for
                 counter.counts.clear()
@@ -149,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"cache edits: {report['header']['cache_edits']}")
     print(ops_table(report["rows"]), flush=True)
     if report["json_out"]:
-        bench_decoding.write_atomic(Path(report["json_out"]), json.dumps(report, indent=2, default=str))
+        write_json_atomic(Path(report["json_out"]), report)
     return report
 
 

@@ -60,6 +60,14 @@ def ops_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def ops_rows(folder: Path, pattern: str) -> list[dict]:
+    """The rows of the ``count_ops.py`` reports matching ``pattern``, each with its report's N (older reports keep
+    N in the header only)."""
+    return [{"draft_beams": report["header"]["draft_beams"], **row}
+            for report in (json.loads(path.read_text()) for path in sorted(folder.glob(pattern)))
+            for row in report["rows"]]
+
+
 def beams_table(folder: Path) -> str:
     """``run_beams_sweep.sh``'s reports (``beams_{mode}_n{N}.json``): one row per (mode, K, N)."""
     rows = []
@@ -106,9 +114,7 @@ def main(argv: list[str] | None = None) -> str:
     if beams:
         out += ["", "Draft beams N (M = N, γ = 3; calls and acceptance are hardware-independent, walltimes this "
                 "machine's):", "", beams]
-    beams_ops = [{"draft_beams": report["header"]["draft_beams"], **row}
-                 for report in (json.loads(p.read_text()) for p in sorted(folder.glob("beams_ops_*.json")))
-                 for row in report["rows"]]
+    beams_ops = ops_rows(folder, "beams_ops_*.json")
     if beams_ops:  # each mode's report has its own beam_tree rows: one per N is enough
         unique = {(r["method"], r["draft_beams"]): r for r in reversed(beams_ops)}
         out += ["", "Tensor ops per list against N (`count_ops.py`, M = N, γ = 3):", "",
@@ -125,9 +131,7 @@ def main(argv: list[str] | None = None) -> str:
                 rest = sd["verify_ms"] + sd["accept_ms"] + sd["other_ms"]
                 out.append(f"| {k} | {beam['median_ms']:.1f} | {sd['median_ms']:.1f} | {rest:.1f} | "
                            f"**{beam['median_ms'] / rest:.2f}** | {sd['target_tokens']:.0f} ({beam['target_tokens']:.0f}) |")
-    ops = [{"draft_beams": report["header"]["draft_beams"], **row}
-           for report in (json.loads(path.read_text()) for path in sorted(folder.glob("ops_*.json")))
-           for row in report["rows"]]
+    ops = ops_rows(folder, "ops_*.json")
     if ops:
         out += ["", "Tensor ops per list (`count_ops.py`; kernels: ops that compute or copy, each a launch on a GPU):",
                 "", ops_table(ops)]

@@ -16,22 +16,10 @@ OUT=${OUT:-results/cpu_perf}
 USERS=${USERS:-100}
 BEAMS=${BEAMS:-"10 20 40 60 80 120"}
 MODES=${MODES:-"strict relaxed"}
-pick_draft() {  # the 3-epoch 1-layer width-128 draft of the objective (as run_cpu_perf.sh)
-  "$PY" - "$1" <<'PICK'
-import glob, json, sys
-for stage in sorted(glob.glob(f"artifacts/draft/beauty-*-{sys.argv[1]}-*/stage.json")):
-    settings = json.load(open(stage))["settings"]
-    if settings["draft"]["name"] == "draft_1l_128" and settings["draft_training"]["max_epochs"] == 3:
-        print(stage.rsplit("/", 1)[0] + "/model")
-        break
-else:
-    sys.exit(f"no 3-epoch draft_1l_128 {sys.argv[1]} draft under artifacts/draft: run the beauty_strict / "
-             "beauty_relaxed experiments first")
-PICK
-}
+source benchmarks/cpu_pair.sh  # pick_draft, target_of
 DRAFT_S=${DRAFT_S:-$(pick_draft atspeed_s)}
 DRAFT_R=${DRAFT_R:-$([[ $MODES == *relaxed* ]] && pick_draft atspeed_r || echo none)}
-TARGET=${TARGET:-artifacts/target/$(basename "$(dirname "$DRAFT_S")" | cut -d- -f1-2)/model}
+TARGET=${TARGET:-$(target_of "$DRAFT_S")}
 mkdir -p "$OUT"
 for n in $BEAMS; do
   ks=$(for k in 5 10 20; do if [ "$k" -le "$n" ]; then printf '%s,' "$k"; fi; done)  # K <= N

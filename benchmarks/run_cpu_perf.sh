@@ -10,28 +10,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-results/cpu_perf}
-# The drafts of the beauty_strict / beauty_relaxed runs (1 layer, width 128, 3 epochs), chosen by their stage
-# settings: other drafts of the same objective (a 10-epoch or a 2-layer one) may sit beside them.
-pick_draft() {
-  "$PY" - "$1" <<'PICK'
-import glob, json, sys
-objective = sys.argv[1]
-matches = []
-for stage in sorted(glob.glob(f"artifacts/draft/beauty-*-{objective}-*/stage.json")):
-    settings = json.load(open(stage))["settings"]
-    if settings["draft"]["name"] == "draft_1l_128" and settings["draft_training"]["max_epochs"] == 3:
-        matches.append(stage.rsplit("/", 1)[0] + "/model")
-if not matches:
-    sys.exit(f"no artifacts/draft/beauty-*-{objective}-* draft with draft_1l_128 and 3 epochs: run "
-             f"python run.py +experiment=beauty_{'strict' if objective == 'atspeed_s' else 'relaxed'} first")
-print(matches[0])
-PICK
-}
+source benchmarks/cpu_pair.sh  # pick_draft, target_of
 DRAFT_S=${DRAFT_S:-$(pick_draft atspeed_s)}
 DRAFT_R=${DRAFT_R:-$(pick_draft atspeed_r)}
 echo "drafts: $DRAFT_S $DRAFT_R"
-# the drafts' own target: a draft dir is named <target dir>-<teacher key>-<objective>-<key>
-TARGET=${TARGET:-artifacts/target/$(basename "$(dirname "$DRAFT_S")" | cut -d- -f1-2)/model}
+TARGET=${TARGET:-$(target_of "$DRAFT_S")}
 USERS=${USERS:-100}
 BACKEND=${BACKEND:-auto}
 mkdir -p "$OUT"
