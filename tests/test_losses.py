@@ -140,6 +140,22 @@ def naive_atspeed_s_row(d, t, cols, top_k, tau, density_weight) -> tuple[float, 
     return reverse_kl + density_weight * p_kth * entropy, reverse_kl, p_kth, entropy
 
 
+def naive_atspeed_s_public_row(d, t, cols, top_k, tau, density_weight) -> float:
+    """The public code's form, literally: probabilities q_c, p_c over the support, the draft's top-K, then
+    q̃ = softmax(q[T] / τ), p̃ = softmax(p[T] / τ); KL(q̃ ‖ p̃) + p̃_K · H(q̃)."""
+    logq, logp = _log_softmax(d, cols), _log_softmax(t, cols)
+    top = sorted(cols, key=lambda c: -d[c])[:top_k]
+    q = {c: math.exp(logq[c]) for c in top}
+    p = {c: math.exp(logp[c]) for c in top}
+    lse_q = _logsumexp([q[c] / tau for c in top])
+    lse_p = _logsumexp([p[c] / tau for c in top])
+    log_qt = {c: q[c] / tau - lse_q for c in top}
+    log_pt = {c: p[c] / tau - lse_p for c in top}
+    reverse_kl = sum(math.exp(log_qt[c]) * (log_qt[c] - log_pt[c]) for c in top)
+    entropy = -sum(math.exp(log_qt[c]) * log_qt[c] for c in top)
+    return reverse_kl + density_weight * math.exp(log_pt[top[-1]]) * entropy
+
+
 def naive_atspeed_s(draft, target, row_mask, top_k, tau=1.0, density_weight=1.0) -> float:
     def per_row(d, t, cols):
         return naive_atspeed_s_row(d, t, cols, top_k, tau, density_weight)[0]
@@ -194,6 +210,39 @@ def test_atspeed_s_loss_matches_naive_reference(seed, top_k, tau, density_weight
     got = atspeed_s_loss(draft, target, mask, top_k=top_k, temperature=tau, density_weight=density_weight)
     want = naive_atspeed_s(draft, target, mask, top_k, tau, density_weight)
     assert float(got) == pytest.approx(want, abs=ATOL)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("top_k", [1, 3, 5, 100])
+@pytest.mark.parametrize(("tau", "density_weight"), [(1.0, 1.0), (0.05, 0.3), (0.001, 1.0)])
+def test_atspeed_s_loss_public_form_matches_naive_reference(seed, top_k, tau, density_weight):
+    draft, target, mask = make_batch(seed)
+    got = atspeed_s_loss(draft, target, mask, top_k=top_k, temperature=tau, density_weight=density_weight,
+                         temperature_form="public")
+    want = _mean_over_real(draft, target, mask, lambda d, t, cols: naive_atspeed_s_public_row(
+        d, t, cols, top_k, tau, density_weight))
+    assert float(got) == pytest.approx(want, abs=ATOL, rel=1e-6)  # τ = 0.001 gives losses in the hundreds
+
+
+def test_atspeed_s_loss_public_form_differs_and_is_flat_at_unit_temperature():
+    """At τ = 1 the public q̃ = softmax(q / 1) is nearly uniform over T: its loss and gradient are far smaller
+    than the power form's, which at τ = 1 is plain renormalisation."""
+    gen = torch.Generator().manual_seed(21)
+    draft = (torch.randn(8, 40, generator=gen) * 3).requires_grad_(True)
+    target = torch.randn(8, 40, generator=gen) * 3
+    mask = torch.ones(8, dtype=torch.bool)
+    power = atspeed_s_loss(draft, target, mask, top_k=20, density_weight=0.0)
+    public = atspeed_s_loss(draft, target, mask, top_k=20, density_weight=0.0, temperature_form="public")
+    (g_power,) = torch.autograd.grad(power, draft)
+    (g_public,) = torch.autograd.grad(public, draft)
+    assert float(public) < 0.1 * float(power)
+    assert float(g_public.norm()) < 0.1 * float(g_power.norm())
+
+
+def test_atspeed_s_loss_rejects_unknown_temperature_form():
+    draft, target, mask = make_batch(0)
+    with pytest.raises(ValueError, match="temperature_form"):
+        atspeed_s_loss(draft, target, mask, top_k=3, temperature_form="logits")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -40,6 +40,8 @@ __all__ = [
     "tvd_loss",
 ]
 
+TEMPERATURE_FORMS = ("power", "public")  # AtSpeed-S: τ as a power of the probabilities, or the public code's q / τ
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers: shapes, sanitising, masked mean
@@ -173,6 +175,7 @@ def atspeed_s_loss(
     top_k: int,
     temperature: float = 1.0,
     density_weight: float = 1.0,
+    temperature_form: str = "power",
 ) -> torch.Tensor:
     """AtSpeed-S (strict verification): top-K reverse KL plus a density regulariser, mean over real rows.
 
@@ -190,16 +193,33 @@ def atspeed_s_loss(
     T only; that is how it is computed. T is chosen on the draft logits and does not depend on τ. With K >= the
     support size this is reverse KL(q_τ ‖ p_τ) over the whole row plus the density term.
 
-    draft_logits, target_logits: ``[R, S]``; row_mask: ``[R]`` bool; top_k >= 1. Returns a scalar.
+    ``temperature_form="public"`` is the public AtSpeed code's form instead (Linxyhaha/AtSpeed, code/model.py,
+    ``loss_strict`` with ``constrained_softmax``): τ divides the probabilities themselves before a softmax over T,
+
+        q̃_c = exp(q_c / τ) / Σ_{c'∈T} exp(q_{c'} / τ),   p̃_c = exp(p_c / τ) / Σ_{c'∈T} exp(p_{c'} / τ)
+
+    with the same loss on q̃, p̃. Since q_c ∈ [0, 1], τ = 1 makes q̃ nearly uniform over T (small gradients) and
+    τ = 0.001 (the public scripts) nearly one-hot on the draft's argmax. The two forms differ at every τ.
+
+    draft_logits, target_logits: ``[R, S]``; row_mask: ``[R]`` bool; top_k >= 1; temperature_form: ``power`` |
+    ``public``. Returns a scalar.
     """
     _check_temperature(temperature)
     if int(top_k) < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if temperature_form not in TEMPERATURE_FORMS:
+        raise ValueError(f"temperature_form must be one of {TEMPERATURE_FORMS}, got {temperature_form!r}")
     draft, target, _, real = _paired_rows(draft_logits, target_logits, row_mask)
     k = min(int(top_k), draft.shape[-1])
     draft_top, cols = draft.topk(k, dim=-1, sorted=True)  # [R, k], best first; -inf slots past the support
     target_top = target.gather(-1, cols)  # [R, k]
     slot = ~torch.isneginf(draft_top)  # [R, k]; non-real rows are all zeros, hence all True
+    if temperature_form == "public":
+        # probabilities over the whole support first; then the softmax over T below acts on probability / τ
+        support = ~torch.isneginf(draft)
+        neg_inf = torch.tensor(float("-inf"), dtype=draft.dtype, device=draft.device)
+        draft_top = torch.where(slot, _log_probs(draft, support, 1.0)[1].gather(-1, cols), neg_inf)  # [R, k] q_c
+        target_top = torch.where(slot, _log_probs(target, support, 1.0)[1].gather(-1, cols), neg_inf)  # p_c
     logq, q = _log_probs(draft_top, slot, temperature)  # renormalised over T with τ
     logp, _ = _log_probs(target_top, slot, temperature)
     reverse_kl = (q * (logq - logp)).sum(-1)  # [R]
