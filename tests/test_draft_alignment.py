@@ -40,7 +40,7 @@ class Setup:
         self.target = self.llama(hidden=32, layers=1, seed=0).eval()
         generate_teacher_data(HFDecoderLM(self.target), self.split.prompts, data.trie(), root / "teacher", "tiny",
                               num_beams=NUM_BEAMS, shard_size=8, batch_size=4, pad_id=self.pad_id, progress=False,
-                              responses=self.split.responses)
+                              responses=self.split.responses, full_vocab_gt=True)
         self.teacher = load_teacher_data(root / "teacher")
 
     def llama(self, hidden=32, layers=2, seed=1):
@@ -181,11 +181,108 @@ def test_draft_batch_reduced_beams_and_no_validation_data(setup):
         DraftDataModule(setup.split, setup.teacher, setup.split, level_blocks=setup.blocks, pad_id=setup.pad_id)
 
 
-@pytest.mark.parametrize("objective", OBJECTIVES)
-def test_alignment_config_binds_to_module_signature(objective):
-    # the files interpolate decoding.beam_size from the composed config
-    composed = OmegaConf.create({"decoding": {"beam_size": 10},
-                                 "alignment": OmegaConf.load(CONF_DIR / "alignment" / f"{objective}.yaml")})
+@pytest.mark.parametrize("path", sorted((CONF_DIR / "alignment").glob("*.yaml")), ids=lambda p: p.stem)
+def test_alignment_config_binds_to_module_signature(path):
+    composed = OmegaConf.create({"decoding": {"beam_size": 10}, "alignment": OmegaConf.load(path)})
     cfg = OmegaConf.to_container(composed, resolve=True)["alignment"]
-    assert cfg["objective"] == objective and objective in ALIGNMENT_LOSSES
+    assert cfg.pop("name") == path.stem
+    assert cfg["objective"] in (*ALIGNMENT_LOSSES, "none")
     inspect.signature(DraftAlignmentModule).bind(model=None, level_blocks=[], **cfg)
+    if cfg["objective"] != "none":
+        DraftAlignmentModule(None, [(0, 2)], **cfg)  # the module's own checks accept every shipped form
+
+
+def test_draft_alignment_full_vocab_rows_are_the_whole_vocabulary(setup):
+    """full_vocab: KL over all V columns of the stored full target logits equals a naive full-vocabulary KL of
+    the draft's logits at the ground-truth positions; the draft == target case gives 0."""
+    batch = setup.batch(range(NUM_EXAMPLES))
+    vocab = len(setup.data.tokenizer)
+    assert batch["gt_teacher_full_logits"].shape == (NUM_EXAMPLES, len(setup.blocks), vocab)
+    same = DraftAlignmentModule(copy.deepcopy(setup.target), setup.blocks, objective="kl", full_vocab=True)
+    with torch.no_grad():
+        assert abs(same.compute_losses(batch)["align"].item()) < 1e-3
+    module = DraftAlignmentModule(setup.llama(), setup.blocks, objective="kl", full_vocab=True)
+    with torch.no_grad():
+        gt_logits, _ = module.draft_logits(batch)
+        got = module.compute_losses(batch)["align"].item()
+    logq = gt_logits[:, : len(setup.blocks)].double().log_softmax(-1)
+    logp = batch["gt_teacher_full_logits"].double().log_softmax(-1)
+    want = (logp.exp() * (logp - logq)).sum(-1).mean().item()
+    assert got == pytest.approx(want, rel=1e-4)
+    restricted = DraftAlignmentModule(setup.llama(), setup.blocks, objective="kl").compute_losses(batch)["align"]
+    assert restricted.item() != pytest.approx(got, rel=1e-3)  # another function of the same logits
+
+
+def test_draft_alignment_full_vocab_needs_the_teacher_logits(setup):
+    batch = setup.batch()
+    batch.pop("gt_teacher_full_logits")
+    with pytest.raises(ValueError, match="full_vocab_gt"):
+        DraftAlignmentModule(setup.llama(), setup.blocks, objective="tvd", full_vocab=True).compute_losses(batch)
+    with pytest.raises(ValueError, match="full_vocab"):
+        DraftAlignmentModule(setup.llama(), setup.blocks, objective="atspeed_s", full_vocab=True)
+
+
+def test_draft_alignment_seqkd_public_labels_position_zero_with_the_ground_truth(setup):
+    batch = setup.batch()
+    module = DraftAlignmentModule(setup.llama(), setup.blocks, objective="seqkd", seqkd_first_label="ground_truth")
+    labels = module.seqkd_labels(batch)
+    first_true = [r[0] - setup.blocks[0][0] for r in (setup.split.responses[i] for i in range(4))]
+    for row in range(4):
+        for beam in range(NUM_BEAMS):
+            own = batch["beam_labels"][row, beam].tolist()
+            assert labels[row, beam].tolist() == [first_true[row], *own[1:]]
+    own_module = DraftAlignmentModule(setup.llama(), setup.blocks, objective="seqkd")
+    assert torch.equal(own_module.seqkd_labels(batch), batch["beam_labels"])
+    with pytest.raises(ValueError, match="seqkd_first_label"):
+        DraftAlignmentModule(setup.llama(), setup.blocks, objective="seqkd", seqkd_first_label="first")
+
+
+def test_draft_alignment_on_policy_beams_with_the_target_as_draft_are_the_teacher_beams(setup):
+    """A draft equal to the target drafts the target's own beams, so the on-policy rows reproduce the stored
+    teacher rows (fp16 storage aside); the rows past ``rows`` are untouched."""
+    batch = setup.batch(range(6))
+    module = DraftAlignmentModule(copy.deepcopy(setup.target), setup.blocks, objective="atspeed_s",
+                                  on_policy_ratio=0.5)
+    module.attach_target(HFDecoderLM(setup.target), setup.data.trie())
+    out = module.on_policy_batch(batch, rows=3)
+    assert torch.equal(out["input_ids"], batch["input_ids"]) and torch.equal(out["beam_labels"], batch["beam_labels"])
+    torch.testing.assert_close(out["teacher_logits"], batch["teacher_logits"], atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(out["teacher_logsumexp"], batch["teacher_logsumexp"], atol=2e-2, rtol=1e-2)
+    for key in ("teacher_logits", "beam_mask", "attention_mask"):
+        assert torch.equal(out[key][3:], batch[key][3:])
+
+
+def test_draft_alignment_on_policy_beams_are_the_drafts_scored_by_the_target(setup):
+    from atspeed_exp.decoding.beam_search import left_pad
+    from atspeed_exp.decoding.tree import tree_beam_search
+
+    batch = setup.batch(range(4))
+    draft = setup.llama(hidden=32, layers=1, seed=7).eval()
+    module = DraftAlignmentModule(draft, setup.blocks, objective="seqkd", on_policy_ratio=1.0)
+    trie = setup.data.trie()
+    module.attach_target(HFDecoderLM(setup.target), trie)
+    out = module.on_policy_batch(batch, rows=4)
+    prompts = [setup.split.prompts[i] for i in range(4)]
+    ids, mask = left_pad([torch.tensor(p) for p in prompts], setup.pad_id)
+    want = tree_beam_search(HFDecoderLM(draft), ids, mask, trie, NUM_BEAMS).sequences  # [4, K, L]
+    starts = torch.tensor([s for s, _ in setup.blocks])
+    assert torch.equal(out["beam_labels"], want - starts)
+    num_levels = len(setup.blocks)
+    for row in (0, 3):
+        for beam in (0, NUM_BEAMS - 1):
+            tokens = want[row, beam].tolist()
+            with torch.no_grad():
+                plain = setup.target(input_ids=torch.tensor([prompts[row] + tokens[: num_levels - 1]])).logits[0]
+            plen = len(prompts[row])
+            for level, (start, end) in enumerate(setup.blocks):
+                torch.testing.assert_close(out["teacher_logits"][row, beam, level, : end - start],
+                                           plain[plen - 1 + level, start:end], atol=1e-4, rtol=1e-4)
+    # a training step on on-policy rows runs and reports its cost
+    module.log = lambda name, value, **kw: logged.__setitem__(name, value)
+    logged: dict = {}
+    loss = module.training_step(batch, 0)
+    assert math.isfinite(loss.item()) and logged["draft/on_policy_s"] > 0
+    with pytest.raises(RuntimeError, match="attach_target"):
+        DraftAlignmentModule(draft, setup.blocks, objective="seqkd", on_policy_ratio=1.0).on_policy_batch(batch, 1)
+    with pytest.raises(ValueError, match="on_policy_ratio"):
+        DraftAlignmentModule(draft, setup.blocks, objective="kl", on_policy_ratio=0.5)

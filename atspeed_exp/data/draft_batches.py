@@ -31,7 +31,8 @@ Batch keys (B examples, T slots, S_max = the largest level block):
     teacher_logits [B, K, L, S_max] float32: the target's level-t logits at beam k's context, -inf past S_t;
     teacher_logsumexp [B, K, L] float32: the target's full-vocabulary log-normaliser there;
     gt_teacher_logits [B, L, S_max], gt_teacher_logsumexp [B, L]: the same at the true response's contexts
-    (only when the teacher data has them).
+    (only when the teacher data has them); gt_teacher_full_logits [B, L, V]: the target's whole vocabulary there
+    (only when the teacher was made with full_vocab_gt).
 """
 
 from __future__ import annotations
@@ -194,6 +195,8 @@ def collate_draft_batch(
         gt_levels = [torch.stack([t[f"gt_logits_{d}"] for t in teacher]) for d in range(num_levels)]
         out["gt_teacher_logits"] = _padded_levels(gt_levels, s_max)  # [B, L, S_max]
         out["gt_teacher_logsumexp"] = torch.stack([t["gt_logsumexp"] for t in teacher]).float()  # [B, L]
+    if "gt_full_logits" in teacher[0]:
+        out["gt_teacher_full_logits"] = torch.stack([t["gt_full_logits"] for t in teacher]).float()  # [B, L, V]
     return out
 
 

@@ -14,7 +14,8 @@ position's context is the prompt, shared by all beams, stored once); ``logits_t`
 ``logsumexp`` fp16 ``[n, K, L]`` (full-vocabulary normaliser, for unconstrained objectives).
 With ground-truth responses given (for the objectives defined at the ground-truth positions, KL and TVD):
 ``gt_logits_t`` fp16 ``[n, S_t]``: the target's level logits at the true response's position t, and
-``gt_logsumexp`` fp16 ``[n, L]``.
+``gt_logsumexp`` fp16 ``[n, L]``; with ``full_vocab_gt`` also ``gt_full_logits`` fp16 ``[n, L, V]``: the whole
+vocabulary there (for the public code's full-vocabulary WordKD / TVD-KD; about 4·V·2 bytes per example).
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ def generate_teacher_data(
     draft: DecoderLM | None = None,
     draft_beams: int = 40,
     gamma: int = 3,
+    full_vocab_gt: bool = False,
 ) -> Path:
     """Run the target's constrained beam search over ``prompts`` and store the teacher data (see module docstring).
     ``responses``: each example's true SID token ids (at least L), to store the target at the true positions too.
@@ -120,6 +122,7 @@ def generate_teacher_data(
         "level_blocks": [list(b) for b in trie.level_blocks],
         "prompts_sha": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16],
         "responses_sha": hashlib.sha256(json.dumps(responses).encode()).hexdigest()[:16] if responses else None,
+        "full_vocab_gt": bool(full_vocab_gt and responses),
     }
     if (directory / MANIFEST).exists():
         _check_manifest(directory, manifest)
@@ -153,7 +156,7 @@ def generate_teacher_data(
                 part[f"logits_{depth}"] = out.level_logits[depth].half().cpu()
             if responses is not None:
                 part.update(_ground_truth_logits(target, [prompts[i] for i in batch],
-                                                 [responses[i] for i in batch], trie, pad_id))
+                                                 [responses[i] for i in batch], trie, pad_id, full_vocab_gt))
             parts.append(part)
             bar.update(len(batch))
         payload = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
@@ -165,9 +168,11 @@ def generate_teacher_data(
 
 @torch.inference_mode()
 def _ground_truth_logits(
-    target: DecoderLM, prompts: list[list[int]], responses: list[list[int]], trie: ItemTrie, pad_id: int
+    target: DecoderLM, prompts: list[list[int]], responses: list[list[int]], trie: ItemTrie, pad_id: int,
+    full_vocab: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """The target's level logits at each true response position (one teacher-forced call)."""
+    """The target's level logits at each true response position (one teacher-forced call); with ``full_vocab``
+    also all of its logits there."""
     levels = trie.num_levels
     ids, mask = left_pad([torch.tensor(p + r[: levels - 1], dtype=torch.long) for p, r in zip(prompts, responses)],
                          pad_id)
@@ -176,6 +181,8 @@ def _ground_truth_logits(
     tail = logits[:, -levels:].float()  # [b, L, V]: position t predicts response token t (left padding)
     out = {f"gt_logits_{t}": tail[:, t, slice(*trie.block(t))].half().cpu() for t in range(levels)}
     out["gt_logsumexp"] = torch.logsumexp(tail, dim=-1).half().cpu()
+    if full_vocab:
+        out["gt_full_logits"] = tail.half().cpu()  # [b, L, V]
     return out
 
 

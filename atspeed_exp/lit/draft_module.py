@@ -17,10 +17,25 @@ Columns of a row (S_max = the largest level block):
   above 1). Each row's probabilities sum to 1, so KL/TVD between the summaries is that of the full distributions
   with all non-level tokens merged into one outcome; SeqKD's CE equals the full-vocabulary CE. A temperature acts on
   the merged column as on one token, and AtSpeed-S's top-K may pick the rest column.
+- ``full_vocab=True`` (KL and TVD, the public WordKD / TVD-KD form): every row is the whole vocabulary, no level
+  mask: the draft's logits and the target's full-vocabulary logits at the ground-truth positions, which the teacher
+  stage stores with ``teacher.full_vocab_gt=true``.
+
+Public-code variants (Linxyhaha/AtSpeed, code/model.py and its scripts), each an option beside the project's form:
+``temperature_form="public"`` (AtSpeed-S: τ divides the top-K probabilities, ``atspeed_s_loss``), ``full_vocab``
+(above) and ``seqkd_first_label="ground_truth"`` (SeqKD: the first position of every teacher beam is labelled with
+the ground truth's first code instead of the beam's own; the other positions keep the beam's codes).
+
+On-policy beams (``on_policy_ratio`` > 0, the paper's AtSpeed-S training on draft-generated sequences): in each
+training batch the first ``round(ratio * B)`` examples (batches are shuffled) get the draft's OWN K-beam constrained
+beam search instead of the stored teacher beams; the frozen target (``attach_target``) scores them on the fly with
+one forward over the same packed layout, and the objective then runs on these rows as on teacher rows. The time it
+takes is logged as ``draft/on_policy_s``. Validation always uses the stored teacher beams.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
@@ -29,10 +44,16 @@ from torch import nn
 
 from atspeed_exp.data.draft_batches import read_positions, split_read_logits
 from atspeed_exp.data.prompts import IGNORE_INDEX
+from atspeed_exp.decoding.beam_search import left_pad
+from atspeed_exp.decoding.protocol import DecoderLM
+from atspeed_exp.decoding.tree import tree_beam_search
+from atspeed_exp.decoding.trie import ItemTrie
 from atspeed_exp.lit.schedules import adamw_warmup_cosine
 from atspeed_exp.losses.alignment import get_alignment_loss, mixed_loss
+from atspeed_exp.models.lean import decoder_for
 
 GROUND_TRUTH_OBJECTIVES = ("kl", "tvd")  # rows at the true response; the others use the teacher beams
+SEQKD_FIRST_LABELS = ("beam", "ground_truth")
 REST_LOG_MASS_FLOOR = 1e-12
 
 
@@ -92,7 +113,8 @@ class DraftAlignmentModule(pl.LightningModule):
     level_blocks: per SID level its token id range [start, end). objective: kl | tvd | seqkd | atspeed_s |
     atspeed_r. alpha: weight of L_align. temperature, top_k, density_weight: the objectives' knobs (top_k and
     density_weight: AtSpeed-S only; temperature: not SeqKD). constrained: level-restricted rows or the
-    full-vocabulary summary (module docstring)."""
+    full-vocabulary summary; full_vocab: KL/TVD over the whole vocabulary; temperature_form (AtSpeed-S) and
+    seqkd_first_label (SeqKD): the public code's variants (module docstring)."""
 
     def __init__(
         self,
@@ -104,6 +126,10 @@ class DraftAlignmentModule(pl.LightningModule):
         top_k: int = 10,
         density_weight: float = 1.0,
         constrained: bool = True,
+        full_vocab: bool = False,
+        temperature_form: str = "power",
+        seqkd_first_label: str = "beam",
+        on_policy_ratio: float = 0.0,
         lr: float = 1e-3,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.98),
@@ -114,10 +140,64 @@ class DraftAlignmentModule(pl.LightningModule):
         self.alignment_loss = get_alignment_loss(objective)  # ValueError listing the valid names
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if full_vocab and objective not in GROUND_TRUTH_OBJECTIVES:
+            raise ValueError(f"alignment.full_vocab=true applies to {GROUND_TRUTH_OBJECTIVES} only, not {objective!r}")
+        if not 0.0 <= on_policy_ratio <= 1.0:
+            raise ValueError(f"alignment.on_policy_ratio must be in [0, 1], got {on_policy_ratio}")
+        if on_policy_ratio > 0 and objective in GROUND_TRUTH_OBJECTIVES:
+            raise ValueError(f"alignment.on_policy_ratio applies to the beam objectives, not {objective!r}")
+        if seqkd_first_label not in SEQKD_FIRST_LABELS:
+            raise ValueError(f"alignment.seqkd_first_label={seqkd_first_label!r}: expected one of {SEQKD_FIRST_LABELS}")
         level_blocks = [tuple(int(x) for x in block) for block in level_blocks]
         self.save_hyperparameters(ignore=["model"])  # level_blocks as normalised above
         self.model = model
         self.level_blocks = level_blocks
+        self._scorer: tuple[DecoderLM, ItemTrie] | None = None  # (frozen target, trie) for on-policy beams
+
+    def attach_target(self, target: DecoderLM, trie: ItemTrie) -> None:
+        """The frozen target (behind the decoding protocol, not a submodule: never trained nor checkpointed) and the
+        item trie, both on the module's device; needed when ``on_policy_ratio`` > 0."""
+        self._scorer = (target, trie)
+
+    @torch.no_grad()
+    def on_policy_batch(self, batch: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+        """``batch`` with the teacher beams of its first ``rows`` examples replaced by the draft's own beam search
+        (K = the batch's beams) and the target's level logits at those beams' contexts (module docstring)."""
+        if self._scorer is None:
+            raise RuntimeError("on_policy_ratio > 0 needs the frozen target: call attach_target(target, trie)")
+        target, trie = self._scorer
+        num_beams, num_levels = batch["beam_positions"].shape[1:]
+        lengths = batch["prompt_lengths"][:rows].tolist()
+        ids, mask = left_pad([batch["input_ids"][r, :n] for r, n in enumerate(lengths)], 0)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            beams = tree_beam_search(decoder_for(self.model), ids, mask, trie, num_beams)
+        finally:
+            self.model.train(was_training)
+        alive = torch.isfinite(beams.sequence_scores)  # [n, K]
+        tokens = beams.sequences.masked_fill(~alive[:, :, None], 0)  # [n, K, L]; dead beams' rows are masked out
+        out = dict(batch)
+        input_ids = batch["input_ids"].clone()
+        slots = batch["beam_positions"][:rows, :, 1:]  # [n, K, L-1]: the slot of each beam's token j
+        input_ids[:rows] = input_ids[:rows].scatter(1, slots.flatten(1), tokens[:, :, : num_levels - 1].flatten(1))
+        out["input_ids"] = input_ids
+        mask4d = batch["attention_mask"][:rows].to(target.dtype)
+        mask4d = mask4d.masked_fill(batch["attention_mask"][:rows] < 0, torch.finfo(target.dtype).min)
+        logits, _ = target(input_ids[:rows], batch["position_ids"][:rows], mask4d, target.new_cache())  # [n, T, V]
+        read = logits.gather(1, batch["beam_positions"][:rows].flatten(1)[:, :, None].expand(-1, -1, logits.shape[-1]))
+        read = read.float().reshape(rows, num_beams, num_levels, -1)  # [n, K, L, V]
+        starts = torch.tensor([start for start, _ in self.level_blocks], device=tokens.device)
+        for key, value in (
+            ("teacher_logits", constrained_rows(read, self.level_blocks)),
+            ("teacher_logsumexp", read.logsumexp(-1)),
+            ("beam_mask", alive),
+            ("beam_labels", (tokens - starts).masked_fill(~alive[:, :, None], IGNORE_INDEX)),
+        ):
+            merged = batch[key].clone()
+            merged[:rows] = value.to(merged.dtype)
+            out[key] = merged
+        return out
 
     # -- forward -------------------------------------------------------------------------------------------------
     def _model_mask(self, mask: torch.Tensor) -> torch.Tensor:
@@ -145,6 +225,16 @@ class DraftAlignmentModule(pl.LightningModule):
         return unconstrained_rows(draft_logits, self.level_blocks), unconstrained_teacher_rows(teacher_logits,
                                                                                                teacher_lse)
 
+    def seqkd_labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """SeqKD's hard labels ``[B, K, L]`` (level-local codes, -100 on missing beams): the beams' own codes, or
+        with ``seqkd_first_label="ground_truth"`` the true response's first code at position 0 of every beam."""
+        labels = batch["beam_labels"]
+        if self.hparams.seqkd_first_label == "beam":
+            return labels
+        first = batch["labels"][:, 0] - self.level_blocks[0][0]  # [B] the true first code, level-local
+        return torch.cat([torch.where(labels[:, :, :1] >= 0, first[:, None, None], labels[:, :, :1]),
+                          labels[:, :, 1:]], dim=2)
+
     def compute_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``{"loss", "ce", "align"}`` scalars for a batch, plus the draft's ``"beam_logits"`` ``[B, K, L, V]``."""
         hp = self.hparams
@@ -155,17 +245,23 @@ class DraftAlignmentModule(pl.LightningModule):
             if "gt_teacher_logits" not in batch:
                 raise ValueError(f"objective {hp.objective!r} needs the target's logits at the ground-truth positions: "
                                  f"generate the teacher data with responses")
-            draft, target = self._rows(gt_logits[:, :num_levels], batch["gt_teacher_logits"],
-                                       batch["gt_teacher_logsumexp"])
+            if hp.full_vocab:
+                if "gt_teacher_full_logits" not in batch:
+                    raise ValueError("alignment.full_vocab=true needs the target's full-vocabulary logits at the "
+                                     "ground-truth positions: generate the teacher data with teacher.full_vocab_gt=true")
+                draft, target = gt_logits[:, :num_levels], batch["gt_teacher_full_logits"]  # [B, L, V]
+            else:
+                draft, target = self._rows(gt_logits[:, :num_levels], batch["gt_teacher_logits"],
+                                           batch["gt_teacher_logsumexp"])
             mask = torch.ones(draft.shape[:-1], dtype=torch.bool, device=draft.device)  # [B, L]
         else:
             draft, target = self._rows(beam_logits, batch["teacher_logits"], batch["teacher_logsumexp"])
             mask = batch["beam_mask"][:, :, None].expand(-1, -1, num_levels)  # [B, K, L]
         if hp.objective == "seqkd":
-            align = self.alignment_loss(draft, batch["beam_labels"], mask)
+            align = self.alignment_loss(draft, self.seqkd_labels(batch), mask)
         elif hp.objective == "atspeed_s":
             align = self.alignment_loss(draft, target, mask, top_k=hp.top_k, temperature=hp.temperature,
-                                        density_weight=hp.density_weight)
+                                        density_weight=hp.density_weight, temperature_form=hp.temperature_form)
         else:
             align = self.alignment_loss(draft, target, mask, temperature=hp.temperature)
         return {"loss": mixed_loss(ce, align, hp.alpha), "ce": ce, "align": align,
@@ -178,8 +274,13 @@ class DraftAlignmentModule(pl.LightningModule):
         self.model.train()
 
     def training_step(self, batch, batch_idx):
-        losses = self.compute_losses(batch)
         size = batch["input_ids"].shape[0]
+        rows = round(self.hparams.on_policy_ratio * size)
+        if rows:
+            start = time.perf_counter()
+            batch = self.on_policy_batch(batch, rows)
+            self.log("draft/on_policy_s", time.perf_counter() - start, batch_size=size)
+        losses = self.compute_losses(batch)
         self.log("draft/train_loss", losses["loss"], prog_bar=True, batch_size=size)
         self.log("draft/train_ce", losses["ce"], batch_size=size)
         self.log("draft/train_align", losses["align"], batch_size=size)
