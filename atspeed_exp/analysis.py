@@ -39,6 +39,66 @@ def speculative_rows(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+ALL_USERS_METRICS = ("target_calls_per_list", "acceptance_rate", "overlap")
+
+
+def all_users_rows(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (run, mode, K) of the all-users evaluation (``eval/all/...``): the alignment form (``name``),
+    objective, draft seed, the hardware-independent figures with their 95% bootstrap intervals, Recall/NDCG@K and
+    their change against beam search. Runs without it are skipped."""
+    rows = []
+    for summary in summaries:
+        config, metrics = summary.get("config", {}), summary.get("metrics", {})
+        alignment = config.get("alignment", {})
+        for mode in config.get("decoding", {}).get("modes", []):
+            for k in config.get("decoding", {}).get("ks", []):
+                key = f"eval/all/{mode}/k{k}"
+                if f"{key}/target_calls_per_list" not in metrics:
+                    continue
+                row = {"run": summary["path"], "experiment": config.get("experiment_name"),
+                       "form": alignment.get("name", alignment.get("objective", "?")),
+                       "objective": alignment.get("objective", "?"),
+                       "seed": config.get("draft_training", {}).get("seed", config.get("seed")),
+                       "mode": mode, "k": k, "users": metrics.get("eval/all/num_users")}
+                for name in (*ALL_USERS_METRICS, f"recall@{k}", f"ndcg@{k}", f"recall@{k}_change",
+                             f"ndcg@{k}_change"):
+                    plain = name.replace(f"@{k}", "@K")
+                    row[plain] = metrics.get(f"{key}/{name}")
+                    row[f"{plain}_lo95"] = metrics.get(f"{key}/{name}_lo95")
+                    row[f"{plain}_hi95"] = metrics.get(f"{key}/{name}_hi95")
+                row["beam_recall@K"] = metrics.get(f"eval/all/beam/k{k}/recall@{k}")
+                rows.append(row)
+    return rows
+
+
+def across_seeds(rows: list[dict[str, Any]], metrics: tuple[str, ...] = (*ALL_USERS_METRICS, "recall@K",
+                                                                          "recall@K_change")) -> list[dict[str, Any]]:
+    """Group ``all_users_rows`` by (experiment, form, mode, K): per metric the mean and the sample standard
+    deviation over draft seeds (0.0 for one seed), the number of seeds, and the widest 95% bootstrap interval of
+    any single run (the user-sampling uncertainty of one run). Groups in first-seen order."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["experiment"], row["form"], row["mode"], row["k"]), []).append(row)
+    out = []
+    for (experiment, form, mode, k), members in groups.items():
+        entry: dict[str, Any] = {"experiment": experiment, "form": form, "objective": members[0]["objective"],
+                                 "mode": mode, "k": k, "seeds": sorted(m["seed"] for m in members),
+                                 "users": members[0]["users"]}
+        for name in metrics:
+            values = [m[name] for m in members if m.get(name) is not None]
+            if not values:
+                continue
+            mean = sum(values) / len(values)
+            var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+            entry[name] = mean
+            entry[f"{name}_std"] = var ** 0.5
+            widths = [(m[f"{name}_lo95"], m[f"{name}_hi95"]) for m in members if m.get(f"{name}_lo95") is not None]
+            if widths:
+                entry[f"{name}_ci95_halfwidth"] = max((hi - lo) / 2 for lo, hi in widths)
+        out.append(entry)
+    return out
+
+
 def plot_against_k(rows: list[dict[str, Any]], metrics: tuple[str, ...] = ("speedup", "target_calls_per_list",
                                                                             "acceptance_rate")):
     """One panel per metric, one line per (objective, mode): the metric against K. Returns the figure."""

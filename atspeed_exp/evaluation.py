@@ -19,7 +19,8 @@ from atspeed_exp.decoding.protocol import DecoderLM
 from atspeed_exp.decoding.speculative import speculative_beam_search
 from atspeed_exp.decoding.tree import tree_beam_search
 from atspeed_exp.decoding.trie import ItemTrie
-from atspeed_exp.metrics import most_popular_lists, pad_ground_truth, recall_ndcg
+from atspeed_exp.metrics import most_popular_lists, pad_ground_truth, recall_ndcg, recall_ndcg_per_user
+from atspeed_exp.metrics.bootstrap import bootstrap_interval, list_overlap
 
 
 @dataclass
@@ -28,6 +29,10 @@ class GeneratedLists:
     scores: torch.Tensor  # [U, K]
     model_calls: int
     walltime_s: float
+    # per list, in the users' order (speculative runs only): target calls, drafted and accepted steps
+    target_calls: torch.Tensor | None = None  # [U] long
+    drafted_steps: torch.Tensor | None = None  # [U] long
+    accepted_steps: torch.Tensor | None = None  # [U] long
 
 
 def generate_lists(
@@ -45,13 +50,17 @@ def generate_lists(
     verify_beams: int | None = None,
     scope: str = "vocab",
     prune: bool = True,
+    mode: str = "strict",
+    generator: torch.Generator | None = None,
 ) -> GeneratedLists:
     """Top-K lists for every prompt, ``batch_size`` users per call: target-only beam search, or with ``draft``
-    batched strict speculative beam search (the same lists, fewer target calls); ``model_calls`` counts target
-    calls per list summed over the lists."""
+    batched speculative beam search in ``mode`` (strict: the same lists, fewer target calls; relaxed modes need
+    ``generator``); ``model_calls`` counts target calls per list summed over the lists, and speculative runs also
+    return each list's target calls, drafted and accepted steps."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     items = torch.full((len(prompts), num_beams), -1, dtype=torch.long)
     scores = torch.full((len(prompts), num_beams), float("-inf"))
+    per_list = torch.zeros((3, len(prompts)), dtype=torch.long)  # target calls, drafted, accepted
     calls = 0
     start = time.perf_counter()
     for first in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch"):
@@ -63,11 +72,17 @@ def generate_lists(
             calls += out.model_calls * len(rows)
         else:
             out = speculative_beam_search(model, draft, ids, mask, trie, num_beams, draft_beams, gamma,
-                                          verify_beams=verify_beams, scope=scope, prune=prune)
+                                          verify_beams=verify_beams, scope=scope, prune=prune, mode=mode,
+                                          generator=generator)
             calls += sum(out.lists.target_calls)
+            per_list[:, rows] = torch.tensor([out.lists.target_calls, out.lists.drafted_steps,
+                                              out.lists.accepted_steps], dtype=torch.long)
         items[rows] = out.items.cpu()
         scores[rows] = out.scores.cpu()
-    return GeneratedLists(items, scores, calls, time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    if draft is None:
+        return GeneratedLists(items, scores, calls, elapsed)
+    return GeneratedLists(items, scores, calls, elapsed, *per_list)
 
 
 def accuracy(items: torch.Tensor, ground_truth: list[tuple[int, ...]], cutoffs: tuple[int, ...]) -> dict[str, float]:
@@ -192,4 +207,78 @@ def evaluate_speculative(
             metrics[f"{prefix}/strict/k{k}/batched_target_calls_per_list"] = runs["strict"].model_calls / len(prompts)
             metrics[f"{prefix}/strict/k{k}/batched_mismatches"] = float(
                 (runs["strict"].items != runs["beam"].items).any(1).sum())
+    return metrics
+
+
+def _with_interval(metrics: dict[str, float], key: str, values: torch.Tensor, denominators: torch.Tensor | None,
+                   resamples: int, seed: int) -> None:
+    """``key`` = the statistic over all users, ``key_lo95`` / ``key_hi95`` = its 95% bootstrap interval."""
+    if denominators is None:
+        metrics[key] = float(values.double().mean()) if values.numel() else float("nan")
+    else:
+        total = float(denominators.sum())
+        metrics[key] = float(values.sum()) / total if total else float("nan")
+    if resamples:
+        metrics[f"{key}_lo95"], metrics[f"{key}_hi95"] = bootstrap_interval(values, denominators, resamples,
+                                                                            seed=seed)
+
+
+def evaluate_all_users(
+    target: DecoderLM,
+    draft: DecoderLM,
+    prompts: list[list[int]],
+    ground_truth: list[tuple[int, ...]],
+    trie: ItemTrie,
+    pad_id: int,
+    modes: tuple[str, ...] = ("strict",),
+    ks: tuple[int, ...] = (10,),
+    cutoffs: tuple[int, ...] = (5, 10, 20),
+    batch_size: int = 64,
+    draft_beams: int = 40,
+    gamma: int = 3,
+    verify_beams: int | None = None,
+    scope: str = "vocab",
+    prune: bool = True,
+    seed: int = 0,
+    resamples: int = 1000,
+    progress: bool = True,
+    prefix: str = "eval/all",
+) -> dict[str, float]:
+    """Hardware-independent figures on every given user, decoded ``batch_size`` users per call (the batched
+    engine gives each list its own counts), with 95% bootstrap intervals over users (``resamples`` resamples;
+    0 = none).
+
+    For each K and the target-only beam search: ``{prefix}/beam/k{K}/recall@n``, ``ndcg@n`` (n <= K). For each
+    speculative mode also ``target_calls_per_list``, ``acceptance_rate`` (accepted / drafted steps, summed over
+    users), ``overlap`` (mean |SD list ∩ beam-search list| / K: 1 for strict verification), ``recall@n`` /
+    ``ndcg@n`` and ``recall@n_change`` / ``ndcg@n_change`` (mean per-user difference to beam search: the accuracy a
+    relaxed rule gives up or gains), and ``mismatches`` (lists that differ from beam search's as sets of items).
+    Every figure carries ``_lo95`` / ``_hi95``. Relaxed modes draw from one generator seeded by ``seed``.
+    """
+    truth = pad_ground_truth(ground_truth)
+    has_truth = (truth >= 0).any(1)  # users that count for accuracy
+    metrics: dict[str, float] = {f"{prefix}/num_users": float(len(prompts))}
+    for k in ks:
+        ks_cutoffs = tuple(n for n in cutoffs if n <= k)
+        settings = dict(batch_size=batch_size, progress=progress, scope=scope)
+        beam = generate_lists(target, prompts, trie, k, pad_id, desc=f"all users beam K={k}", **settings)
+        beam_acc = recall_ndcg_per_user(beam.items, truth, ks_cutoffs)
+        for name, values in beam_acc.items():
+            _with_interval(metrics, f"{prefix}/beam/k{k}/{name}", values, None, resamples, seed)
+        for mode in modes:
+            generator = torch.Generator(device=target.device).manual_seed(seed * 1_000_003 + k)
+            run = generate_lists(target, prompts, trie, k, pad_id, desc=f"all users {mode} K={k}", draft=draft,
+                                 draft_beams=draft_beams, gamma=gamma, verify_beams=verify_beams, prune=prune,
+                                 mode=mode, generator=generator, **settings)
+            key = f"{prefix}/{mode}/k{k}"
+            _with_interval(metrics, f"{key}/target_calls_per_list", run.target_calls, None, resamples, seed)
+            _with_interval(metrics, f"{key}/acceptance_rate", run.accepted_steps, run.drafted_steps, resamples, seed)
+            overlap = list_overlap(run.items, beam.items)
+            _with_interval(metrics, f"{key}/overlap", overlap, None, resamples, seed)
+            metrics[f"{key}/mismatches"] = float((overlap < 1).sum())
+            acc = recall_ndcg_per_user(run.items, truth, ks_cutoffs)
+            for name, values in acc.items():
+                _with_interval(metrics, f"{key}/{name}", values, None, resamples, seed)
+                _with_interval(metrics, f"{key}/{name}_change", values - beam_acc[name], None, resamples, seed)
+        metrics[f"{prefix}/k{k}/users_with_truth"] = float(has_truth.sum())
     return metrics

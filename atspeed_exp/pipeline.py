@@ -38,7 +38,13 @@ from atspeed_exp.data.teacher import (
 )
 from atspeed_exp.data.tokenizer import save_tokenizer
 from atspeed_exp.decoding.protocol import DecoderLM
-from atspeed_exp.evaluation import accuracy, evaluate_speculative, generate_lists, most_popular_accuracy
+from atspeed_exp.evaluation import (
+    accuracy,
+    evaluate_all_users,
+    evaluate_speculative,
+    generate_lists,
+    most_popular_accuracy,
+)
 from atspeed_exp.lit.draft_module import DraftAlignmentModule
 from atspeed_exp.lit.target_module import TargetFinetuneModule
 from atspeed_exp.models.build import DTYPES, count_parameters, load_model, merge_lora, save_model
@@ -252,6 +258,7 @@ def make_teacher(cfg: DictConfig, target_dir: Path, data: RecData) -> Path:
             num_beams=cfg.teacher.num_beams, shard_size=cfg.teacher.shard_size, batch_size=cfg.teacher.batch_size,
             pad_id=data.pad_id, responses=encoded.responses, draft=draft,
             draft_beams=cfg.teacher.get("draft_beams", 40), gamma=cfg.teacher.get("draft_gamma", 3),
+            full_vocab_gt=cfg.teacher.get("full_vocab_gt", False),
         )
     write_json_atomic(stage_dir / STAGE_FILE, {
         "stage": "teacher",
@@ -266,7 +273,8 @@ def make_teacher(cfg: DictConfig, target_dir: Path, data: RecData) -> Path:
 # -- draft stage -------------------------------------------------------------------------------------------------
 def draft_stage_dir(cfg: DictConfig, teacher_dir: Path) -> Path:
     key = stage_key(cfg.draft, cfg.alignment, cfg.draft_training, cfg.decoding.beam_size, cfg.seed)
-    return Path(cfg.paths.artifacts_dir) / "draft" / f"{teacher_dir.name}-{cfg.alignment.objective}-{key}"
+    label = cfg.alignment.get("name", cfg.alignment.objective)
+    return Path(cfg.paths.artifacts_dir) / "draft" / f"{teacher_dir.name}-{label}-{key}"
 
 
 def check_vocabulary_match(target_dir: Path, draft: torch.nn.Module, tokenizer: Any) -> None:
@@ -285,7 +293,8 @@ def train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: RecD
     if stage_done(stage_dir):
         log.info("draft stage: reusing %s", stage_dir)
         return stage_dir
-    pl.seed_everything(cfg.seed, workers=True)
+    draft_seed = cfg.draft_training.get("seed", cfg.seed)
+    pl.seed_everything(draft_seed, workers=True)
     draft = instantiate(cfg.draft, tokenizer=data.tokenizer, sid_token_ids=[])
     check_vocabulary_match(target_dir, draft, data.tokenizer)
     objective = cfg.alignment.objective
@@ -300,14 +309,17 @@ def train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: RecD
             teacher_split(cfg, data, "train", cfg.teacher.max_examples), teacher,
             teacher_split(cfg, data, "valid", cfg.teacher.max_val_examples), val_teacher,
             level_blocks=data.sid_index.level_blocks, pad_id=data.pad_id, batch_size=training.batch_size,
-            seed=cfg.seed,
+            seed=draft_seed,
         )
         alignment = OmegaConf.to_container(cfg.alignment, resolve=True)
+        alignment.pop("name", None)  # a label, not a module argument
         module = DraftAlignmentModule(
             draft, data.sid_index.level_blocks, lr=training.lr, weight_decay=training.weight_decay,
             warmup_steps=training.warmup_steps, min_lr_ratio=training.min_lr_ratio, **alignment,
         )
         target = load_target(target_dir, eval_device(cfg), backend=eval_backend(cfg))
+        if module.hparams.on_policy_ratio > 0:
+            module.attach_target(target, data.trie().to(target.device))
         valid = data.splits["valid"]
         users = min(training.eval_users, len(valid))
         callback = SpeculativeEvalCallback(
@@ -362,6 +374,43 @@ def evaluate_draft(cfg: DictConfig, target_dir: Path, draft_dir: Path, data: Rec
         ks=tuple(cfg.decoding.ks), cutoffs=tuple(cfg.eval.cutoffs), batch_size=cfg.eval.get("throughput_batch_size"),
         pad_id=data.pad_id, **decoding_settings(cfg),
     )
+
+
+def evaluate_draft_all_users(cfg: DictConfig, target_dir: Path, draft_dir: Path, data: RecData) -> dict[str, float]:
+    """Calls, acceptance, overlap with beam search and accuracy on every test user (``eval.max_users`` caps it),
+    batched, with 95% bootstrap intervals over users (``evaluate_all_users``)."""
+    device, dtype, backend = eval_device(cfg), eval_dtype(cfg), eval_backend(cfg)
+    target, draft = load_target(target_dir, device, dtype, backend), load_target(draft_dir, device, dtype, backend)
+    test = data.splits["test"]
+    users = min(cfg.eval.max_users, len(test)) if cfg.eval.max_users else len(test)
+    settings = decoding_settings(cfg)
+    return evaluate_all_users(
+        target, draft, test.prompts[:users], test.ground_truth()[:users], data.trie().to(device), data.pad_id,
+        modes=settings["modes"], ks=tuple(cfg.decoding.ks), cutoffs=tuple(cfg.eval.cutoffs),
+        batch_size=cfg.eval.batch_size, draft_beams=settings["draft_beams"], gamma=settings["gamma"],
+        verify_beams=settings["verify_beams"], scope=settings["scope"], prune=settings["prune"], seed=cfg.seed,
+        resamples=cfg.eval.get("bootstrap_resamples", 1000),
+    )
+
+
+ALL_USERS_COLUMNS = ("target_calls_per_list", "acceptance_rate", "overlap")
+
+
+def all_users_table(metrics: dict[str, float], modes: tuple[str, ...], ks: tuple[int, ...]) -> list[dict]:
+    """One row per (mode, K) of the all-users evaluation: each figure with its 95% interval."""
+    rows = []
+    for k in ks:
+        for mode in ("beam", *modes):
+            key = f"eval/all/{mode}/k{k}"
+            row: dict[str, Any] = {"mode": mode, "k": k}
+            names = (*(ALL_USERS_COLUMNS if mode != "beam" else ()), f"recall@{k}", f"ndcg@{k}",
+                     *((f"recall@{k}_change",) if mode != "beam" else ()))
+            for name in names:
+                row[name] = metrics.get(f"{key}/{name}", float("nan"))
+                row[f"{name}_lo95"] = metrics.get(f"{key}/{name}_lo95", float("nan"))
+                row[f"{name}_hi95"] = metrics.get(f"{key}/{name}_hi95", float("nan"))
+            rows.append(row)
+    return rows
 
 
 def speculative_table(metrics: dict[str, float], modes: tuple[str, ...], ks: tuple[int, ...]) -> list[dict]:
@@ -462,6 +511,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if "eval" in cfg.stages:
                 metrics.update(evaluate_draft(cfg, target_dir, draft_dir, data))
                 summary["table"] = speculative_table(metrics, tuple(cfg.decoding.modes), tuple(cfg.decoding.ks))
+                if cfg.eval.get("all_users", True):
+                    metrics.update(evaluate_draft_all_users(cfg, target_dir, draft_dir, data))
+                    summary["table_all_users"] = all_users_table(metrics, tuple(cfg.decoding.modes),
+                                                                 tuple(cfg.decoding.ks))
     # W&B keeps one active run per process: the eval run starts only after the draft stage's run has finished
     logger = make_logger(cfg, "eval")
     if logger:
@@ -504,5 +557,20 @@ def format_summary(summary: dict[str, Any], cutoffs: tuple[int, ...] = (5, 10, 2
                          f"{row['target_calls_per_list']:9.2f} {row['acceptance_rate']:7.3f} {row['walltime_ms']:8.1f} "
                          f"{row[f'recall@{k}']:7.4f} {row[f'ndcg@{k}']:7.4f} "
                          f"{row.get('throughput_lists_per_s', float('nan')):15.1f}")
+    if summary.get("table_all_users"):
+        lines.append(f"all {metrics.get('eval/all/num_users', float('nan')):.0f} test users, batched "
+                     f"(95% bootstrap intervals over users; overlap = shared items with beam search's list / K):")
+        lines.append(f"{'mode':>14s} {'K':>3s} {'tgt calls':>19s} {'accept':>19s} {'overlap':>7s} "
+                     f"{'R@K':>25s} {'R@K change':>10s}")
+
+        def cell(row: dict, name: str, digits: int) -> str:
+            return (f"{row[name]:.{digits}f} [{row[name + '_lo95']:.{digits}f}, {row[name + '_hi95']:.{digits}f}]"
+                    if name in row else "")
+
+        for row in summary["table_all_users"]:
+            k = row["k"]
+            lines.append(f"{row['mode']:>14s} {k:3d} {cell(row, 'target_calls_per_list', 2):>19s} "
+                         f"{cell(row, 'acceptance_rate', 3):>19s} {row.get('overlap', float('nan')):7.3f} "
+                         f"{cell(row, f'recall@{k}', 4):>25s} {row.get(f'recall@{k}_change', float('nan')):10.4f}")
     lines.append(f"logs: {summary['log_dir']}")
     return "\n".join(lines)

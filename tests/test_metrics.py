@@ -48,3 +48,31 @@ def test_most_popular_lists_ties_by_item_id():
     popularity = torch.tensor([3, 5, 5, 0, 9])
     lists = most_popular_lists(popularity, num_users=2, k=3)
     assert lists.tolist() == [[4, 1, 2], [4, 1, 2]]
+
+
+def test_bootstrap_interval_matches_a_naive_resampling_loop():
+    import random
+
+    from atspeed_exp.metrics.bootstrap import bootstrap_interval
+
+    values = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0, 0.5, 0.0, 2.0])
+    low, high = bootstrap_interval(values, num_resamples=4000, seed=3)
+    rng = random.Random(0)
+    naive = sorted(sum(rng.choice(values.tolist()) for _ in values) / len(values) for _ in range(4000))
+    assert low == pytest.approx(naive[int(0.025 * 4000)], abs=0.07)
+    assert high == pytest.approx(naive[int(0.975 * 4000)], abs=0.07)
+    assert low < float(values.mean()) < high
+    # a ratio of sums: accepted / drafted steps
+    accepted, drafted = torch.tensor([3, 0, 2, 3]), torch.tensor([3, 3, 3, 3])
+    low, high = bootstrap_interval(accepted, drafted, num_resamples=500)
+    assert 0.0 <= low <= 8 / 12 <= high <= 1.0
+    assert bootstrap_interval(torch.tensor([2.0, 2.0, 2.0])) == (2.0, 2.0)
+    assert all(x != x for x in bootstrap_interval(torch.tensor([])))  # nan for no users
+
+
+def test_list_overlap_counts_shared_items_once_and_ignores_padding():
+    from atspeed_exp.metrics.bootstrap import list_overlap
+
+    lists = torch.tensor([[1, 2, 3, 4], [5, 6, -1, -1], [7, 7, 8, 9]])
+    reference = torch.tensor([[4, 3, 2, 1], [6, 9, -1, -1], [7, 8, 8, 1]])
+    assert list_overlap(lists, reference).tolist() == [1.0, 0.25, 0.5]

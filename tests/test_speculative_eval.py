@@ -3,7 +3,7 @@ import torch
 from decoding_fixtures import make_trie, random_prompts
 from toy_lm import ToyLM
 
-from atspeed_exp.evaluation import evaluate_speculative
+from atspeed_exp.evaluation import evaluate_all_users, evaluate_speculative
 
 
 def test_evaluate_speculative_reports_every_metric_and_strict_matches_beam():
@@ -50,3 +50,29 @@ def test_evaluate_speculative_throughput_uses_batched_strict_sd_with_the_same_li
     # the batched lists' target calls per list equal the batch-1 run's (each list takes part in its own rounds)
     assert metrics["eval/strict/k5/batched_target_calls_per_list"] == pytest.approx(
         metrics["eval/strict/k5/target_calls_per_list"])
+
+
+def test_evaluate_all_users_counts_and_intervals_match_batch_one_runs():
+    """Batched all-users figures: strict lists equal beam search's (overlap 1, no accuracy change), target calls
+    per list equal the batch-1 evaluation's, and every figure sits inside its bootstrap interval."""
+    trie, item_ids, _, vocab = make_trie(num_items=60, num_collisions=2, seed=10)
+    target, draft = ToyLM(vocab, seed=10), ToyLM(vocab, seed=11)
+    prompts = [p.tolist() for p in random_prompts(9, vocab, seed=10)]
+    truth = [(int(item_ids[i]), int(item_ids[(3 * i) % 60])) for i in range(9)]
+    settings = dict(ks=(5,), draft_beams=10, gamma=3, cutoffs=(5,), progress=False)
+    metrics = evaluate_all_users(target, draft, prompts, truth, trie, pad_id=0, modes=("strict", "relaxed"),
+                                 batch_size=4, resamples=200, **settings)
+    single = evaluate_speculative(target, draft, prompts, truth, trie, modes=("strict",), **settings)
+    key = "eval/all/strict/k5"
+    assert metrics[f"{key}/overlap"] == 1.0 and metrics[f"{key}/mismatches"] == 0
+    assert metrics[f"{key}/recall@5_change"] == 0.0
+    assert metrics[f"{key}/recall@5"] == pytest.approx(single["eval/beam/k5/recall@5"])
+    assert metrics[f"{key}/target_calls_per_list"] == pytest.approx(single["eval/strict/k5/target_calls_per_list"])
+    assert metrics[f"{key}/acceptance_rate"] == pytest.approx(single["eval/strict/k5/acceptance_rate"])
+    for name, value in metrics.items():
+        if f"{name}_lo95" in metrics:
+            assert metrics[f"{name}_lo95"] <= value + 1e-12 <= metrics[f"{name}_hi95"] + 2e-12, name
+    relaxed = "eval/all/relaxed/k5"
+    assert 0.0 <= metrics[f"{relaxed}/overlap"] <= 1.0
+    assert metrics[f"{relaxed}/recall@5"] - metrics["eval/all/beam/k5/recall@5"] == pytest.approx(
+        metrics[f"{relaxed}/recall@5_change"])
