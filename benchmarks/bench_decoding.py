@@ -5,7 +5,7 @@
 - ``beam``: the same search keeping K reordered cache rows per user (the classic layout, as transformers does);
 - ``hf_generate``: transformers ``generate(num_beams=K)`` with the trie as ``prefix_allowed_tokens_fn``;
 - ``sd_strict`` / ``sd_relaxed`` / ``sd_relaxed_exact``: speculative beam search (draft N beams, gamma steps; strict,
-  SPEC's relaxed, or the exact draw-by-draw relaxed verification).
+  the project's relaxed, or the exact draw-by-draw relaxed verification).
 
 For each K, each user runs the methods back to back (user u: beam, beam_tree, hf_generate, sd_*; then user
 u + 1), so slow drifts of a shared machine hit every method alike. ``--warmup`` lists per K run first and are not

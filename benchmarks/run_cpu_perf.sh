@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU performance tables of README "Performance" (issue 5): Beauty CPU-scale target (beauty_target) with its
+# The CPU performance tables of docs/performance.md: Beauty CPU-scale target (beauty_target) with its
 # AtSpeed-S (strict) and AtSpeed-R (relaxed) drafts (beauty_strict / beauty_relaxed runs), batch-1 latency over
 # gamma and M, then throughput at B in {1, 8, 32, 64} and all test users at K = 20; before them, one call of each
 # model under both forwards (bench_forward.py), and the bound "SD with the target as its own draft" (every step

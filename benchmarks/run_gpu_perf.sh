@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# The GPU performance tables of README (issue 5) in ONE device call, both verification modes. A lent GPU gives a
-# session 15 minutes of device time in all (machine start included) and 10 minutes per command, so this script is
-# built to fit one command of ~9 minutes and to lose nothing when it is cut short:
+# The GPU performance tables (docs/performance.md) in one run of about 9 minutes, both verification modes, built to
+# lose nothing when it is cut short:
 #   1. smoke: every CUDA code path the measurements use (lean and transformers forwards in bf16, strict and relaxed
 #      SD at batch 1 and batched, the tree baseline, count_ops) on tiny random models, in ~30 s. A failure here ends
-#      the call at once (exit 3) so the session can fix it and rerun while the machine is warm;
+#      the run at once (exit 3), before any long step;
 #   2. the beauty_gpu_strict pipeline (deep target: 30 layers, hidden 576; teacher; 2-layer AtSpeed-S draft), then
 #      beauty_gpu_relaxed, which reuses the target and teacher and aligns an AtSpeed-R draft;
 #   3. the headline: bench_decoding at K = 10, batch 1, γ 3, N 40 with M 10/20/40, then N = M = 120 and 80, for
@@ -12,13 +11,12 @@
 #   4. as time allows (each step is skipped when fewer than its seconds remain before DEADLINE): γ 1 rows, one call
 #      of each model (bench_forward), kernels per list (count_ops), transformers' forward, throughput at B 1-64.
 # After every step the results folder is packed into $OUT/gpu_perf.tgz (through a temporary file and a rename), so
-# a call killed at its limit still returns everything finished before. Steps after the smoke are not fatal.
+# a run killed at a time limit still leaves everything finished before.
 #
-# On the device tool (prepare once here: `bash scripts/gpu_wheels.sh`, which fills .whl/ and copies the Beauty data
-# into data/beauty; both are git-ignored and travel with `carry`):
-#   run(command="WHEELS_DIR=.whl OUT=$OUT bash benchmarks/run_gpu_perf.sh", carry=[".whl", "data/beauty"],
-#       timeout_s=600)
-# then, here: tar xzf <files_at>/gpu_perf.tgz -C results/ && python benchmarks/perf_tables.py results/gpu_perf
+# On a GPU machine without internet access, prepare on a connected one: `bash scripts/gpu_wheels.sh` fills .whl/
+# and copies the Beauty data into data/beauty (both git-ignored); copy the repository with them, then run
+#   WHEELS_DIR=.whl OUT=/tmp/gpu_out bash benchmarks/run_gpu_perf.sh
+#   tar xzf /tmp/gpu_out/gpu_perf.tgz -C results/ && python benchmarks/perf_tables.py results/gpu_perf
 #
 # Env: PY (python3), DATA_ROOT (data/beauty), MODES ("strict relaxed"), TARGET_EPOCHS (2), DRAFT_EPOCHS (2),
 # USERS (100; batch-1 lists per row), EVAL_USERS (30; the pipeline's own speculative table), REPEATS (1),
@@ -26,7 +24,7 @@
 # (results/gpu_perf_out), RESULTS (results/gpu_perf), ARTIFACTS (artifacts), DEVICE / DTYPE (cuda / bfloat16),
 # SMOKE (1; 0 skips it), DATA_NAME (beauty) and SMOKE_DATA_ROOT (DATA_ROOT) for other data, EXTRA (more Hydra
 # overrides for both pipeline runs). DEVICE=cpu with EXTRA pointing at tiny models runs every step on a CPU
-# (tests/test_benchmarks.py does, so that a GPU session does not spend its minutes debugging this script).
+# (tests/test_benchmarks.py does, so that the CUDA run is not the first to exercise this script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}

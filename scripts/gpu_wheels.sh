@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Prepare what a lent GPU machine needs for benchmarks/run_gpu_perf.sh and cannot download there: the wheels its
+# Prepare what a GPU machine without internet access needs for benchmarks/run_gpu_perf.sh: the wheels its
 # image lacks or has in other versions (transformers 5.23.0, tokenizers 0.23.3 and peft 0.21.2 as pinned here, and
 # the regex that transformers 5.23 checks for at import; hydra-core, omegaconf and antlr4, which it lacks; its torch,
 # lightning, accelerate and numpy are used as they are) into .whl/, and
-# the Beauty data into data/beauty (both git-ignored; name them in the device call's `carry`). Safe to rerun.
+# the Beauty data into data/beauty (both git-ignored; copy them along with the repository). Safe to rerun.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 DATA_FROM=${DATA_FROM:-../shared/data/beauty}
 mkdir -p .whl
-# the device image runs CPython 3.12 on x86-64
+# the GPU image runs CPython 3.12 on x86-64
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
     transformers==5.23.0 tokenizers==0.23.3 peft==0.21.2 regex==2026.11.19 hydra-core==1.3.8 omegaconf==2.3.1

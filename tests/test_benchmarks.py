@@ -195,7 +195,7 @@ def gpu_script_env(tmp_path: Path, **settings: str) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_run_gpu_perf_script_runs_end_to_end_on_tiny_models(tmp_path):
-    # the GPU script can only be exercised for real on a lent GPU (15 minutes a session: no time to debug it there);
+    # the GPU script runs for real only on a GPU: its CPU run here catches what would break there;
     # this runs every step of it on the CPU (tiny models, synthetic data): smoke, both pipelines, every table
     env = gpu_script_env(tmp_path, SMOKE_DATA_ROOT=str(tmp_path / "smoke_data"), USERS="3", EVAL_USERS="3",
                          THROUGHPUT_USERS="8", DEADLINE="100000")

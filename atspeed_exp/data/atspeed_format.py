@@ -1,6 +1,6 @@
 """Load and validate a dataset in the AtSpeed on-disk format, and build recommendation examples from it.
 
-Format (one folder per dataset, SPEC section 2):
+Format (one folder per dataset, docs/method.md section 2):
 - ``training_dict.npy``, ``validation_dict.npy``, ``testing_dict.npy``: a pickled ``dict[int user -> list[int item]]``
   each, time-ordered per user;
 - ``{name}.LCRec-1e-3lr.json``: ``{"item_id": ["<a_47>", "<b_103>", "<c_234>", "<d_99>"], ...}``, the SID of each item,
@@ -244,7 +244,7 @@ def _describe(value: Any) -> str:
 def build_examples(
     dataset: RecDataset, split: str, max_history: int = 20, sliding_window: bool = False
 ) -> list[Example]:
-    """Build the examples of one split (SPEC section 2), ordered by user, then position.
+    """Build the examples of one split (docs/method.md section 2), ordered by user, then position.
 
     - ``train``: one example per user with >= 2 training items: target = the last training item, history = the
       earlier ones. With ``sliding_window``, one example per position instead: every prefix of length >= 1 of the
@@ -299,7 +299,7 @@ def item_popularity(dataset: RecDataset) -> np.ndarray:
 
 
 def sid_to_items(dataset: RecDataset) -> dict[tuple[str, ...], list[int]]:
-    """Map each SID to its items in ascending id order (several items when SIDs collide; SPEC section 2 expands a
+    """Map each SID to its items in ascending id order (several items when SIDs collide; docs/method.md section 2 expands a
     generated SID to all of them)."""
     mapping: dict[tuple[str, ...], list[int]] = {}
     for item in sorted(dataset.item_sids):

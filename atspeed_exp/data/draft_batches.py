@@ -1,4 +1,4 @@
-"""Batches for draft alignment (SPEC section 5): one packed sequence per example holds the true response AND the
+"""Batches for draft alignment (docs/method.md section 5): one packed sequence per example holds the true response AND the
 K_t teacher beams, so one draft forward gives the logits of every context the objectives need (tree attention:
 the shared prompt is processed once for all beams).
 

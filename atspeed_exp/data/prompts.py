@@ -3,10 +3,10 @@
 Contract: a training sequence is ``encode_prompt(...) + encode_response(target, add_eos=True)``, with the prompt encoded
 on its own (BOS via ``add_special_tokens=True``) and the response as SID token ids, never re-tokenized as text. So at
 inference the model is given ``encode_prompt(...)`` and generates SID tokens from exactly the prefix it was trained on.
-Labels are -100 on the prompt and cover the response only (4 SID tokens + EOS; SPEC section 3).
+Labels are -100 on the prompt and cover the response only (4 SID tokens + EOS; docs/method.md section 3).
 
 Formats (by name):
-- ``"alpaca"``: the paper's template (SPEC section 2), history = item SID strings joined by ``", "``;
+- ``"alpaca"``: the paper's template (docs/method.md section 2), history = item SID strings joined by ``", "``;
 - ``"compact"``: ``<his>`` + history SID strings (concatenated) + ``<sep>``, for models trained from scratch.
 """
 

@@ -37,7 +37,7 @@ class EncodedSplit:
         return len(self.examples)
 
     def training_item(self, index: int) -> tuple[list[int], list[int]]:
-        """(input_ids, labels): prompt + response, labels on the response only (SPEC section 3)."""
+        """(input_ids, labels): prompt + response, labels on the response only (docs/method.md section 3)."""
         prompt, response = self.prompts[index], self.responses[index]
         return prompt + response, [IGNORE_INDEX] * len(prompt) + response
 

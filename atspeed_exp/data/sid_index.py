@@ -2,7 +2,7 @@
 
 Contract: ``item_ids`` (ascending) and ``item_token_ids`` are aligned row by row, ``item_token_ids[i, l]`` lies in
 ``level_blocks[l]``; a SID shared by several items (a collision) maps back to all of them in ascending item id, which
-is the order a generated SID is expanded in (SPEC section 2). Token ids come from the tokenizer, never from offsets.
+is the order a generated SID is expanded in (docs/method.md section 2). Token ids come from the tokenizer, never from offsets.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ The same arguments always give the same files.
 What the data looks like, and why:
 - SIDs are hierarchical: the level-a code is an item's cluster, level b a sub-cluster inside it, and so on, so
   similar items share SID prefixes as with an RQ-VAE index.
-- Exactly ``num_collisions`` SID collisions, counted as in SPEC section 2 (number of items minus number of distinct
+- Exactly ``num_collisions`` SID collisions, counted as in docs/method.md section 2 (number of items minus number of distinct
   SIDs): that many items get the SID of another item of the catalogue.
 - Item popularity is long-tailed (Zipf weights over a random item order).
 - Sequences are learnable: every item has one fixed successor, usually in its own cluster; a user moves to the

@@ -1,4 +1,4 @@
-"""Teacher data for draft alignment (SPEC section 4): the target's top-K_t beams for every training example, with
+"""Teacher data for draft alignment (docs/method.md section 4): the target's top-K_t beams for every training example, with
 the target's level-restricted logits at the 4 positions of each beam, stored compactly and resumably.
 
 Layout of a teacher directory:

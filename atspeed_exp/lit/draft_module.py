@@ -1,4 +1,4 @@
-"""Draft alignment (SPEC section 5): ``loss = (1 - alpha) * CE + alpha * L_align``.
+"""Draft alignment (docs/method.md section 5): ``loss = (1 - alpha) * CE + alpha * L_align``.
 
 CE is the draft's cross-entropy on the ground-truth response (SIDs + EOS, full vocabulary, response only), as the
 target was trained. L_align is one of the objectives of ``atspeed_exp.losses.alignment``, on these rows:

@@ -1,4 +1,4 @@
-"""Target fine-tuning: response-only cross-entropy (SPEC section 3), AdamW with warm-up and cosine decay, and a
+"""Target fine-tuning: response-only cross-entropy (docs/method.md section 3), AdamW with warm-up and cosine decay, and a
 validation pass that measures what the target is for: Recall/NDCG of its constrained beam search on a fixed
 sample of validation users (used to pick the best checkpoint)."""
 

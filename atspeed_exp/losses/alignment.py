@@ -1,4 +1,4 @@
-"""Draft-alignment objectives (SPEC section 5), torch only.
+"""Draft-alignment objectives (docs/method.md section 5), torch only.
 
 Contract. A batch is R *rows*; a row is one next-token position (one example x one teacher beam x one SID
 position). Every loss takes

@@ -1,4 +1,4 @@
-"""Top-n accuracy of recommendation lists with multi-item ground truth (SPEC section 7), vectorised.
+"""Top-n accuracy of recommendation lists with multi-item ground truth (docs/method.md section 7), vectorised.
 
 For a user with ground-truth set G and ranked list R:
     Recall@n = |R[:n] ∩ G| / |G|
