@@ -238,3 +238,23 @@ def test_load_atspeed_dataset_reads_beauty() -> None:
     assert [len(tokens) for tokens in ds.level_tokens()] == [91, 256, 256, 256]
     assert len(build_examples(ds, "test")) == 3_553
     assert item_popularity(ds).sum() == 122_241
+
+
+def test_target_batches_label_the_response_only(tmp_path):
+    """The batches the target stage trains on: labels are -100 on the prompt and padding, and equal the input ids
+    on the response (SIDs + EOS), row by row."""
+    from atspeed_exp.data.datamodule import TargetDataModule
+    from atspeed_exp.data.recdata import RecData
+    from atspeed_exp.data.synthetic import write_synthetic_dataset
+
+    data = RecData.build(write_synthetic_dataset(tmp_path / "syn", num_users=30, num_items=40, seed=2), "synthetic",
+                         splits=("train", "valid"))
+    split = data.splits["train"]
+    length_of = {tuple(p + r): (len(p), len(r)) for p, r in zip(split.prompts, split.responses)}
+    batch = next(iter(TargetDataModule(data, batch_size=8).train_dataloader()))
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        real = int(mask.sum())
+        prompt_len, response_len = length_of[tuple(ids[:real].tolist())]
+        assert (labels[:prompt_len] == -100).all() and (labels[real:] == -100).all()
+        assert labels[prompt_len:real].tolist() == ids[prompt_len:real].tolist()
+        assert response_len == real - prompt_len == data.trie().num_levels + 1  # 4 SIDs + EOS

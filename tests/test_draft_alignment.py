@@ -286,3 +286,28 @@ def test_draft_alignment_on_policy_beams_are_the_drafts_scored_by_the_target(set
         DraftAlignmentModule(draft, setup.blocks, objective="seqkd", on_policy_ratio=1.0).on_policy_batch(batch, 1)
     with pytest.raises(ValueError, match="on_policy_ratio"):
         DraftAlignmentModule(draft, setup.blocks, objective="kl", on_policy_ratio=0.5)
+
+
+@pytest.mark.parametrize("objective", ["kl", "tvd", "atspeed_r", "atspeed_s"])
+def test_draft_alignment_passes_its_temperature_to_the_objective(setup, objective):
+    """The module's align term is the objective evaluated at the configured τ (a τ that is dropped on the way
+    would leave every shipped τ = 1 config unchanged and the public τ = 0.001 ones silently wrong)."""
+    from atspeed_exp.lit.draft_module import constrained_rows
+    from atspeed_exp.losses.alignment import get_alignment_loss
+
+    batch = setup.batch()
+    module = DraftAlignmentModule(setup.llama(), setup.blocks, objective=objective, temperature=0.3, top_k=3)
+    with torch.no_grad():
+        gt_logits, beam_logits = module.draft_logits(batch)
+        align = module.compute_losses(batch)["align"]
+    num_levels = len(setup.blocks)
+    if objective in ("kl", "tvd"):
+        draft, target = constrained_rows(gt_logits[:, :num_levels], setup.blocks), batch["gt_teacher_logits"]
+        mask = torch.ones(draft.shape[:-1], dtype=torch.bool)
+    else:
+        draft, target = constrained_rows(beam_logits, setup.blocks), batch["teacher_logits"]
+        mask = batch["beam_mask"][:, :, None].expand(-1, -1, num_levels)
+    extra = {"top_k": 3} if objective == "atspeed_s" else {}
+    loss = get_alignment_loss(objective)
+    assert align.item() == pytest.approx(loss(draft, target, mask, temperature=0.3, **extra).item(), rel=1e-5)
+    assert align.item() != pytest.approx(loss(draft, target, mask, temperature=1.0, **extra).item(), rel=1e-3)

@@ -76,3 +76,13 @@ def test_list_overlap_counts_shared_items_once_and_ignores_padding():
     lists = torch.tensor([[1, 2, 3, 4], [5, 6, -1, -1], [7, 7, 8, 9]])
     reference = torch.tensor([[4, 3, 2, 1], [6, 9, -1, -1], [7, 8, 8, 1]])
     assert list_overlap(lists, reference).tolist() == [1.0, 0.25, 0.5]
+
+
+def test_ndcg_ideal_dcg_stops_at_the_cutoff_when_the_ground_truth_is_larger():
+    """|G| = 3 > n = 2 with K = 5: IDCG@2 sums min(|G|, n) = 2 terms, so two hits at ranks 0 and 1 give 1.0."""
+    ranked = torch.tensor([[10, 11, 12, 13, 14]])
+    truth = pad_ground_truth([[10, 11, 12]])
+    out = recall_ndcg(ranked, truth, cutoffs=(2, 5))
+    assert out["ndcg@2"] == pytest.approx(1.0)
+    assert out["recall@2"] == pytest.approx(2 / 3)
+    assert out["ndcg@5"] == pytest.approx(1.0)

@@ -76,3 +76,16 @@ def test_evaluate_all_users_counts_and_intervals_match_batch_one_runs():
     assert 0.0 <= metrics[f"{relaxed}/overlap"] <= 1.0
     assert metrics[f"{relaxed}/recall@5"] - metrics["eval/all/beam/k5/recall@5"] == pytest.approx(
         metrics[f"{relaxed}/recall@5_change"])
+
+
+def test_evaluate_speculative_speedup_is_beam_time_over_sd_time():
+    """speedup = total beam-search time / total SD time (> 1 means SD is faster), never the inverse."""
+    trie, item_ids, _, vocab = make_trie(num_items=60, num_collisions=2, seed=12)
+    target, draft = ToyLM(vocab, seed=12), ToyLM(vocab, seed=13)
+    prompts = [p.tolist() for p in random_prompts(5, vocab, seed=12)]
+    truth = [(int(item_ids[i]),) for i in range(5)]
+    metrics = evaluate_speculative(target, draft, prompts, truth, trie, ks=(5,), draft_beams=10, gamma=3,
+                                   cutoffs=(5,), progress=False)
+    # both walltimes are means over the same users, so their ratio is the ratio of totals
+    assert metrics["eval/strict/k5/speedup"] == pytest.approx(
+        metrics["eval/beam/k5/walltime_s"] / metrics["eval/strict/k5/walltime_s"])
