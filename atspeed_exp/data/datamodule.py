@@ -38,7 +38,10 @@ def collate_right_padded(batch: list[tuple[list[int], list[int]]], pad_id: int) 
 class LengthBucketBatchSampler(Sampler[list[int]]):
     """Random batches of similar length: shuffle, sort within pools of ``pool_batches`` batches by length, cut into
     batches, shuffle the batches. Right padding then costs little (histories range from 1 to 20 items).
-    A new order every epoch, reproducible from ``seed``."""
+    A new order every epoch, a function of (``seed``, epoch) only: Lightning calls ``set_epoch`` with the trainer's
+    epoch before each one (it looks for ``batch_sampler.sampler``, hence ``self.sampler = self``), so a run resumed
+    from a checkpoint sees the same order in each epoch as an uninterrupted one. Without a trainer, each pass over
+    the sampler advances the epoch by one."""
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, pool_batches: int = 50) -> None:
         self.lengths = lengths
@@ -46,6 +49,10 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
         self.seed = seed
         self.pool = batch_size * pool_batches
         self.epoch = 0
+        self.sampler = self  # where Lightning's per-epoch set_epoch looks for it
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return (len(self.lengths) + self.batch_size - 1) // self.batch_size
