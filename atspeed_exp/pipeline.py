@@ -490,6 +490,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     unknown = set(cfg.stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)} in stages; expected a subset of {STAGES}")
+    threads = cfg.get("threads")
+    if threads:
+        if int(threads) < 1:
+            raise ValueError(f"threads={threads!r}: expected a positive number of threads or null")
+        torch.set_num_threads(int(threads))
     summary: dict[str, Any] = {"log_dir": str(cfg.paths.output_dir)}
 
     logger = False if stage_done(target_stage_dir(cfg)) else make_logger(cfg, "target")
