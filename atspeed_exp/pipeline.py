@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
 
 from atspeed_exp.callbacks.speculative_eval import SpeculativeEvalCallback
+from atspeed_exp.config_check import check_config
 from atspeed_exp.data.datamodule import TargetDataModule
 from atspeed_exp.data.draft_batches import DraftDataModule
 from atspeed_exp.data.atspeed_format import build_examples
@@ -486,10 +487,9 @@ def close_logger(logger: Any) -> None:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run the configured stages (``cfg.stages``: target, teacher, draft, eval); returns a summary."""
-    unknown = set(cfg.stages) - set(STAGES)
-    if unknown:
-        raise ValueError(f"unknown stage(s) {sorted(unknown)} in stages; expected a subset of {STAGES}")
+    """Run the configured stages (``cfg.stages``: target, teacher, draft, eval); returns a summary. The whole
+    configuration is checked first (``check_config``): unknown keys and bad values fail before any work."""
+    check_config(cfg, STAGES)
     threads = cfg.get("threads")
     if threads:
         if int(threads) < 1:

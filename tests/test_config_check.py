@@ -1,0 +1,51 @@
+"""The configuration is checked before any work: unknown keys (also ones added with +) and bad values fail at once,
+each named with its full key and what is allowed."""
+
+import pytest
+from pipeline_helpers import CONF_DIR, compose_config, tiny_overrides
+
+from atspeed_exp import pipeline
+from atspeed_exp.config_check import ConfigError, check_config
+
+
+@pytest.mark.parametrize("experiment", [None] + sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
+def test_check_config_accepts_every_shipped_experiment(experiment):
+    check_config(compose_config([f"+experiment={experiment}"] if experiment else []), pipeline.STAGES)
+
+
+@pytest.mark.parametrize("alignment", sorted(p.stem for p in (CONF_DIR / "alignment").glob("*.yaml")))
+def test_check_config_accepts_every_alignment_form(alignment):
+    check_config(compose_config([f"alignment={alignment}"]), pipeline.STAGES)
+
+
+@pytest.mark.parametrize(("overrides", "messages"), [
+    (["+decoding.beamsize=5"], ["decoding.beamsize: unknown key"]),
+    (["+nonsense=1"], ["nonsense: unknown key"]),
+    (["decoding.beam_size=0"], ["decoding.beam_size=0: expected an integer >= 1"]),
+    (["alignment.alpha=1.5", "eval.dtype=float8"],
+     ["alignment.alpha=1.5: expected a number in [0.0, 1.0]", "eval.dtype='float8': expected one of"]),
+    (["alignment.objective=kd"], ["alignment.objective='kd': expected one of"]),
+    (["decoding.modes=[strict,fast]"], ["decoding.modes=['strict', 'fast']: expected a list of one of"]),
+    (["decoding.ks=[5,50]"], ["every K must be <= N"]),
+    (["decoding.verify_beams=5"], ["decoding.verify_beams=5: expected max(decoding.ks)=20 <= M"]),
+    (["decoding.gamma=0", "alignment.temperature=0"], ["decoding.gamma=0", "alignment.temperature=0"]),
+    (["stages=[target,tesst]"], ["unknown ['tesst']"]),
+])
+def test_check_config_names_every_problem(overrides, messages):
+    with pytest.raises(ConfigError) as error:
+        check_config(compose_config(overrides), pipeline.STAGES)
+    for message in messages:
+        assert message in str(error.value)
+
+
+def test_check_config_allows_arguments_of_a_groups_target():
+    check_config(compose_config(["+trainer.limit_val_batches=2"]), pipeline.STAGES)  # a Trainer argument
+    with pytest.raises(ConfigError, match="trainer.limit_val_batchez"):
+        check_config(compose_config(["+trainer.limit_val_batchez=2"]), pipeline.STAGES)
+
+
+def test_pipeline_refuses_a_bad_config_before_any_work(tmp_path):
+    cfg = compose_config(tiny_overrides(tmp_path) + ["decoding.beam_size=0"])
+    with pytest.raises(ConfigError, match="decoding.beam_size"):
+        pipeline.run(cfg)
+    assert not (tmp_path / "artifacts").exists() and not (tmp_path / "data").exists()
