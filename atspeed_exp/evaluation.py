@@ -121,6 +121,7 @@ def evaluate_speculative(
     batch_size: int | None = None,
     pad_id: int = 0,
     prune: bool = True,
+    official_top_k: int | None = 50,
 ) -> dict[str, float]:
     """Speculative beam search with ``draft`` against our best target-only beam search (``tree_beam_search``), user
     by user (batch 1, as the paper measures), in the same call on the same users, so the speedup compares like with
@@ -132,7 +133,7 @@ def evaluate_speculative(
     ``speedup_mean_ratio`` (mean of per-list ratios, the paper's form), ``recall@n``/``ndcg@n`` (n <= K); and for
     the baseline ``{prefix}/beam/k{K}/walltime_s``, ``recall@n``, ``ndcg@n``. The first ``warmup`` users are decoded
     once untimed (first-call allocations and kernel selection). ``verify_beams`` (M) and ``scope`` go to both
-    decoders (``scope``) or SD (M).
+    decoders (``scope``) or SD (M); ``official_top_k`` to SD in mode relaxed_official (its top-k warper).
 
     With ``batch_size``: also the throughput of the same users decoded ``batch_size`` at a time, target-only beam
     search (``{prefix}/beam/k{K}/throughput_lists_per_s``) against batched strict SD
@@ -163,7 +164,8 @@ def evaluate_speculative(
                 start = time.perf_counter()
                 out = speculative_beam_search(target, draft, ids, mask, trie, k, draft_beams=draft_beams,
                                               gamma=gamma, mode=mode, generator=generator,
-                                              verify_beams=verify_beams, scope=scope, prune=prune)
+                                              verify_beams=verify_beams, scope=scope, prune=prune,
+                                              official_top_k=official_top_k)
                 _sync(device)
                 runs[mode] = (time.perf_counter() - start, out)
             if user < 0:

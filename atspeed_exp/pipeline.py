@@ -360,6 +360,7 @@ def decoding_settings(cfg: DictConfig) -> dict[str, Any]:
         "modes": tuple(cfg.decoding.modes), "draft_beams": cfg.decoding.draft_beams, "gamma": cfg.decoding.gamma,
         "seed": cfg.seed, "verify_beams": cfg.decoding.get("verify_beams"),
         "scope": cfg.decoding.get("scope", "vocab"), "prune": cfg.decoding.get("prune_caches", True),
+        "official_top_k": cfg.decoding.get("official_top_k", 50),
     }
 
 

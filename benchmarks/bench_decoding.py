@@ -4,8 +4,9 @@
   with the K beams' tokens appended under tree attention: no cache copies); the baseline of every speedup;
 - ``beam``: the same search keeping K reordered cache rows per user (the classic layout, as transformers does);
 - ``hf_generate``: transformers ``generate(num_beams=K)`` with the trie as ``prefix_allowed_tokens_fn``;
-- ``sd_strict`` / ``sd_relaxed`` / ``sd_relaxed_exact``: speculative beam search (draft N beams, gamma steps; strict,
-  the project's relaxed, or the exact draw-by-draw relaxed verification).
+- ``sd_strict`` / ``sd_relaxed`` / ``sd_relaxed_exact`` / ``sd_relaxed_official``: speculative beam search (draft N
+  beams, gamma steps; strict, the project's relaxed, the exact draw-by-draw relaxed verification, or the public code's
+  relaxed form with its default top-k = 50 warper).
 
 For each K, each user runs the methods back to back (user u: beam, beam_tree, hf_generate, sd_*; then user
 u + 1), so slow drifts of a shared machine hit every method alike. ``--warmup`` lists per K run first and are not
@@ -52,7 +53,7 @@ from atspeed_exp.pipeline import write_json_atomic
 
 log = logging.getLogger("bench_decoding")
 
-METHODS = ("beam", "beam_tree", "hf_generate", "sd_strict", "sd_relaxed", "sd_relaxed_exact")
+METHODS = ("beam", "beam_tree", "hf_generate", "sd_strict", "sd_relaxed", "sd_relaxed_exact", "sd_relaxed_official")
 BASELINE = "beam_tree"  # our best target-only beam search (one cache row per user, tree attention)
 COLUMNS = (
     "method", "lists", "median_ms", "p90_ms", "speedup_tot", "speedup_mean", "tgt_calls", "drf_calls",

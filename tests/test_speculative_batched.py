@@ -129,7 +129,7 @@ def test_level_scope_ranks_by_block_normalised_scores():
         assert abs(total - float(out.sequence_scores[0, k])) < 1e-4
 
 
-@pytest.mark.parametrize("mode", ["relaxed", "relaxed_exact"])
+@pytest.mark.parametrize("mode", ["relaxed", "relaxed_exact", "relaxed_official"])
 def test_batched_relaxed_returns_valid_lists_and_consistent_counters(mode):
     trie, item_ids, _, vocab = make_trie(num_items=50, level_sizes=(2, 4, 4, 4), num_collisions=3, seed=13)
     target = ToyLM(vocab, seed=13)
@@ -173,7 +173,7 @@ def test_vocabulary_ending_at_a_short_last_block():
     target, draft = ToyLM(vocab, seed=21), ToyLM(vocab, seed=22)
     ids, mask = left_pad(random_prompts(4, vocab, seed=21), pad_id=0)
     ref = beam_search(target, ids, mask, trie, 10)
-    for mode in ("strict", "relaxed"):
+    for mode in ("strict", "relaxed", "relaxed_official"):
         out = speculative_beam_search(target, draft, ids, mask, trie, 10, 20, 3, mode=mode, verify_beams=12,
                                       generator=torch.Generator().manual_seed(0))
         if mode == "strict":

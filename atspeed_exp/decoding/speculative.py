@@ -7,26 +7,41 @@ Contract (B users per call, each with its own tree, acceptance and depth; see "B
 - ``mode="strict"``: the draft runs N-beam search; a depth is accepted iff the target's exact top-K continuations of
   the accepted beams are all drafted beams; the returned beams are exactly those of ``beam_search(target, ..., K)``
   for any draft (choices and order; scores up to float rounding of the tree forward).
-- ``mode="relaxed"`` (SPEC section 6, ``relaxed_select``): the draft samples N continuations without replacement per
-  depth (beam sampling from its joint distribution Q over the (beam, token) continuations). At depth i, P and Q are
-  the target's and the draft's joint distributions over the continuations of the K accepted beams (softmax of the
-  flattened [K x S] cumulative log-probs, trie-masked; Q renormalised to these continuations). Each drafted
+- ``mode="relaxed"`` (SPEC section 6, ``verify/relaxed.py``): the draft samples N continuations without replacement
+  per depth (beam sampling from its joint distribution Q over the (beam, token) continuations). At depth i, P and Q
+  are the target's and the draft's joint distributions over the continuations of the K accepted beams (softmax of
+  the flattened [K x S] cumulative log-probs, trie-masked; Q renormalised to these continuations). Each drafted
   candidate whose parent was accepted is accepted independently with probability min(1, P/Q); with >= K accepted
   the K with the highest P are kept and depth i+1 is verified; otherwise the accepted ones are kept, K - |accepted|
   are drawn without replacement from the residual max(P - Q, 0) (renormalised, accepted excluded; then from P if
   the residual runs out), and the round stops there. Only APPROXIMATELY distribution-preserving with respect to
   ``beam_sample(target, ..., K)``: with N > K candidates each accepted on its own, what the draft likes gets more
   chances to be accepted, and keeping the top-P K of the accepted ones (rather than a random K) sharpens the
-  selection (Q == P with N > K turns sampling into "top K of N samples"). Measured: total variation 0.18 from the
-  target's exact beam-sampling distribution on the tests' enumerable setup (K = 2, N = 3, 3 levels; the draft's
-  own is 0.41 away); 0.13-0.40 at one depth on small hand-made P, Q (0.40 for Q == P, K = 2, N = 4). In exchange,
-  a depth passes when ANY K of the N candidates are accepted, so acceptance stays high with large K.
-- ``mode="relaxed_exact"`` (``relaxed_exact_select``): the same drafts, verified as speculative sampling draw by
+  selection (Q == P with N > K turns sampling into "top K of N samples"). In exchange, a depth passes when ANY K
+  of the N candidates are accepted, so acceptance stays high with large K.
+- ``mode="relaxed_exact"`` (``verify/relaxed_exact.py``): the same drafts, verified as speculative sampling draw by
   draw (the first K candidates in draw order, residual only at the first rejection, later draws from P), so the
   returned set of K beams has EXACTLY the distribution of ``beam_sample(target, ..., K)`` for any draft. Kept as
   the lossless reference for the relaxed setting; its acceptance falls quickly with K (all of the first K draws
   must pass, in order).
-- Both relaxed modes need an explicit ``torch.Generator``; lists are ranked by target cumulative log-prob.
+- ``mode="relaxed_official"`` (``verify/relaxed_official.py``): the public AtSpeed code's form (Linxyhaha/AtSpeed,
+  code/beamSD.py, ``verify`` with ``do_sample=True``). Like ``relaxed`` except that (a) Q of a candidate is its
+  probability under the draft's FULL sampling distribution at that depth (over all its N beams' continuations),
+  not renormalised to the accepted beams' continuations; (b) with >= K accepted a uniformly random K of them are
+  kept; (c) transformers' top-k warper (``official_top_k``, default 50; None: off) acts on both models' step
+  log-probs per beam row, so P and Q, the draft's sampling and the target's own draws use only each row's top-k
+  codes. The module docstring of ``verify/relaxed_official.py`` lists the edge cases where it departs from the
+  public code.
+- Fidelity, measured on the tests' enumerable setup (3 levels of 3/3/2 codes, K = 2, N = 3, gamma alternating 1
+  and 2, a softened ToyLM target and a noisy draft whose own beam-sampling law is 0.41 away): total variation of
+  the final K-set's law from the target's exact beam-sampling law over 20000 lists each (Monte-Carlo noise about
+  0.007, bound 0.009), acceptance rate in brackets. ``beam_sample`` 0.007; relaxed_exact 0.007 (0.71), i.e. exact;
+  relaxed 0.184 (0.88); relaxed_official without the warper 0.449 (0.80), further than the draft's own law: the
+  random K of the accepted ignores P among them (N = 3 candidates often cover every continuation there, so a
+  depth where all pass gives a uniform K-set), and the unrenormalised Q passes more candidates. With a top-2 warper
+  (blocks of <= 3 codes leave the default 50 inert) relaxed_official is 0.042 from the equally warped target law
+  (0.71), which is itself 0.028 from the unwarped one.
+- The relaxed modes need an explicit ``torch.Generator``; lists are ranked by target cumulative log-prob.
 - Each model keeps ONE cache row per user holding the prompt and a token tree. A beam is a bool visibility vector over
   that row (prompt + its own fed ancestors), its pending (not yet fed) tokens and the position id of the first one;
   every call appends tokens whose mask rows come from those vectors (``tree.TreeCall``: the tree mask), so nothing is copied
@@ -72,11 +87,17 @@ from atspeed_exp.decoding.beam_search import (
     select_top_k,
 )
 from atspeed_exp.decoding.protocol import DecoderLM
+from atspeed_exp.decoding.sampling import NEG_INF, sample_top_k, top_k_warp
 from atspeed_exp.decoding.tree import TreeCall, take_beams, widen
 from atspeed_exp.decoding.trie import ItemTrie
+from atspeed_exp.decoding.verify import (  # the rules, importable from here as before
+    RELAXED_RULES,
+    relaxed_exact_select,
+    relaxed_official_select,
+    relaxed_select,
+)
 
-MODES = ("strict", "relaxed", "relaxed_exact")
-NEG_INF = float("-inf")
+MODES = ("strict", *RELAXED_RULES)
 
 
 @dataclass
@@ -128,199 +149,6 @@ class SpeculativeOutput:
     full_logsumexp: torch.Tensor | None = None  # [B, K, L] their normalisers
 
 
-# -- small helpers on (B, beams, ...) tensors ----------------------------------------------------------------------
-def _gumbel(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Standard Gumbel noise: -log E with E ~ Exp(1) (4 ops; -log(-log U) takes 6)."""
-    exponential = torch.empty(shape, device=generator.device).exponential_(generator=generator)
-    return -torch.log(exponential.clamp(min=torch.finfo(exponential.dtype).tiny)).to(device)
-
-
-def sample_top_k(
-    beam_scores: torch.Tensor, step_log_probs: torch.Tensor, num_samples: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``num_samples`` continuations drawn without replacement from softmax over all beams' continuations
-    (Gumbel-top-k = successive sampling), in draw order; the sampling counterpart of ``select_top_k``.
-
-    beam_scores: ``[B, M]``; step_log_probs: ``[B, M, S]``. Returns (true cumulative scores ``[B, n]``, parent beam
-    ``[B, n]``, local code ``[B, n]``); -inf scores where fewer continuations exist.
-    """
-    batch, beams, size = step_log_probs.shape
-    total = (beam_scores[:, :, None] + step_log_probs).reshape(batch, beams * size)  # [B, M*S]
-    if total.shape[1] < num_samples:
-        total = torch.cat([total, total.new_full((batch, num_samples - total.shape[1]), NEG_INF)], dim=1)
-    keys = total + _gumbel(tuple(total.shape), generator, total.device)
-    flat = keys.topk(num_samples, dim=1).indices  # sorted by key: the draw order
-    scores = total.gather(1, flat)
-    flat = flat.clamp(max=beams * size - 1)
-    return scores, flat // size, flat % size
-
-
-def relaxed_select(
-    log_p: torch.Tensor,
-    log_q: torch.Tensor,
-    candidates: torch.Tensor,
-    num_beams: int,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SPEC section 6 relaxed sampling verification of one depth (``mode="relaxed"``).
-
-    log_p, log_q: ``[B, C]`` normalised log-probs (-inf: impossible) over the flattened (beam, code) continuations
-    of the accepted beams, under the target (P) and the distribution the draft sampled from, restricted to these
-    continuations (Q). candidates: ``[B, R]`` flat indices into C of the draft's samples (-1: none; order unused).
-
-    Every candidate c is accepted independently with probability min(1, P(c) / Q(c)) (one uniform each). If at least
-    K are accepted, the K accepted ones with the highest P are kept: all of them are continuations the target
-    accepts, and the top of them by P is what the target's own beam search would prefer among them (ties need
-    equal float log-probs, which do not happen in practice; they go to the lower index). Otherwise all accepted
-    candidates are kept and the K - |accepted| others are drawn without replacement (Gumbel-top-k) from the
-    residual max(P - Q, 0), renormalised, accepted ones excluded; if the residual has fewer non-zero entries than
-    needed (Q >= P everywhere else, or Q == P: empty), the rest are drawn without replacement from P excluding
-    everything chosen. With no candidate at all (Q = 0) this is plain successive sampling of K from P, the target's
-    beam-sampling step. One sort by (tier, key) does all of it: tier 0 accepted (key log P), 1 residual (key log
-    residual + Gumbel), 2 possible under P (key log P + Gumbel), 3 impossible (placeholders).
-    Not exactly distribution-preserving (see the module docstring; ``relaxed_exact_select`` is).
-
-    The depth counts as accepted when the accepted candidates cover min(K, number of possible continuations):
-    with fewer than K possible continuations, accepting all of them leaves only placeholders to add.
-    Returns (chosen ``[B, K]`` flat indices, alive ``[B, K]`` False for placeholders, accepted ``[B]``: K when the
-    depth is accepted, else the number of accepted candidates (< K)), the convention of ``relaxed_exact_select``.
-    """
-    batch, width = log_p.shape
-    device = log_p.device
-    k = num_beams
-    if width < k:  # fewer continuations than beams: pad with impossible ones
-        pad = log_p.new_full((batch, k - width), NEG_INF)
-        log_p, log_q = torch.cat([log_p, pad], 1), torch.cat([log_q, pad], 1)
-    columns = log_p.shape[1]
-
-    # independent acceptance of every candidate the draft could have drawn
-    safe = candidates.clamp(min=0)
-    lp_c, lq_c = log_p.gather(1, safe), log_q.gather(1, safe)  # [B, R]
-    exists = (candidates >= 0) & torch.isfinite(lq_c)
-    log_u = torch.log(torch.rand(tuple(candidates.shape), generator=generator, device=generator.device).to(device))
-    accept_c = exists & (log_u < lp_c - lq_c)  # P(c) = 0: never
-    slot = torch.where(accept_c, safe, columns)  # rejected ones to a dummy column
-    accepted_mask = torch.zeros(batch, columns + 1, dtype=torch.bool, device=device)
-    accepted_mask = accepted_mask.scatter(1, slot, True)[:, :-1]  # [B, C]; duplicates harmless
-    count = accepted_mask.sum(1)  # [B]
-    possible = torch.isfinite(log_p)
-    need = possible.sum(1).clamp(max=k)
-
-    # log max(P - Q, 0) without cancellation or underflow: log P + log(1 - Q / P) where Q < P
-    positive = possible & (log_q < log_p)
-    log_res = torch.where(
-        positive, log_p + torch.log(-torch.expm1(torch.where(positive, log_q - log_p, -1.0))), NEG_INF
-    )
-    residual = torch.isfinite(log_res) & ~accepted_mask
-    tier = torch.where(accepted_mask, 0, torch.where(residual, 1, torch.where(possible, 2, 3)))  # [B, C]
-    gumbel = _gumbel((batch, columns), generator, device)
-    key = torch.where(
-        accepted_mask, log_p, torch.where(residual, log_res + gumbel, torch.where(possible, log_p + gumbel, 0.0))
-    )
-    order = key.argsort(dim=1, descending=True, stable=True)
-    order = order.gather(1, tier.gather(1, order).argsort(dim=1, stable=True))[:, :k]  # by tier, then key
-    alive = possible.gather(1, order) & (order < width)
-    chosen = order.clamp(max=width - 1)  # placeholders beyond the real continuations
-    return chosen, alive, torch.where(count >= need, k, count)
-
-
-def relaxed_exact_select(
-    log_p: torch.Tensor,
-    log_q: torch.Tensor,
-    candidates: torch.Tensor,
-    num_beams: int,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact relaxed sampling verification of one depth (``mode="relaxed_exact"``): K draws without replacement
-    from P, using the draft's samples from Q as proposals, with exactly the distribution of successive sampling
-    from P.
-
-    log_p, log_q: ``[B, C]`` normalised log-probs (-inf: impossible) over the flattened (beam, code) continuations
-    of the accepted beams, under the target (P) and the distribution the draft sampled from, restricted to these
-    continuations (Q). candidates: ``[B, R]`` flat indices into C of the draft's samples in draw order (-1: none).
-
-    Draw j proposes the j-th candidate d_j and accepts it with probability min(1, P_j(d_j) / Q_j(d_j)), where P_j and
-    Q_j are P and Q with d_<j removed and renormalised: the conditionals of the j-th draw of both samplers, so each
-    draw is one ordinary speculative-sampling step and its output has law P_j exactly. The first rejected draw j*
-    takes one sample from the residual max(P_j* - Q_j*, 0) (renormalised; P_j* itself if there is no proposal or the
-    residual is empty by rounding); the draws after j* come from P with everything chosen removed, because the
-    remaining proposals no longer have the law of the draft's conditional given what was chosen.
-    Unlike SPEC's literal scheme (``relaxed_select``: every candidate accepted independently with min(1, P/Q) of
-    the marginals, keep K, fill from one residual), which with N > K favours what the draft likes and is biased,
-    this version is exact; the price is that only the first K draws can be accepted, in order, so its acceptance
-    falls quickly with K.
-    A draw with no mass left (fewer than K possible continuations) is a placeholder and counts as accepted.
-
-    Returns (chosen ``[B, K]`` flat indices, alive ``[B, K]`` False for placeholders, accepted ``[B]`` number of
-    leading draws taken from the draft; the depth is accepted iff it equals K).
-    """
-    batch, width = log_p.shape
-    device = log_p.device
-    k = num_beams
-    if width < k:  # fewer continuations than draws: pad with impossible ones
-        pad = log_p.new_full((batch, k - width), NEG_INF)
-        log_p, log_q = torch.cat([log_p, pad], 1), torch.cat([log_q, pad], 1)
-    draws = torch.arange(k, device=device)
-
-    # d_j: the first K candidates in draw order (the rest never propose: the K draws stop at a rejection)
-    listed = candidates >= 0
-    order = torch.argsort((~listed).to(torch.int8), dim=1, stable=True)[:, :k]
-    proposal = candidates.gather(1, order).masked_fill(~listed.gather(1, order), -1)
-    if proposal.shape[1] < k:
-        proposal = torch.cat([proposal, proposal.new_full((batch, k - proposal.shape[1]), -1)], 1)  # [B, K]
-    safe = proposal.clamp(min=0)
-    exists = (proposal >= 0) & torch.isfinite(log_q.gather(1, safe))  # a proposal the draft could have drawn
-    lp_d = log_p.gather(1, safe).masked_fill(~exists, NEG_INF)  # [B, K]
-    lq_d = log_q.gather(1, safe).masked_fill(~exists, NEG_INF)
-
-    # rank[c] = the draw that proposes c (K: none); dummy column `width` absorbs the missing proposals
-    slot = torch.where(exists, proposal, log_p.shape[1])
-    rank = torch.full((batch, log_p.shape[1] + 1), k, dtype=torch.long, device=device)
-    rank = rank.scatter(1, slot, draws.expand(batch, k))[:, :-1]  # [B, C]
-
-    # log mass left for draw j = mass outside every proposal + mass of proposals j.. (a sum, no cancellation)
-    def left(log_x: torch.Tensor, log_x_d: torch.Tensor) -> torch.Tensor:
-        outside = torch.logsumexp(log_x.masked_fill(rank < k, NEG_INF), dim=1, keepdim=True)  # [B, 1]
-        suffix = torch.logcumsumexp(log_x_d.flip(1), dim=1).flip(1)  # [B, K]
-        return torch.logaddexp(outside, suffix)
-
-    left_p, left_q = left(log_p, lp_d), left(log_q, lq_d)
-    has_mass = torch.isfinite(left_p)
-    log_ratio = torch.where(exists, (lp_d - left_p) - (lq_d - left_q), NEG_INF)  # log P_j(d_j) / Q_j(d_j)
-    log_u = torch.log(torch.rand((batch, k), generator=generator, device=generator.device).to(device))
-    accept = ~has_mass | (exists & (log_u < log_ratio))
-    accepted = accept.long().cumprod(1).sum(1)  # [B] leading accepted draws
-    first = accepted.clamp(max=k - 1)[:, None]  # j*, the first rejected draw (unused when all K are accepted)
-
-    # draw j*: residual max(P_j* - Q_j*, 0) with d_<j* removed; Q_j* = 0 when j* has no proposal
-    removed = rank < first  # [B, C]
-    lp_j = (log_p - left_p.gather(1, first)).masked_fill(removed, NEG_INF)
-    lq_j = (log_q - left_q.gather(1, first)).masked_fill(removed | ~exists.gather(1, first), NEG_INF)
-    log_res = (lp_j.exp() - lq_j.exp()).clamp(min=0).log()
-    empty = ~torch.isfinite(log_res).any(1, keepdim=True)  # P_j* <= Q_j* everywhere (rounding) or underflow
-    log_res = torch.where(empty, lp_j, log_res)
-    res_keys = log_res + _gumbel(tuple(log_res.shape), generator, device)
-    pick = res_keys.argmax(1, keepdim=True)  # [B, 1]
-    pick_alive = torch.isfinite(log_res.gather(1, pick))
-
-    # draws after j*: successive sampling from P without everything chosen so far
-    rest_keys = (log_p + _gumbel(tuple(log_p.shape), generator, device)).masked_fill(removed, NEG_INF)
-    rest_keys = rest_keys.scatter(1, pick, NEG_INF)
-    rest_keys, rest = rest_keys.topk(k, dim=1)  # [B, K]
-    after = (draws - first - 1).clamp(min=0)  # [B, K] index into `rest` of draw j > j*
-
-    chosen = torch.where(
-        draws < accepted[:, None], safe, torch.where(draws == first, pick, rest.gather(1, after))
-    )
-    alive = torch.where(
-        draws < accepted[:, None],
-        torch.isfinite(lp_d),  # False for the placeholders accepted because no mass was left
-        torch.where(draws == first, pick_alive, torch.isfinite(rest_keys.gather(1, after))),
-    )
-    chosen = chosen.clamp(max=width - 1)  # placeholders beyond the real continuations
-    return chosen, alive & (chosen < width), accepted
-
-
 # -- state ----------------------------------------------------------------------------------------------------------
 @dataclass
 class _Beams:
@@ -354,7 +182,10 @@ class _Level:
     parent: torch.Tensor | None = None  # [B, M] index into the previous level
     codes: torch.Tensor | None = None  # [B, M] local code of this node's token
     draft_visible: torch.Tensor | None = None  # [B, M, C_d] once fed to the draft
-    draft_log_probs: torch.Tensor | None = None  # [B, M, S] the draft's next-level log-probs (fed levels only)
+    draft_log_probs: torch.Tensor | None = None  # [B, M, S] the draft's next-level log-probs (fed levels only;
+    #                                               after the top-k warper in relaxed_official mode)
+    draft_log_norm: torch.Tensor | None = None  # [B] log-normaliser of the draft's sampling distribution over the
+    #                                             continuations of ALL this level's beams (relaxed_official only)
     target_visible: torch.Tensor | None = None  # [B, M, C_t] after the verify call
     target_log_probs: torch.Tensor | None = None  # [B, M, S] the target's next-level log-probs at this node
     target_record: tuple[torch.Tensor, torch.Tensor] | None = None  # (raw level logits [B, M, S], normaliser [B, M])
@@ -498,10 +329,14 @@ def _draft_phase(
     generator: torch.Generator | None,
     scope: str,
     draft_tokens: torch.Tensor,
+    top_k: int | None = None,
 ) -> tuple[list[_Level], Any, int]:
     """d_b = ``steps[b]`` steps of N = ``width`` beams on the draft from the current beams: D = max d_b draft calls
     for the batch (pending tokens of the current beams, then drafted levels 1..D-1; a user's level d_b is never
-    fed). Returns the tree levels 0..D, the draft cache and the calls made."""
+    fed). Strict mode runs beam search, the relaxed modes beam sampling; a mode whose rule is ``warped`` samples
+    from the step log-probs after the top-k warper (``top_k``), and one with ``full_q`` keeps each level's sampling
+    normaliser for Q. Returns the tree levels 0..D, the draft cache and the calls made."""
+    rule = RELAXED_RULES.get(mode)
     num_steps = max(steps for _, steps in host)
     levels, cache = [root], view.cache
     call = TreeCall(view.visible.shape[2], view.visible.device)
@@ -515,9 +350,14 @@ def _draft_phase(
         depths = _depths(host, ell, offset=-1)  # level ell - 1's nodes, for users drafting level ell
         prev.draft_log_probs, _ = level_scores(draft, hidden[:, last], trie, prev.nodes, depths, scope,
                                                same_depth=len(host) == 1)
-        if mode == "strict":
+        if rule is None:  # strict
             scores, parent, codes = select_top_k(prev.draft_scores, prev.draft_log_probs, width)
         else:
+            if rule.warped:
+                prev.draft_log_probs = top_k_warp(prev.draft_log_probs, top_k)
+            if rule.full_q:  # [B]: what the draft samples from is exp(score + step log-prob - norm) over all rows
+                total = prev.draft_scores[:, :, None] + prev.draft_log_probs
+                prev.draft_log_norm = torch.logsumexp(total.flatten(1), dim=1)
             scores, parent, codes = sample_top_k(prev.draft_scores, prev.draft_log_probs, width, generator)
         depth = _level_depth(host, ell - 1)
         level = _child(prev, scores, parent, codes, trie, t + ell - 1 if depth is None else depth, valid=steps >= ell)
@@ -559,6 +399,7 @@ def _verified_levels(levels: list[_Level], trie: ItemTrie, t: torch.Tensor, limi
             codes=take_beams(level.codes, order),
             draft_visible=None if level.draft_visible is None else take_beams(level.draft_visible, order),
             draft_log_probs=None if level.draft_log_probs is None else take_beams(level.draft_log_probs, order),
+            draft_log_norm=level.draft_log_norm,  # of the full level: Q stays the draft's sampling distribution
         ))
         batch, full = kept.shape
         slot = torch.where(alive, order, full)
@@ -619,11 +460,14 @@ def _accept_phase(
     num_beams: int,
     mode: str,
     generator: torch.Generator | None,
+    top_k: int | None = None,
 ) -> list[_Step]:
     """Depth by depth l = 1..D+1, assuming depths < l were accepted: the target's K beams at depth l (strict: its
-    exact top-K; relaxed: ``relaxed_select``; relaxed_exact: ``relaxed_exact_select``) and whether they are all
-    among the drafted level l (never for l > d_b). Later depths are discarded per user after its first rejection;
-    computing them costs only [K, S] tensor work and saves a host sync per depth."""
+    exact top-K; a relaxed mode: the ``select`` of its rule in ``verify.RELAXED_RULES``) and whether they are all
+    among the drafted level l (never for l > d_b). A ``warped`` rule's P uses the target's step log-probs after the
+    top-k warper (``top_k``), the target's own last step included. Later depths are discarded per user after its
+    first rejection; computing them costs only [K, S] tensor work and saves a host sync per depth."""
+    rule = RELAXED_RULES.get(mode)  # None: strict
     num_steps = len(levels) - 1
     batch, roots = levels[0].draft_scores.shape
     device = levels[0].nodes.device
@@ -635,10 +479,12 @@ def _accept_phase(
         prev = levels[ell - 1]
         # [B, MA, S]; rows of placeholders need no masking: their -inf score makes every continuation -inf
         log_p = prev.target_log_probs if ref is None else take_beams(prev.target_log_probs, ref)
+        if rule is not None and rule.warped:
+            log_p = top_k_warp(log_p, top_k)
         size = log_p.shape[2]
         drafted = ell <= num_steps
         reached = (steps >= ell)[:, None] if drafted else None  # users whose round drafted depth l
-        if mode == "strict":
+        if rule is None:
             new_scores, parent, codes = select_top_k(scores, log_p, num_beams)
             parent_in_level = parent if ref is None else take_beams(ref, parent)
             if drafted:
@@ -672,14 +518,15 @@ def _accept_phase(
         parent_in_a = in_a.gather(1, level.parent)  # [B, N]
         usable = (parent_in_a >= 0) & torch.isfinite(level.draft_scores) & reached
         candidates = torch.where(usable, parent_in_a * size + level.codes, -1)
-        # Q: what the draft sampled from (its cumulative score of the parent + its level log-prob), restricted
-        # to the continuations of the accepted beams and renormalised
+        # Q: what the draft sampled from (its cumulative score of the parent + its level log-prob) at the
+        # continuations of the accepted beams: renormalised to them, or (full_q) as they are in the draft's
+        # distribution over all its beams' continuations
         total = (scores[:, :, None] + log_p).reshape(batch, -1)  # [B, MA*S] target cumulative
         q = take_beams(prev.draft_scores, ref)[:, :, None] + take_beams(prev.draft_log_probs, ref)
-        log_q = q.masked_fill(~alive[:, :, None], NEG_INF).reshape(batch, -1).log_softmax(1)
+        q = q.masked_fill(~alive[:, :, None], NEG_INF).reshape(batch, -1)  # [B, MA*S]
+        log_q = q - prev.draft_log_norm[:, None] if rule.full_q else q.log_softmax(1)
         log_q = torch.where(torch.isnan(log_q), NEG_INF, log_q)  # users with nothing drafted here
-        select = relaxed_select if mode == "relaxed" else relaxed_exact_select
-        flat, alive_new, taken = select(total.log_softmax(1), log_q, candidates, num_beams, generator)
+        flat, alive_new, taken = rule.select(total.log_softmax(1), log_q, candidates, num_beams, generator)
         new_scores = total.gather(1, flat).masked_fill(~alive_new, NEG_INF)
         parent, codes = flat // size, flat % size
         match = flat[:, :, None] == candidates[:, None, :]
@@ -736,19 +583,22 @@ def speculative_beam_search(
     num_beams: int,  # K
     draft_beams: int = 40,  # N >= K
     gamma: int = 3,  # drafted steps per round, 1..L-1
-    mode: str = "strict",  # "strict" | "relaxed" | "relaxed_exact"
+    mode: str = "strict",  # one of MODES: "strict" | "relaxed" | "relaxed_exact" | "relaxed_official"
     generator: torch.Generator | None = None,  # relaxed modes' randomness (draft sampling and verification)
     verify_beams: int | None = None,  # M, K <= M <= N: drafted beams per depth the target verifies (None: N)
     scope: str = "vocab",  # normaliser of level log-probs (beam_search.level_scores)
     profile: bool = False,  # on CUDA: synchronise at phase boundaries so the phase times are right
     prune: bool = True,  # drop cache columns no live beam sees after each round (False: keep them, masked)
     record_logits: bool = False,  # strict: also the target's level logits at each final beam's prefixes (teacher)
+    official_top_k: int | None = 50,  # relaxed_official only: the per-row top-k warper of both models (None: off)
 ) -> SpeculativeOutput:
     """Top-K items of each of B prompts by speculative beam search (see module docstring)."""
     verify_beams = draft_beams if verify_beams is None else verify_beams
     if record_logits and mode != "strict":
         raise ValueError(f"record_logits needs mode='strict' (the target's own beams), got mode={mode!r}")
     _check_settings(trie, prompt_ids, prompt_mask, num_beams, draft_beams, verify_beams, gamma, mode, generator, scope)
+    if official_top_k is not None and official_top_k < 1:
+        raise ValueError(f"official_top_k must be >= 1 or None (no warper), got {official_top_k}")
     start = time.perf_counter()
     stats = SpeculativeStats()
     timer = _Timer(stats, target.device, profile)
@@ -800,7 +650,7 @@ def speculative_beam_search(
             if num_steps > 0:
                 levels, draft_cache, calls = _draft_phase(
                     draft, draft_view, root, trie, t, steps, host, draft_beams, mode, generator,
-                    scope, work_draft_tokens,
+                    scope, work_draft_tokens, official_top_k,
                 )
                 stats.draft_calls += calls
                 levels = _verified_levels(levels, trie, t, verify_beams)
@@ -813,7 +663,7 @@ def speculative_beam_search(
             )
             stats.target_calls += 1
         with timer.phase("accept"):
-            out = _accept_phase(levels, steps, num_beams, mode, generator)
+            out = _accept_phase(levels, steps, num_beams, mode, generator, official_top_k)
             if num_steps > 0:
                 flags = torch.stack([s.accepted for s in out[:num_steps]], 1)  # [B, D]
                 accepted = flags.long().cumprod(1).sum(1)  # [B] leading accepted depths
@@ -986,8 +836,8 @@ def beam_sample(
     num_beams: int,
     generator: torch.Generator,
 ) -> BeamSearchOutput:
-    """Target-only beam sampling, the distribution relaxed speculative beam search approximates ("relaxed") or
-    reproduces exactly ("relaxed_exact"): at each depth, K
+    """Target-only beam sampling, the distribution relaxed speculative beam search approximates ("relaxed";
+    "relaxed_official" with ``official_top_k=None``) or reproduces exactly ("relaxed_exact"): at each depth, K
     continuations drawn without replacement from P = softmax over the flattened [K x S] cumulative log-probs of the
     current beams' continuations (trie-masked). The final K beams are ranked by cumulative log-prob. L model calls."""
     return beam_search(model, prompt_ids, prompt_mask, trie, num_beams,
