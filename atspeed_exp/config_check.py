@@ -159,6 +159,7 @@ def _rules() -> dict[str, Callable[[Any], str | None]]:
         "decoding.modes": _list_of(_one_of(MODES)),
         "decoding.verify_beams": _optional(_int_at_least(1)),
         "decoding.scope": _one_of(SCOPES),
+        "decoding.official_top_k": _optional(_int_at_least(1)),
         "alignment.objective": _one_of((*ALIGNMENT_LOSSES, "none")),
         "alignment.alpha": _number_in(0.0, 1.0),
         "alignment.temperature": _number_in(0.0, float("inf"), low_open=True),

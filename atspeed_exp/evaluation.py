@@ -52,6 +52,7 @@ def generate_lists(
     prune: bool = True,
     mode: str = "strict",
     generator: torch.Generator | None = None,
+    official_top_k: int | None = 50,
 ) -> GeneratedLists:
     """Top-K lists for every prompt, ``batch_size`` users per call: target-only beam search, or with ``draft``
     batched speculative beam search in ``mode`` (strict: the same lists, fewer target calls; relaxed modes need
@@ -73,7 +74,7 @@ def generate_lists(
         else:
             out = speculative_beam_search(model, draft, ids, mask, trie, num_beams, draft_beams, gamma,
                                           verify_beams=verify_beams, scope=scope, prune=prune, mode=mode,
-                                          generator=generator)
+                                          generator=generator, official_top_k=official_top_k)
             calls += sum(out.lists.target_calls)
             per_list[:, rows] = torch.tensor([out.lists.target_calls, out.lists.drafted_steps,
                                               out.lists.accepted_steps], dtype=torch.long)
@@ -245,6 +246,7 @@ def evaluate_all_users(
     resamples: int = 1000,
     progress: bool = True,
     prefix: str = "eval/all",
+    official_top_k: int | None = 50,
 ) -> dict[str, float]:
     """Hardware-independent figures on every given user, decoded ``batch_size`` users per call (the batched
     engine gives each list its own counts), with 95% bootstrap intervals over users (``resamples`` resamples;
@@ -255,7 +257,8 @@ def evaluate_all_users(
     users), ``overlap`` (mean |SD list ∩ beam-search list| / K: 1 for strict verification), ``recall@n`` /
     ``ndcg@n`` and ``recall@n_change`` / ``ndcg@n_change`` (mean per-user difference to beam search: the accuracy a
     relaxed rule gives up or gains), and ``mismatches`` (lists that differ from beam search's as sets of items).
-    Every figure carries ``_lo95`` / ``_hi95``. Relaxed modes draw from one generator seeded by ``seed``.
+    Every figure carries ``_lo95`` / ``_hi95``. Relaxed modes draw from one generator seeded by ``seed``;
+    ``official_top_k`` is relaxed_official's warper.
     """
     truth = pad_ground_truth(ground_truth)
     has_truth = (truth >= 0).any(1)  # users that count for accuracy
@@ -271,7 +274,7 @@ def evaluate_all_users(
             generator = torch.Generator(device=target.device).manual_seed(seed * 1_000_003 + k)
             run = generate_lists(target, prompts, trie, k, pad_id, desc=f"all users {mode} K={k}", draft=draft,
                                  draft_beams=draft_beams, gamma=gamma, verify_beams=verify_beams, prune=prune,
-                                 mode=mode, generator=generator, **settings)
+                                 mode=mode, generator=generator, official_top_k=official_top_k, **settings)
             key = f"{prefix}/{mode}/k{k}"
             _with_interval(metrics, f"{key}/target_calls_per_list", run.target_calls, None, resamples, seed)
             _with_interval(metrics, f"{key}/acceptance_rate", run.accepted_steps, run.drafted_steps, resamples, seed)

@@ -391,7 +391,7 @@ def evaluate_draft_all_users(cfg: DictConfig, target_dir: Path, draft_dir: Path,
         modes=settings["modes"], ks=tuple(cfg.decoding.ks), cutoffs=tuple(cfg.eval.cutoffs),
         batch_size=cfg.eval.batch_size, draft_beams=settings["draft_beams"], gamma=settings["gamma"],
         verify_beams=settings["verify_beams"], scope=settings["scope"], prune=settings["prune"], seed=cfg.seed,
-        resamples=cfg.eval.get("bootstrap_resamples", 1000),
+        resamples=cfg.eval.get("bootstrap_resamples", 1000), official_top_k=settings["official_top_k"],
     )
 
 

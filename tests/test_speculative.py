@@ -383,7 +383,7 @@ def test_speculative_relaxed_exact_matches_target_beam_sampling():
 
 
 def test_speculative_relaxed_is_close_to_target_beam_sampling():
-    # SPEC's scheme is approximate (TV_RELAXED): the range sits well below the draft's own distribution (exact TV
+    # the project's relaxed scheme is approximate (TV_RELAXED): the range sits well below the draft's own distribution (exact TV
     # 0.41 from the target's), which a broken verification returning the draft's samples would reproduce, and away
     # from relaxed_official's
     exact = enumerable_setup()[6]
@@ -469,7 +469,7 @@ def test_relaxed_selects_edge_cases_return_k_distinct_possible_draws(select, dat
 
 
 def spec_scheme_sets(p: list, q: list, num_candidates: int, k: int) -> dict:
-    """Brute force: the distribution of the K kept continuations under SPEC's relaxed verification of one depth,
+    """Brute force: the distribution of the K kept continuations under the project's relaxed verification of one depth,
     the candidates being ``num_candidates`` draws without replacement from Q."""
     dist = collections.defaultdict(float)
     items = range(len(p))
@@ -502,7 +502,7 @@ def spec_scheme_sets(p: list, q: list, num_candidates: int, k: int) -> dict:
 
 @pytest.mark.parametrize("case", ["random", "equal", "peaked", "few_candidates", "one_residual", "few_possible"])
 def test_relaxed_select_matches_the_spec_scheme(case):
-    # checks the implementation against SPEC's scheme itself (not against successive sampling from P, from which
+    # checks the implementation against the project's relaxed scheme itself (not against successive sampling from P, from which
     # the scheme deviates: the exact TV is printed by the assertion message for reference)
     gen = torch.Generator().manual_seed(5)
     width, k, rows, num_candidates = 6, 2, 30000, 4
@@ -613,7 +613,7 @@ def mean_accepted_steps(mode: str, num_prompts: int, k: int, n: int) -> float:
 
 
 def test_speculative_relaxed_accepts_more_than_relaxed_exact():
-    # the point of SPEC's scheme: any K of N independently accepted candidates pass a depth, not the first K draws
+    # the point of the project's relaxed scheme: any K of N independently accepted candidates pass a depth, not the first K draws
     # in order. Measured mean accepted drafted steps per list (of at most 3; 40 prompts, gamma 3, N = 4K), relaxed
     # vs relaxed_exact: K=3 2.45 vs 1.38, K=5 2.20 vs 0.98, K=10 1.95 vs 0.68
     for k in (3, 5, 10):

@@ -1,4 +1,4 @@
-"""Speculative beam search (SPEC section 6): a draft model runs d = min(gamma, L - t - 1) steps ahead of the K current
+"""Speculative beam search (docs/method.md section 6): a draft model runs d = min(gamma, L - t - 1) steps ahead of the K current
 beams, the target scores every drafted token of every depth in ONE call with tree attention, then accepts depth by
 depth and produces the next depth from the logits it already has, so a round advances >= 1 token and a list costs
 1..L target calls (1 when everything is accepted: the first round's verify call also prefills the prompt).
@@ -7,7 +7,7 @@ Contract (B users per call, each with its own tree, acceptance and depth; see "B
 - ``mode="strict"``: the draft runs N-beam search; a depth is accepted iff the target's exact top-K continuations of
   the accepted beams are all drafted beams; the returned beams are exactly those of ``beam_search(target, ..., K)``
   for any draft (choices and order; scores up to float rounding of the tree forward).
-- ``mode="relaxed"`` (SPEC section 6, ``verify/relaxed.py``): the draft samples N continuations without replacement
+- ``mode="relaxed"`` (docs/method.md section 6, ``verify/relaxed.py``): the draft samples N continuations without replacement
   per depth (beam sampling from its joint distribution Q over the (beam, token) continuations). At depth i, P and Q
   are the target's and the draft's joint distributions over the continuations of the K accepted beams (softmax of
   the flattened [K x S] cumulative log-probs, trie-masked; Q renormalised to these continuations). Each drafted

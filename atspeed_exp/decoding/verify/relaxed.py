@@ -15,7 +15,7 @@ def relaxed_select(
     num_beams: int,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SPEC section 6 relaxed sampling verification of one depth (``mode="relaxed"``).
+    """docs/method.md section 6 relaxed sampling verification of one depth (``mode="relaxed"``).
 
     log_p, log_q: ``[B, C]`` normalised log-probs (-inf: impossible) over the flattened (beam, code) continuations
     of the accepted beams, under the target (P) and the distribution the draft sampled from, restricted to these

@@ -29,7 +29,7 @@ def relaxed_exact_select(
     takes one sample from the residual max(P_j* - Q_j*, 0) (renormalised; P_j* itself if there is no proposal or the
     residual is empty by rounding); the draws after j* come from P with everything chosen removed, because the
     remaining proposals no longer have the law of the draft's conditional given what was chosen.
-    Unlike SPEC's literal scheme (``relaxed_select``: every candidate accepted independently with min(1, P/Q) of
+    Unlike the literal scheme of docs/method.md section 6 (``relaxed_select``: every candidate accepted independently with min(1, P/Q) of
     the marginals, keep K, fill from one residual), which with N > K favours what the draft likes and is biased,
     this version is exact; the price is that only the first K draws can be accepted, in order, so its acceptance
     falls quickly with K.
