@@ -200,7 +200,7 @@ def test_run_gpu_perf_script_runs_end_to_end_on_tiny_models(tmp_path):
     env = gpu_script_env(tmp_path, SMOKE_DATA_ROOT=str(tmp_path / "smoke_data"), USERS="3", EVAL_USERS="3",
                          THROUGHPUT_USERS="8", DEADLINE="100000")
     result = subprocess.run(["bash", str(REPO / "benchmarks" / "run_gpu_perf.sh")], env=env, cwd=REPO,
-                            capture_output=True, text=True, timeout=1200)
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     names = {p.name for p in (tmp_path / "results").iterdir()}
     per_mode = {f"{name}.json" for mode in ("strict", "relaxed")
@@ -223,7 +223,7 @@ def test_run_gpu_perf_script_skips_optional_steps_past_its_deadline(tmp_path):
     # DEADLINE=0: the smoke is skipped (SMOKE=0), the pipelines run anyway, every table step is skipped, nothing fails
     env = gpu_script_env(tmp_path, SMOKE="0", MODES="strict", DEADLINE="0", EVAL_USERS="2")
     result = subprocess.run(["bash", str(REPO / "benchmarks" / "run_gpu_perf.sh")], env=env, cwd=REPO,
-                            capture_output=True, text=True, timeout=900)
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "== strict_g3: skipped" in result.stdout
     names = {p.name for p in (tmp_path / "results").iterdir()}

@@ -138,15 +138,16 @@ def test_pipeline_pretrained_lora_target(tmp_path):
 
 @pytest.mark.slow
 def test_run_py_multirun_sweep_over_alignment_objectives(tmp_path):
-    """The README's sweep form (`-m ... alignment=kl,atspeed_s decoding.beam_size=5,10`) on tiny synthetic
-    settings: four jobs share one target and one teacher; each (objective, K) pair trains its own draft."""
+    """The README's sweep form (`-m ... alignment=kl,atspeed_s draft_training.seed=1,2`) on tiny synthetic
+    settings: four jobs share one target and one teacher; each (objective, draft seed) pair trains its own draft,
+    and benchmarks/objective_table.py aggregates them over seeds."""
     overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith("paths.output_dir")]
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "run.py", "-m", "alignment=kl,atspeed_s", "decoding.beam_size=5,10",
+        [sys.executable, "run.py", "-m", "alignment=kl,atspeed_s", "draft_training.seed=1,2",
          f"hydra.sweep.dir={tmp_path / 'multirun'}",
          *overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        cwd=REPO, env=env, capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("speculative decoding (") == 4
@@ -156,6 +157,14 @@ def test_run_py_multirun_sweep_over_alignment_objectives(tmp_path):
     drafts = sorted(p.parent.name for p in (artifacts / "draft").glob("*/stage.json"))
     assert len(drafts) == 4 and sum("-kl-" in d for d in drafts) == 2 and sum("-atspeed_s-" in d for d in drafts) == 2
     assert len(list((tmp_path / "multirun").glob("*/summary.json"))) == 4
+
+    table = subprocess.run([sys.executable, "benchmarks/objective_table.py", str(tmp_path / "multirun"), "--out",
+                            str(tmp_path / "objectives.json")], cwd=REPO, env=env, capture_output=True, text=True)
+    assert table.returncode == 0, table.stderr[-3000:]
+    rows = json.loads((tmp_path / "objectives.json").read_text())["rows"]
+    assert {(r["form"], r["k"]) for r in rows} == {(form, k) for form in ("kl", "atspeed_s") for k in (5, 10)}
+    assert all(r["seeds"] == [1, 2] and r["mode"] == "strict" and r["overlap"] == 1.0 for r in rows)
+    assert "| atspeed_s | strict | 10 | 1,2 |" in table.stdout
 
 
 def test_draft_with_another_vocabulary_is_refused(tmp_path):
