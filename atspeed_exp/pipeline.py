@@ -412,7 +412,7 @@ def evaluate_target(cfg: DictConfig, stage_dir: Path, data: RecData) -> dict[str
 
 
 # -- entry -------------------------------------------------------------------------------------------------------
-STAGES = ("target", "teacher", "draft", "eval")
+STAGES = ("target", "teacher", "draft", "eval", "sasrec")
 
 
 def make_logger(cfg: DictConfig, stage: str) -> Any:
@@ -437,31 +437,41 @@ def close_logger(logger: Any) -> None:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run the configured stages (``cfg.stages``: target, teacher, draft, eval); returns a summary."""
+    """Run the configured stages (``cfg.stages``: target, teacher, draft, eval, sasrec); returns a summary."""
     unknown = set(cfg.stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)} in stages; expected a subset of {STAGES}")
     summary: dict[str, Any] = {"log_dir": str(cfg.paths.output_dir)}
+    metrics: dict[str, float] = {}
 
-    logger = False if stage_done(target_stage_dir(cfg)) else make_logger(cfg, "target")
-    target_dir, data = train_target(cfg, logger)
-    close_logger(logger)
-    summary["target_dir"] = str(target_dir)
-    summary["stage"] = json.loads((target_dir / STAGE_FILE).read_text())
+    if "sasrec" in cfg.stages:  # a baseline: needs the dataset only, not the target
+        from atspeed_exp.baselines import run_sasrec  # imports this module's helpers, so not at the top
 
-    metrics = evaluate_target(cfg, target_dir, data)
-    if "teacher" in cfg.stages or "draft" in cfg.stages:
-        teacher_dir = make_teacher(cfg, target_dir, data)
-        summary["teacher_dir"] = str(teacher_dir)
-        summary["teacher"] = json.loads((teacher_dir / STAGE_FILE).read_text())
-        if "draft" in cfg.stages:
-            draft_logger = make_logger(cfg, "draft")
-            draft_dir = train_draft(cfg, target_dir, teacher_dir, data, draft_logger)
-            close_logger(draft_logger)
-            summary["draft_dir"] = str(draft_dir)
-            if "eval" in cfg.stages:
-                metrics.update(evaluate_draft(cfg, target_dir, draft_dir, data))
-                summary["table"] = speculative_table(metrics, tuple(cfg.decoding.modes), tuple(cfg.decoding.ks))
+        sasrec_dir, baseline_metrics = run_sasrec(cfg)
+        summary["sasrec_dir"] = str(sasrec_dir)
+        summary["sasrec"] = json.loads((sasrec_dir / STAGE_FILE).read_text())
+        metrics.update(baseline_metrics)
+
+    if set(cfg.stages) != {"sasrec"}:  # every other stage list starts with the target
+        logger = False if stage_done(target_stage_dir(cfg)) else make_logger(cfg, "target")
+        target_dir, data = train_target(cfg, logger)
+        close_logger(logger)
+        summary["target_dir"] = str(target_dir)
+        summary["stage"] = json.loads((target_dir / STAGE_FILE).read_text())
+
+        metrics.update(evaluate_target(cfg, target_dir, data))
+        if "teacher" in cfg.stages or "draft" in cfg.stages:
+            teacher_dir = make_teacher(cfg, target_dir, data)
+            summary["teacher_dir"] = str(teacher_dir)
+            summary["teacher"] = json.loads((teacher_dir / STAGE_FILE).read_text())
+            if "draft" in cfg.stages:
+                draft_logger = make_logger(cfg, "draft")
+                draft_dir = train_draft(cfg, target_dir, teacher_dir, data, draft_logger)
+                close_logger(draft_logger)
+                summary["draft_dir"] = str(draft_dir)
+                if "eval" in cfg.stages:
+                    metrics.update(evaluate_draft(cfg, target_dir, draft_dir, data))
+                    summary["table"] = speculative_table(metrics, tuple(cfg.decoding.modes), tuple(cfg.decoding.ks))
     # W&B keeps one active run per process: the eval run starts only after the draft stage's run has finished
     logger = make_logger(cfg, "eval")
     if logger:
@@ -480,20 +490,29 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def format_summary(summary: dict[str, Any], cutoffs: tuple[int, ...] = (5, 10, 20)) -> str:
     metrics = summary["metrics"]
-    params = summary["stage"]["parameters"]["total"]
-    lines = [
-        f"target: {summary['target_dir']} ({params / 1e6:.2f}M parameters, "
-        f"trained {summary['stage']['train_seconds_this_run']:.0f}s, best {summary['stage']['monitor']}="
-        f"{summary['stage']['best_score']})",
-        f"test users: {metrics['eval/num_users']}",
-        f"{'':14s}" + "".join(f"{f'R@{n}':>9s}{f'N@{n}':>9s}" for n in cutoffs),
-    ]
-    for name in ("target", "most_popular"):
+    lines = []
+    if "stage" in summary:
+        params = summary["stage"]["parameters"]["total"]
+        lines += [
+            f"target: {summary['target_dir']} ({params / 1e6:.2f}M parameters, "
+            f"trained {summary['stage']['train_seconds_this_run']:.0f}s, best {summary['stage']['monitor']}="
+            f"{summary['stage']['best_score']})",
+            f"test users: {metrics['eval/num_users']}",
+        ]
+    if "sasrec" in summary:
+        lines.append(f"sasrec: {summary['sasrec_dir']} (best {summary['sasrec']['monitor']}="
+                     f"{summary['sasrec']['best_score']}; test users: {metrics['baseline/sasrec/num_users']:.0f})")
+    # rows: eval/target, eval/most_popular (target's users), baseline/... (all test users)
+    rows = [f"eval/{name}" for name in ("target", "most_popular") if "stage" in summary]
+    rows += [f"baseline/{name}" for name in ("sasrec", "most_popular") if "sasrec" in summary]
+    width = max([14, *(len(r) + 1 for r in rows)])
+    lines.append(f"{'':{width}s}" + "".join(f"{f'R@{n}':>9s}{f'N@{n}':>9s}" for n in cutoffs))
+    for key in rows:
         row = "".join(
-            f"{metrics.get(f'eval/{name}/recall@{n}', float('nan')):9.4f}{metrics.get(f'eval/{name}/ndcg@{n}', float('nan')):9.4f}"
+            f"{metrics.get(f'{key}/recall@{n}', float('nan')):9.4f}{metrics.get(f'{key}/ndcg@{n}', float('nan')):9.4f}"
             for n in cutoffs
         )
-        lines.append(f"{name:14s}{row}")
+        lines.append(f"{key.removeprefix('eval/'):{width}s}{row}")
     if summary.get("table"):
         lines.append(f"speculative decoding ({summary['draft_dir']}):")
         lines.append(f"{'mode':>8s} {'K':>3s} {'speedup':>8s} {'mean-ratio':>10s} {'tgt calls':>9s} "
