@@ -7,7 +7,8 @@ its evaluation-only keys, the trainer precision and the seed; it is complete whe
 ``model.pt`` (state dict) and ``model.json`` (constructor arguments). Evaluation is not cached: scoring every item
 for every test user takes about a second.
 
-Reported for a ``[U, K]`` list tensor (``list_report``): ``recall@n``/``ndcg@n`` for every cutoff n <= K (the
+Reported for a ``[U, K]`` list tensor (``list_report``; ``dataset_list_report`` fills in the dataset's popularity,
+catalogue size and SID codes, and is what evaluation calls for the target's lists too): ``recall@n``/``ndcg@n`` for every cutoff n <= K (the
 project's ``recall_ndcg``), and at n = ``diversity_n``: ``distinct_items``, ``coverage``, ``mean_popularity``,
 ``popularity_percentile``, ``gini``, ``first_codes_per_list`` (``metrics.diversity``).
 """
@@ -93,6 +94,14 @@ def list_report(
                              first_codes=None if first_codes is None else first_codes.cpu()))
     out["num_users"] = float(lists.shape[0])
     return out
+
+
+def dataset_list_report(dataset: RecDataset, lists: torch.Tensor, ground_truth: Sequence[Sequence[int]],
+                        cutoffs: Sequence[int] = (5, 10, 20), diversity_n: int = 10) -> dict[str, float]:
+    """``list_report`` with the dataset's training popularity, catalogue size and level-0 SID codes: what evaluation
+    calls for any recommender's ``[U, K]`` lists of the dataset's test users."""
+    return list_report(lists, ground_truth, torch.as_tensor(item_popularity(dataset), dtype=torch.long), cutoffs,
+                       diversity_n, num_items=dataset.num_items, first_codes=first_level_codes(dataset))
 
 
 # -- sasrec stage ------------------------------------------------------------------------------------------------
@@ -191,8 +200,6 @@ def evaluate_baselines(cfg: DictConfig, stage_dir: Path, dataset: RecDataset | N
     k = max(cutoffs)
     truth = [ex.ground_truth for ex in test]
     popularity = torch.as_tensor(item_popularity(dataset), dtype=torch.long)
-    report = {"num_items": dataset.num_items, "first_codes": first_level_codes(dataset),
-              "diversity_n": cfg.sasrec.diversity_n}
     model = load_sasrec(stage_dir)
     start = time.perf_counter()
     sasrec = sasrec_lists(model, [ex.history for ex in test], k, cfg.sasrec.eval_batch_size,
@@ -202,7 +209,8 @@ def evaluate_baselines(cfg: DictConfig, stage_dir: Path, dataset: RecDataset | N
     metrics = {}
     for name, items in lists.items():
         metrics.update({f"baseline/{name}/{key}": value
-                        for key, value in list_report(items, truth, popularity, cutoffs, **report).items()})
+                        for key, value in dataset_list_report(dataset, items, truth, cutoffs,
+                                                              cfg.sasrec.diversity_n).items()})
     metrics["baseline/sasrec/walltime_s_per_list"] = seconds / max(1, len(test))
     return metrics
 

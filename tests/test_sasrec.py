@@ -106,3 +106,20 @@ def test_sasrec_stage_beats_random_and_popular_and_is_reused(tmp_path):
     assert baselines.sasrec_stage_dir(excluded) == stage_dir
     other = compose_config(_sasrec_overrides(tmp_path) + ["sasrec.lr=1e-3"])
     assert baselines.sasrec_stage_dir(other) != stage_dir
+
+
+def test_list_report_same_keys_for_any_recommender(tmp_path):
+    dataset = baselines.load_dataset(compose_config(tiny_overrides(tmp_path)))
+    codes = baselines.first_level_codes(dataset)
+    for item, sid in dataset.item_sids.items():  # equal level-0 tokens <-> equal codes
+        same = [other for other, s in dataset.item_sids.items() if s[0] == sid[0]]
+        assert (codes[same] == codes[item]).all()
+    gen = torch.Generator().manual_seed(0)
+    truth = [(1, 2), (3,), (4, 5, 6)]
+    lists = torch.randint(0, dataset.num_items, (3, 20), generator=gen)
+    lists[0, -3:] = -1  # a list shorter than K
+    report = baselines.dataset_list_report(dataset, lists, truth, cutoffs=(5, 10, 20))
+    assert {"recall@20", "ndcg@5", "coverage@10", "gini@10", "first_codes_per_list@10", "num_users"} <= set(report)
+    assert report["distinct_items@10"] == len(set(lists[:, :10].flatten().tolist()))
+    short = baselines.dataset_list_report(dataset, lists[:, :5], truth, cutoffs=(5, 10, 20))
+    assert "recall@10" not in short and "coverage@10" not in short  # n > K is skipped, not wrong
