@@ -8,9 +8,9 @@ its evaluation-only keys, the trainer precision and the seed; it is complete whe
 for every test user takes about a second.
 
 Reported for a ``[U, K]`` list tensor (``list_report``; ``dataset_list_report`` fills in the dataset's popularity,
-catalogue size and SID codes, and is what evaluation calls for the target's lists too): ``recall@n``/``ndcg@n`` for every cutoff n <= K (the
-project's ``recall_ndcg``), and at n = ``diversity_n``: ``distinct_items``, ``coverage``, ``mean_popularity``,
-``popularity_percentile``, ``gini``, ``first_codes_per_list`` (``metrics.diversity``).
+catalogue size and SID codes, and is what evaluation calls for the target's lists too): ``recall@n``/``ndcg@n`` for
+every cutoff n <= K (the project's ``recall_ndcg``), and at n = ``diversity_n``: ``distinct_items``, ``coverage``,
+``mean_popularity``, ``popularity_percentile``, ``gini``, ``first_codes_per_list`` (``metrics.diversity``).
 """
 
 from __future__ import annotations
