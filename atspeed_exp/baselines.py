@@ -187,8 +187,8 @@ def sasrec_lists(model: SASRec, histories: Sequence[Sequence[int]], k: int, batc
                  exclude_history: bool = False) -> torch.Tensor:
     """Top-``k`` over all items for each history (the latest ``model.max_len`` items count): ``[U, k]``."""
     padded = left_pad_histories(histories, model.max_len)  # [U, T]
-    return torch.cat([model.recommend(padded[i : i + batch_size], k, exclude_history)
-                      for i in range(0, len(histories), batch_size)]) if histories else torch.empty(0, k, dtype=torch.long)
+    lists = [model.recommend(padded[i : i + batch_size], k, exclude_history) for i in range(0, len(padded), batch_size)]
+    return torch.cat(lists) if lists else torch.empty(0, k, dtype=torch.long)
 
 
 def evaluate_baselines(cfg: DictConfig, stage_dir: Path, dataset: RecDataset | None = None) -> dict[str, float]:

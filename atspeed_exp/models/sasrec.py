@@ -78,7 +78,8 @@ class SASRec(nn.Module):
         self.item_embedding = nn.Embedding(num_items + 1, hidden_size, padding_idx=num_items)
         self.position_embedding = nn.Embedding(max_len, hidden_size)
         self.dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(CausalSelfAttentionBlock(hidden_size, num_heads, dropout) for _ in range(num_blocks))
+        self.blocks = nn.ModuleList(
+            CausalSelfAttentionBlock(hidden_size, num_heads, dropout) for _ in range(num_blocks))
         self.final_norm = nn.LayerNorm(hidden_size)
         self.apply(self._init_weights)
 
