@@ -165,7 +165,7 @@ def train_sasrec(cfg: DictConfig, logger: Any = False, extra_callbacks: list | N
         "stage": "sasrec",
         "settings": {"data": data_settings(cfg), "sasrec": OmegaConf.to_container(settings, resolve=True),
                      "seed": cfg.seed},
-        "best_checkpoint": best,
+        "best_checkpoint": str(Path(best).resolve().relative_to(stage_dir.resolve())) if best else None,
         "best_score": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
         "monitor": monitor,
         "epochs_run": trainer.current_epoch,

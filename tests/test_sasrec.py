@@ -90,6 +90,7 @@ def test_sasrec_stage_beats_random_and_popular_and_is_reused(tmp_path):
     stage_dir = Path(summary["sasrec_dir"])
     stage = json.loads((stage_dir / "stage.json").read_text())
     assert stage["stage"] == "sasrec" and stage["monitor"] == "sasrec/val_ndcg@10"
+    assert (stage_dir / stage["best_checkpoint"]).is_file()
     assert "baseline/sasrec" in pipeline.format_summary(summary, (5, 10))
 
     # same settings: reused, not retrained (stage.json untouched), the same lists
