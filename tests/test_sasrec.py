@@ -121,3 +121,17 @@ def test_list_report_same_keys_for_any_recommender(tmp_path):
     assert report["distinct_items@10"] == len(set(lists[:, :10].flatten().tolist()))
     short = baselines.dataset_list_report(dataset, lists[:, :5], truth, cutoffs=(5, 10, 20))
     assert "recall@10" not in short and "coverage@10" not in short  # n > K is skipped, not wrong
+
+
+def test_sasrec_stage_next_to_the_target_reports_both(tmp_path):
+    overrides = _sasrec_overrides(tmp_path) + ["stages=[target,sasrec]", "sasrec.max_epochs=1", "eval.max_users=null"]
+    summary = pipeline.run(compose_config(overrides))
+    metrics = summary["metrics"]
+    assert "target_dir" in summary and "sasrec_dir" in summary
+    # both evaluate all test users here: the most-popular numbers agree across the two reports
+    assert metrics["eval/num_users"] == metrics["baseline/sasrec/num_users"]
+    for n in (5, 10):
+        assert metrics[f"baseline/most_popular/recall@{n}"] == pytest.approx(metrics[f"eval/most_popular/recall@{n}"])
+    text = pipeline.format_summary(summary, (5, 10))
+    for row in ("\ntarget ", "\nmost_popular ", "\nbaseline/sasrec ", "\nbaseline/most_popular "):
+        assert row in text
