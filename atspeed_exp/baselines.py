@@ -1,5 +1,5 @@
 """Non-LLM baselines on the target's split and metrics: the ``sasrec`` stage (train SASRec, cached like the other
-stages), most-popular, and ``list_report``, the one set of numbers every recommender's lists are reported with.
+stages) and most-popular, both reported with ``reporting.dataset_list_report``.
 
 The ``sasrec`` stage needs the dataset only (no tokenizer, no target). Its output directory
 ``{artifacts}/sasrec/{dataset}-{key}`` is keyed by the data settings that change the examples, ``cfg.sasrec`` less
@@ -7,10 +7,7 @@ its evaluation-only keys, the trainer precision and the seed; it is complete whe
 ``model.pt`` (state dict) and ``model.json`` (constructor arguments). Evaluation is not cached: scoring every item
 for every test user takes about a second.
 
-Reported for a ``[U, K]`` list tensor (``list_report``; ``dataset_list_report`` fills in the dataset's popularity,
-catalogue size and SID codes, and is what evaluation calls for the target's lists too): ``recall@n``/``ndcg@n`` for
-every cutoff n <= K (the project's ``recall_ndcg``), and at n = ``diversity_n``: ``distinct_items``, ``coverage``,
-``mean_popularity``, ``popularity_percentile``, ``gini``, ``first_codes_per_list`` (``metrics.diversity``).
+Logged as ``baseline/{sasrec,most_popular}/{key}`` with the keys of ``reporting.list_report``.
 """
 
 from __future__ import annotations
@@ -31,7 +28,8 @@ from torch.utils.data import DataLoader
 from atspeed_exp.data.atspeed_format import build_examples, item_popularity, load_atspeed_dataset
 from atspeed_exp.data.types import RecDataset
 from atspeed_exp.lit.sasrec_module import SASRecModule, example_tensors
-from atspeed_exp.metrics import diversity, most_popular_lists, pad_ground_truth, recall_ndcg
+from atspeed_exp.reporting import dataset_list_report
+from atspeed_exp.metrics import most_popular_lists
 from atspeed_exp.models.build import count_parameters
 from atspeed_exp.models.sasrec import SASRec, left_pad_histories
 from atspeed_exp.pipeline import (
@@ -49,59 +47,6 @@ log = logging.getLogger(__name__)
 
 # cfg.sasrec keys that change how the model is evaluated, not what is trained
 SASREC_EVAL_KEYS = ("eval_batch_size", "exclude_history", "diversity_n")
-
-
-# -- reporting ---------------------------------------------------------------------------------------------------
-def first_level_codes(dataset: RecDataset) -> torch.Tensor:
-    """``[max_item_id + 1]`` long: an index of each item's level-0 SID token (its coarsest cluster); -1 for ids that
-    are no item. Only equality between codes matters."""
-    level0 = sorted({sid[0] for sid in dataset.item_sids.values()})
-    index = {token: code for code, token in enumerate(level0)}
-    codes = torch.full((max(dataset.item_sids) + 1,), -1, dtype=torch.long)
-    for item, sid in dataset.item_sids.items():
-        codes[item] = index[sid[0]]
-    return codes
-
-
-def list_report(
-    lists: torch.Tensor,
-    ground_truth: Sequence[Sequence[int]],
-    popularity: torch.Tensor,
-    cutoffs: Sequence[int] = (5, 10, 20),
-    diversity_n: int = 10,
-    num_items: int | None = None,
-    first_codes: torch.Tensor | None = None,
-) -> dict[str, float]:
-    """Accuracy and diversity of one recommender's lists, the same keys for every recommender.
-
-    Args:
-        lists: ``[U, K]`` item ids, best first, -1 = none.
-        ground_truth: U ragged lists of relevant items (users with none are left out of Recall/NDCG only).
-        popularity: ``[num_item_ids]`` training interaction counts.
-        cutoffs: n of Recall@n / NDCG@n (those > K are skipped).
-        diversity_n: the top-n over which diversity is measured (skipped when > K).
-        num_items: catalogue size for coverage and Gini (default ``popularity.numel()``).
-        first_codes: ``[num_item_ids]`` level-0 SID code per item (``first_level_codes``), for
-            ``first_codes_per_list``.
-
-    Returns ``{"recall@n", "ndcg@n", "distinct_items@m", "coverage@m", "mean_popularity@m",
-    "popularity_percentile@m", "gini@m"[, "first_codes_per_list@m"], "num_users"}``.
-    """
-    lists = lists.cpu()
-    out = recall_ndcg(lists, pad_ground_truth(list(ground_truth)), tuple(cutoffs))
-    if diversity_n <= lists.shape[1]:
-        out.update(diversity(lists, popularity.cpu(), diversity_n, num_items=num_items,
-                             first_codes=None if first_codes is None else first_codes.cpu()))
-    out["num_users"] = float(lists.shape[0])
-    return out
-
-
-def dataset_list_report(dataset: RecDataset, lists: torch.Tensor, ground_truth: Sequence[Sequence[int]],
-                        cutoffs: Sequence[int] = (5, 10, 20), diversity_n: int = 10) -> dict[str, float]:
-    """``list_report`` with the dataset's training popularity, catalogue size and level-0 SID codes: what evaluation
-    calls for any recommender's ``[U, K]`` lists of the dataset's test users."""
-    return list_report(lists, ground_truth, torch.as_tensor(item_popularity(dataset), dtype=torch.long), cutoffs,
-                       diversity_n, num_items=dataset.num_items, first_codes=first_level_codes(dataset))
 
 
 # -- sasrec stage ------------------------------------------------------------------------------------------------

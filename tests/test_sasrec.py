@@ -5,7 +5,7 @@ import pytest
 import torch
 from pipeline_helpers import compose_config, tiny_overrides
 
-from atspeed_exp import baselines, pipeline
+from atspeed_exp import baselines, pipeline, reporting
 from atspeed_exp.models.sasrec import SASRec, left_pad_histories
 
 
@@ -108,7 +108,7 @@ def test_sasrec_stage_beats_random_and_popular_and_is_reused(tmp_path):
 
 def test_list_report_same_keys_for_any_recommender(tmp_path):
     dataset = baselines.load_dataset(compose_config(tiny_overrides(tmp_path)))
-    codes = baselines.first_level_codes(dataset)
+    codes = reporting.first_level_codes(dataset)
     for item, sid in dataset.item_sids.items():  # equal level-0 tokens <-> equal codes
         same = [other for other, s in dataset.item_sids.items() if s[0] == sid[0]]
         assert (codes[same] == codes[item]).all()
@@ -116,10 +116,10 @@ def test_list_report_same_keys_for_any_recommender(tmp_path):
     truth = [(1, 2), (3,), (4, 5, 6)]
     lists = torch.randint(0, dataset.num_items, (3, 20), generator=gen)
     lists[0, -3:] = -1  # a list shorter than K
-    report = baselines.dataset_list_report(dataset, lists, truth, cutoffs=(5, 10, 20))
+    report = reporting.dataset_list_report(dataset, lists, truth, cutoffs=(5, 10, 20))
     assert {"recall@20", "ndcg@5", "coverage@10", "gini@10", "first_codes_per_list@10", "num_users"} <= set(report)
     assert report["distinct_items@10"] == len(set(lists[:, :10].flatten().tolist()))
-    short = baselines.dataset_list_report(dataset, lists[:, :5], truth, cutoffs=(5, 10, 20))
+    short = reporting.dataset_list_report(dataset, lists[:, :5], truth, cutoffs=(5, 10, 20))
     assert "recall@10" not in short and "coverage@10" not in short  # n > K is skipped, not wrong
 
 
