@@ -19,7 +19,7 @@ from atspeed_exp.decoding.protocol import DecoderLM
 from atspeed_exp.decoding.speculative import speculative_beam_search
 from atspeed_exp.decoding.tree import tree_beam_search
 from atspeed_exp.decoding.trie import ItemTrie
-from atspeed_exp.metrics import most_popular_lists, pad_ground_truth, recall_ndcg, recall_ndcg_per_user
+from atspeed_exp.metrics import pad_ground_truth, recall_ndcg, recall_ndcg_per_user
 from atspeed_exp.metrics.bootstrap import bootstrap_interval, list_overlap
 
 
@@ -88,13 +88,6 @@ def generate_lists(
 
 def accuracy(items: torch.Tensor, ground_truth: list[tuple[int, ...]], cutoffs: tuple[int, ...]) -> dict[str, float]:
     return recall_ndcg(items, pad_ground_truth(ground_truth), cutoffs)
-
-
-def most_popular_accuracy(
-    popularity: torch.Tensor, ground_truth: list[tuple[int, ...]], cutoffs: tuple[int, ...]
-) -> dict[str, float]:
-    lists = most_popular_lists(popularity, len(ground_truth), max(cutoffs))
-    return accuracy(lists, ground_truth, cutoffs)
 
 
 def _sync(device: torch.device) -> None:

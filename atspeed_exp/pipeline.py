@@ -39,17 +39,13 @@ from atspeed_exp.data.teacher import (
 )
 from atspeed_exp.data.tokenizer import save_tokenizer
 from atspeed_exp.decoding.protocol import DecoderLM
-from atspeed_exp.evaluation import (
-    accuracy,
-    evaluate_all_users,
-    evaluate_speculative,
-    generate_lists,
-    most_popular_accuracy,
-)
+from atspeed_exp.evaluation import evaluate_all_users, evaluate_speculative, generate_lists
 from atspeed_exp.lit.draft_module import DraftAlignmentModule
 from atspeed_exp.lit.target_module import TargetFinetuneModule
+from atspeed_exp.metrics import most_popular_lists
 from atspeed_exp.models.build import DTYPES, count_parameters, load_model, merge_lora, save_model
 from atspeed_exp.models.lean import BACKENDS, decoder_for
+from atspeed_exp.reporting import dataset_list_report
 
 log = logging.getLogger(__name__)
 STAGE_FILE = "stage.json"
@@ -444,7 +440,9 @@ def eval_device(cfg: DictConfig) -> str:
 
 
 def evaluate_target(cfg: DictConfig, stage_dir: Path, data: RecData) -> dict[str, float]:
-    """Target beam search on the test users, and the most-popular baseline on the same users."""
+    """Target beam search on the test users, and the most-popular baseline on the same users: Recall/NDCG and the
+    diversity of the top 10 (``reporting.dataset_list_report``: distinct items, coverage, mean popularity, Gini,
+    first-level codes per list), the same figures the SASRec baseline reports."""
     device = eval_device(cfg)
     target = load_target(stage_dir, device, eval_dtype(cfg), eval_backend(cfg))
     test = data.splits["test"]
@@ -455,15 +453,19 @@ def evaluate_target(cfg: DictConfig, stage_dir: Path, data: RecData) -> dict[str
         batch_size=cfg.eval.batch_size, desc="test beam search", scope=cfg.decoding.get("scope", "vocab"),
     )
     truth = test.ground_truth()[:users]
-    metrics = {f"eval/target/{k}": v for k, v in accuracy(lists.items, truth, cutoffs).items()}
-    metrics.update({f"eval/most_popular/{k}": v for k, v in most_popular_accuracy(data.popularity(), truth, cutoffs).items()})
+    popular = most_popular_lists(data.popularity(), users, cfg.eval.num_beams)
+    metrics = {}
+    for name, items in (("target", lists.items), ("most_popular", popular)):
+        report = dataset_list_report(data.dataset, items, truth, cutoffs)
+        report.pop("num_users")
+        metrics.update({f"eval/{name}/{k}": v for k, v in report.items()})
     metrics["eval/target/walltime_s_per_list"] = lists.walltime_s / max(1, users)
     metrics["eval/num_users"] = users
     return metrics
 
 
 # -- entry -------------------------------------------------------------------------------------------------------
-STAGES = ("target", "teacher", "draft", "eval")
+STAGES = ("target", "teacher", "draft", "eval", "sasrec")
 
 
 def make_logger(cfg: DictConfig, stage: str) -> Any:
@@ -488,39 +490,49 @@ def close_logger(logger: Any) -> None:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run the configured stages (``cfg.stages``: target, teacher, draft, eval); returns a summary. The whole
-    configuration is checked first (``check_config``): unknown keys and bad values fail before any work."""
+    """Run the configured stages (``cfg.stages``: target, teacher, draft, eval, sasrec); returns a summary. The
+    whole configuration is checked first (``check_config``): unknown keys and bad values fail before any work."""
     check_config(cfg, STAGES)
     threads = cfg.get("threads")
     if threads:
-        if int(threads) < 1:
-            raise ValueError(f"threads={threads!r}: expected a positive number of threads or null")
         torch.set_num_threads(int(threads))
     summary: dict[str, Any] = {"log_dir": str(cfg.paths.output_dir)}
+    metrics: dict[str, float] = {}
 
-    logger = False if stage_done(target_stage_dir(cfg)) else make_logger(cfg, "target")
-    target_dir, data = train_target(cfg, logger)
-    close_logger(logger)
-    summary["target_dir"] = str(target_dir)
-    summary["stage"] = json.loads((target_dir / STAGE_FILE).read_text())
+    if "sasrec" in cfg.stages:  # a baseline: needs the dataset only, not the target
+        from atspeed_exp.baselines import run_sasrec  # imports this module's helpers, so not at the top
 
-    metrics = evaluate_target(cfg, target_dir, data)
-    if "teacher" in cfg.stages or "draft" in cfg.stages:
-        teacher_dir = make_teacher(cfg, target_dir, data)
-        summary["teacher_dir"] = str(teacher_dir)
-        summary["teacher"] = json.loads((teacher_dir / STAGE_FILE).read_text())
-        if "draft" in cfg.stages:
-            draft_logger = make_logger(cfg, "draft")
-            draft_dir = train_draft(cfg, target_dir, teacher_dir, data, draft_logger)
-            close_logger(draft_logger)
-            summary["draft_dir"] = str(draft_dir)
-            if "eval" in cfg.stages:
-                metrics.update(evaluate_draft(cfg, target_dir, draft_dir, data))
-                summary["table"] = speculative_table(metrics, tuple(cfg.decoding.modes), tuple(cfg.decoding.ks))
-                if cfg.eval.get("all_users", True):
-                    metrics.update(evaluate_draft_all_users(cfg, target_dir, draft_dir, data))
-                    summary["table_all_users"] = all_users_table(metrics, tuple(cfg.decoding.modes),
-                                                                 tuple(cfg.decoding.ks))
+        sasrec_dir, baseline_metrics = run_sasrec(cfg)
+        summary["sasrec_dir"] = str(sasrec_dir)
+        summary["sasrec"] = json.loads((sasrec_dir / STAGE_FILE).read_text())
+        metrics.update(baseline_metrics)
+
+    if set(cfg.stages) != {"sasrec"}:  # every other stage list starts with the target
+        reused = stage_done(target_stage_dir(cfg))
+        logger = False if reused else make_logger(cfg, "target")
+        target_dir, data = train_target(cfg, logger)
+        summary["target_reused"] = reused
+        close_logger(logger)
+        summary["target_dir"] = str(target_dir)
+        summary["stage"] = json.loads((target_dir / STAGE_FILE).read_text())
+
+        metrics.update(evaluate_target(cfg, target_dir, data))
+        if "teacher" in cfg.stages or "draft" in cfg.stages:
+            teacher_dir = make_teacher(cfg, target_dir, data)
+            summary["teacher_dir"] = str(teacher_dir)
+            summary["teacher"] = json.loads((teacher_dir / STAGE_FILE).read_text())
+            if "draft" in cfg.stages:
+                draft_logger = make_logger(cfg, "draft")
+                draft_dir = train_draft(cfg, target_dir, teacher_dir, data, draft_logger)
+                close_logger(draft_logger)
+                summary["draft_dir"] = str(draft_dir)
+                if "eval" in cfg.stages:
+                    metrics.update(evaluate_draft(cfg, target_dir, draft_dir, data))
+                    summary["table"] = speculative_table(metrics, tuple(cfg.decoding.modes), tuple(cfg.decoding.ks))
+                    if cfg.eval.get("all_users", True):
+                        metrics.update(evaluate_draft_all_users(cfg, target_dir, draft_dir, data))
+                        summary["table_all_users"] = all_users_table(metrics, tuple(cfg.decoding.modes),
+                                                                     tuple(cfg.decoding.ks))
     # W&B keeps one active run per process: the eval run starts only after the draft stage's run has finished
     logger = make_logger(cfg, "eval")
     if logger:
@@ -539,20 +551,33 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def format_summary(summary: dict[str, Any], cutoffs: tuple[int, ...] = (5, 10, 20)) -> str:
     metrics = summary["metrics"]
-    params = summary["stage"]["parameters"]["total"]
-    lines = [
-        f"target: {summary['target_dir']} ({params / 1e6:.2f}M parameters, "
-        f"trained {summary['stage']['train_seconds_this_run']:.0f}s, best {summary['stage']['monitor']}="
-        f"{summary['stage']['best_score']})",
-        f"test users: {metrics['eval/num_users']}",
-        f"{'':14s}" + "".join(f"{f'R@{n}':>9s}{f'N@{n}':>9s}" for n in cutoffs),
-    ]
-    for name in ("target", "most_popular"):
+    lines = []
+    if "stage" in summary:
+        stage = summary["stage"]
+        trained = (f"reused from the cache (trained in {stage['train_seconds_this_run']:.0f}s when built)"
+                   if summary.get("target_reused") else f"trained in {stage['train_seconds_this_run']:.0f}s")
+        lines += [
+            f"target: {summary['target_dir']} ({stage['parameters']['total'] / 1e6:.2f}M parameters, {trained}, "
+            f"best {stage['monitor']}={stage['best_score']:.4f})",
+            f"test users: {metrics['eval/num_users']}",
+        ]
+    if "sasrec" in summary:
+        lines.append(f"sasrec: {summary['sasrec_dir']} (best {summary['sasrec']['monitor']}="
+                     f"{summary['sasrec']['best_score']:.4f}; test users: {metrics['baseline/sasrec/num_users']:.0f})")
+    # rows: eval/target, eval/most_popular (target's users), baseline/... (all test users)
+    rows = [f"eval/{name}" for name in ("target", "most_popular") if "stage" in summary]
+    rows += [f"baseline/{name}" for name in ("sasrec", "most_popular") if "sasrec" in summary]
+    width = max([14, *(len(r) + 1 for r in rows)])
+    lines.append(f"{'':{width}s}" + "".join(f"{f'R@{n}':>9s}{f'N@{n}':>9s}" for n in cutoffs)
+                 + f"{'items@10':>10s}{'pop@10':>8s}")
+    for key in rows:
         row = "".join(
-            f"{metrics.get(f'eval/{name}/recall@{n}', float('nan')):9.4f}{metrics.get(f'eval/{name}/ndcg@{n}', float('nan')):9.4f}"
+            f"{metrics.get(f'{key}/recall@{n}', float('nan')):9.4f}{metrics.get(f'{key}/ndcg@{n}', float('nan')):9.4f}"
             for n in cutoffs
         )
-        lines.append(f"{name:14s}{row}")
+        row += (f"{metrics.get(f'{key}/distinct_items@10', float('nan')):10.0f}"
+                f"{metrics.get(f'{key}/mean_popularity@10', float('nan')):8.1f}")
+        lines.append(f"{key.removeprefix('eval/'):{width}s}{row}")
     if summary.get("table"):
         lines.append(f"speculative decoding ({summary['draft_dir']}):")
         lines.append(f"{'mode':>8s} {'K':>3s} {'speedup':>8s} {'mean-ratio':>10s} {'tgt calls':>9s} "

@@ -11,7 +11,7 @@ FORBIDDEN = ("lightning", "pytorch_lightning", "hydra", "omegaconf", "wandb", "t
 @pytest.mark.parametrize(
     "module",
     ["atspeed_exp.decoding.beam_search", "atspeed_exp.decoding.trie", "atspeed_exp.decoding.verify",
-     "atspeed_exp.metrics", "atspeed_exp.losses"]
+     "atspeed_exp.metrics", "atspeed_exp.losses", "atspeed_exp.models.sasrec", "atspeed_exp.reporting"]
     + (["atspeed_exp.decoding.speculative"] if __import__("importlib").util.find_spec("atspeed_exp.decoding.speculative") else []),
 )
 def test_core_module_imports_no_framework(module):
