@@ -11,8 +11,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local directori
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from atspeed_exp.log_setup import route_library_logs
     from atspeed_exp.pipeline import format_summary, run
 
+    route_library_logs()
     summary = run(cfg)
     print(format_summary(summary, tuple(n for n in cfg.eval.cutoffs if n <= cfg.eval.num_beams)))
 

@@ -34,6 +34,7 @@ from atspeed_exp.models.build import count_parameters
 from atspeed_exp.models.sasrec import SASRec, left_pad_histories
 from atspeed_exp.pipeline import (
     STAGE_FILE,
+    make_trainer,
     close_logger,
     data_root,
     data_settings,
@@ -90,8 +91,8 @@ def train_sasrec(cfg: DictConfig, logger: Any = False, extra_callbacks: list | N
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=stage_dir / "checkpoints", filename="best", monitor=monitor,
                                               mode="max", save_last=True, enable_version_counter=False)
     stopping = pl.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=settings.patience)
-    trainer: pl.Trainer = instantiate(cfg.trainer, max_epochs=settings.max_epochs, logger=logger,
-                                      callbacks=[checkpoint, stopping, *(extra_callbacks or [])])
+    trainer = make_trainer(cfg, "sasrec", [checkpoint, stopping, *(extra_callbacks or [])],
+                           max_epochs=settings.max_epochs, logger=logger)
     last = stage_dir / "checkpoints" / "last.ckpt"
     start = time.perf_counter()
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader,

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,11 +25,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
 
+from atspeed_exp.callbacks.progress import LogProgress
 from atspeed_exp.callbacks.speculative_eval import SpeculativeEvalCallback
 from atspeed_exp.config_check import check_config
 from atspeed_exp.data.datamodule import TargetDataModule
 from atspeed_exp.data.draft_batches import DraftDataModule
-from atspeed_exp.data.atspeed_format import build_examples
+from atspeed_exp.data.atspeed_format import SPLIT_FILES, build_examples, default_index_file
 from atspeed_exp.data.recdata import EncodedSplit, RecData
 from atspeed_exp.data.synthetic import ensure_synthetic_dataset
 from atspeed_exp.data.teacher import (
@@ -71,6 +73,16 @@ def stage_done(stage_dir: Path) -> bool:
     return (stage_dir / STAGE_FILE).exists()
 
 
+def make_trainer(cfg: DictConfig, stage: str, callbacks: list, **kwargs: Any) -> pl.Trainer:
+    """``cfg.trainer`` with a stage's callbacks. On a terminal it shows Lightning's progress bar (if
+    ``trainer.enable_progress_bar``); when the output goes to a file it logs progress lines with the time left
+    instead (``LogProgress``), since a bar there is carriage returns nobody reads."""
+    terminal = sys.stderr.isatty()
+    bar = bool(cfg.trainer.get("enable_progress_bar", True)) and terminal
+    extra = [] if terminal else [LogProgress(stage)]
+    return instantiate(cfg.trainer, enable_progress_bar=bar, callbacks=[*callbacks, *extra], **kwargs)
+
+
 # -- data --------------------------------------------------------------------------------------------------------
 def data_root(cfg: DictConfig) -> Path:
     """The dataset folder; the synthetic dataset is generated there on first use."""
@@ -78,6 +90,25 @@ def data_root(cfg: DictConfig) -> Path:
     if cfg.data.get("synthetic"):
         return ensure_synthetic_dataset(root, cfg.data.name, **cfg.data.synthetic)
     return root
+
+
+def check_data_files(cfg: DictConfig) -> None:
+    """A released dataset's files must be in ``data.root`` before any stage starts: a missing folder or file is
+    reported with the key to set and where the files come from (the synthetic dataset is generated instead)."""
+    if cfg.data.get("synthetic"):
+        return
+    root = Path(cfg.data.root)
+    index = cfg.data.get("index_file") or default_index_file(cfg.data.name)
+    expected = [*SPLIT_FILES.values(), index]
+    missing = expected if not root.is_dir() else [name for name in expected if not (root / name).is_file()]
+    if missing:
+        where = f"data.root={cfg.data.root!r} ({root.resolve()})"
+        raise FileNotFoundError(
+            f"dataset {cfg.data.name!r}: {where} {'does not exist' if not root.is_dir() else 'lacks ' + ', '.join(missing)}; "
+            f"expected {', '.join(expected)} there. These files come from the AtSpeed authors' public release "
+            f"(data/{cfg.data.name}/ of Linxyhaha/AtSpeed); put them in a folder and pass data.root=/path/to/it "
+            f"(or set paths.shared_data_dir to the folder holding {cfg.data.name}/)"
+        )
 
 
 def load_data(cfg: DictConfig, tokenizer_dir: Path | None = None) -> RecData:
@@ -150,12 +181,10 @@ def train_target(cfg: DictConfig, logger: Any, extra_callbacks: list | None = No
         dirpath=stage_dir / "checkpoints", filename="best", monitor=monitor, mode="max", save_last=True,
         enable_version_counter=False,  # a resumed run overwrites best/last instead of writing best-v1
     )
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer,
-        max_epochs=training.max_epochs,
-        gradient_clip_val=training.gradient_clip_val,
-        logger=logger,
-        callbacks=[checkpoint, *([pl.callbacks.LearningRateMonitor("step")] if logger else []), *(extra_callbacks or [])],
+    trainer = make_trainer(
+        cfg, "target",
+        [checkpoint, *([pl.callbacks.LearningRateMonitor("step")] if logger else []), *(extra_callbacks or [])],
+        max_epochs=training.max_epochs, gradient_clip_val=training.gradient_clip_val, logger=logger,
     )
     last = stage_dir / "checkpoints" / "last.ckpt"
     start = time.perf_counter()
@@ -326,9 +355,8 @@ def train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: RecD
         )
         checkpoint = pl.callbacks.ModelCheckpoint(dirpath=stage_dir / "checkpoints", filename="last-epoch",
                                                   save_last=True, enable_version_counter=False)
-        trainer: pl.Trainer = instantiate(cfg.trainer, max_epochs=training.max_epochs,
-                                          gradient_clip_val=training.gradient_clip_val, logger=logger,
-                                          callbacks=[checkpoint, callback])
+        trainer = make_trainer(cfg, "draft", [checkpoint, callback], max_epochs=training.max_epochs,
+                               gradient_clip_val=training.gradient_clip_val, logger=logger)
         last = stage_dir / "checkpoints" / "last.ckpt"
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
         if trainer.interrupted:
@@ -493,6 +521,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured stages (``cfg.stages``: target, teacher, draft, eval, sasrec); returns a summary. The
     whole configuration is checked first (``check_config``): unknown keys and bad values fail before any work."""
     check_config(cfg, STAGES)
+    check_data_files(cfg)
     threads = cfg.get("threads")
     if threads:
         torch.set_num_threads(int(threads))
@@ -538,7 +567,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if logger:
         logger.log_metrics(metrics)
         if summary.get("table") and hasattr(logger, "log_table"):
-            columns = list(summary["table"][0])
+            columns = list(dict.fromkeys(c for row in summary["table"] for c in row))  # every K's Recall/NDCG
             logger.log_table("eval/speculative_table", columns=columns,
                              data=[[row.get(c) for c in columns] for row in summary["table"]])
     close_logger(logger)

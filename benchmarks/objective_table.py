@@ -11,7 +11,6 @@ Prints a markdown table; with ``--out`` also writes the rows (and the runs they 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -49,3 +49,17 @@ def test_pipeline_refuses_a_bad_config_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="decoding.beam_size"):
         pipeline.run(cfg)
     assert not (tmp_path / "artifacts").exists() and not (tmp_path / "data").exists()
+
+
+def test_pipeline_names_data_root_and_the_missing_files_before_any_work(tmp_path):
+    (tmp_path / "beauty").mkdir()
+    (tmp_path / "beauty" / "training_dict.npy").write_bytes(b"")
+    overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith("data.synthetic")]
+    cfg = compose_config(overrides + ["data=beauty", f"data.root={tmp_path / 'beauty'}"])
+    with pytest.raises(FileNotFoundError) as error:
+        pipeline.run(cfg)
+    message = str(error.value)
+    assert "data.root=" in message and "validation_dict.npy" in message and "beauty.LCRec-1e-3lr.json" in message
+    assert "training_dict.npy," not in message.split("lacks")[1].split(";")[0]  # present files are not listed
+    assert "Linxyhaha/AtSpeed" in message
+    assert not (tmp_path / "artifacts").exists()

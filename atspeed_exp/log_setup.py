@@ -1,0 +1,34 @@
+"""One line per log record, and no third-party noise, in the terminal and in Hydra's log file.
+
+Some libraries attach their own stderr handler to a logger that also propagates to the root logger (which Hydra
+configures), so each of their INFO lines appears twice on a terminal. ``route_library_logs`` removes those extra
+handlers and drops a few messages that say nothing about the run (a Lightning advertisement, a deprecation warning
+inside Lightning's own code)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+NOISE = ("litlogger",)  # substrings of log messages that are advertisements, not information
+NOISY_WARNINGS = (r".*LeafSpec.*",)  # deprecation warnings raised inside a dependency, not by this project
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in NOISE)
+
+
+def route_library_logs() -> None:
+    """Call once after logging is configured (Hydra's job logging) and the libraries are imported."""
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and logger.propagate and logger.handlers and "." not in name:
+            for handler in list(logger.handlers):
+                if type(handler) is logging.StreamHandler:  # a duplicate of the root's console handler
+                    logger.removeHandler(handler)
+    for handler in logging.root.handlers:
+        if not any(isinstance(f, _DropNoise) for f in handler.filters):
+            handler.addFilter(_DropNoise())
+    for pattern in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
