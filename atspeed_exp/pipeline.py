@@ -470,12 +470,23 @@ def eval_device(cfg: DictConfig) -> str:
 def evaluate_target(cfg: DictConfig, stage_dir: Path, data: RecData) -> dict[str, float]:
     """Target beam search on the test users, and the most-popular baseline on the same users: Recall/NDCG and the
     diversity of the top 10 (``reporting.dataset_list_report``: distinct items, coverage, mean popularity, Gini,
-    first-level codes per list), the same figures the SASRec baseline reports."""
+    first-level codes per list), the same figures the SASRec baseline reports.
+
+    The figures are a function of the target and these settings, so they are cached in the target's stage dir
+    (``eval/target-<key>.json``) and a rerun reads them instead of decoding every test user again (their walltime
+    is the one measured when they were made)."""
     device = eval_device(cfg)
-    target = load_target(stage_dir, device, eval_dtype(cfg), eval_backend(cfg))
     test = data.splits["test"]
     users = min(cfg.eval.max_users, len(test)) if cfg.eval.max_users else len(test)
     cutoffs = tuple(n for n in cfg.eval.cutoffs if n <= cfg.eval.num_beams)
+    settings = {"users": users, "cutoffs": cutoffs, "num_beams": cfg.eval.num_beams, "dtype": eval_dtype(cfg),
+                "backend": eval_backend(cfg), "device": device, "scope": cfg.decoding.get("scope", "vocab"),
+                "weights": weights_fingerprint(stage_dir / "model")}
+    cached = stage_dir / "eval" / f"target-{stage_key(settings)}.json"
+    if cached.exists():
+        log.info("target evaluation: reusing %s", cached)
+        return json.loads(cached.read_text())["metrics"]
+    target = load_target(stage_dir, device, eval_dtype(cfg), eval_backend(cfg))
     lists = generate_lists(
         target, test.prompts[:users], data.trie().to(device), cfg.eval.num_beams, data.pad_id,
         batch_size=cfg.eval.batch_size, desc="test beam search", scope=cfg.decoding.get("scope", "vocab"),
@@ -489,6 +500,7 @@ def evaluate_target(cfg: DictConfig, stage_dir: Path, data: RecData) -> dict[str
         metrics.update({f"eval/{name}/{k}": v for k, v in report.items()})
     metrics["eval/target/walltime_s_per_list"] = lists.walltime_s / max(1, users)
     metrics["eval/num_users"] = users
+    write_json_atomic(cached, {"settings": settings, "metrics": metrics})
     return metrics
 
 
