@@ -241,8 +241,9 @@ def load_teacher_data(directory: str | Path, target_id: str | None = None, num_b
                       repair: bool = False) -> TeacherData:
     """Load a complete teacher directory; TeacherDataError if it is missing, incomplete or made by another target;
     CorruptShardError (naming the shard) if a shard is truncated, unreadable or differs from its recorded checksum.
-    With ``repair``, every corrupt shard is removed first (``remove_corrupt_shards``, which also removes the teacher
-    stage's ``stage.json``), so the error says that the next run regenerates them."""
+    With ``repair``, a corrupt shard found while loading makes every corrupt shard be removed (``remove_corrupt_shards``,
+    which also removes the teacher stage's ``stage.json``) before a TeacherDataError saying that the next run
+    regenerates them."""
     directory = Path(directory)
     if not (directory / MANIFEST).exists():
         raise TeacherDataError(f"no teacher data at {directory} (missing {MANIFEST}); run the teacher stage first")
@@ -256,12 +257,16 @@ def load_teacher_data(directory: str | Path, target_id: str | None = None, num_b
             f"teacher data at {directory} is incomplete: {len(missing)} of {num_shards} shards missing "
             f"(first: {shard_path(directory, missing[0]).name}); rerun the teacher stage to finish it"
         )
-    if repair and remove_corrupt_shards(directory):
+    try:
+        shards = [load_shard(shard_path(directory, s)) for s in range(num_shards)]
+    except CorruptShardError as err:
+        if not repair:
+            raise
+        remove_corrupt_shards(directory)  # all of them, not only the first found
         raise TeacherDataError(
-            f"teacher data at {directory} had corrupt shards, removed (see the log); rerun the same command: the "
-            f"teacher stage regenerates only those shards"
-        )
-    shards = [load_shard(shard_path(directory, s)) for s in range(num_shards)]
+            f"teacher data at {directory} had corrupt shards (first: {err.path.name}), removed with the stage's "
+            f"{STAGE_FILE} (see the log); rerun the same command: the teacher stage regenerates only those shards"
+        ) from err
     tensors = {key: torch.cat([s[key] for s in shards]) for key in shards[0]}
     return TeacherData(manifest, tensors)
 
