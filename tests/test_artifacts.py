@@ -10,6 +10,7 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from atspeed_exp.artifacts import (
     stage_lock,
     write_json_atomic,
 )
+from atspeed_exp.callbacks.atomic_checkpoint import AtomicCheckpointIO
 from atspeed_exp.data.teacher import (
     CorruptShardError,
     TeacherDataError,
@@ -190,15 +192,30 @@ def test_generate_teacher_data_replaces_a_shard_that_fails_its_checksum(tmp_path
 @pytest.fixture(scope="module")
 def lightning_checkpoint(tmp_path_factory) -> Path:
     """last.ckpt of a real TargetFinetuneModule after two steps (optimizer, scheduler, hyper-parameters)."""
-    directory = tmp_path_factory.mktemp("ckpt")
+    return _fit_two_steps(tmp_path_factory.mktemp("ckpt"), plugins=[])
+
+
+def _fit_two_steps(directory: Path, plugins: list) -> Path:
     module = TargetFinetuneModule(_tiny_model(), warmup_steps=1)
     ids = torch.randint(3, 30, (8, 6), generator=torch.Generator().manual_seed(0))
     batches = [{"input_ids": ids[i : i + 4], "attention_mask": torch.ones(4, 6, dtype=torch.long),
                 "labels": ids[i : i + 4]} for i in (0, 4)]
     trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         accelerator="cpu", callbacks=[pl.callbacks.ModelCheckpoint(directory, save_last=True)])
+                         accelerator="cpu", plugins=plugins,
+                         callbacks=[pl.callbacks.ModelCheckpoint(directory, save_last=True)])
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     return directory / "last.ckpt"
+
+
+def test_atomic_checkpoint_io_writes_beside_the_checkpoint_not_in_the_system_temp(tmp_path, monkeypatch, umask_002):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-tmp"))  # where mkstemp() without dir writes
+    with pytest.raises(FileNotFoundError):  # Lightning's own writer goes through the system temporary folder
+        _fit_two_steps(tmp_path / "plain", plugins=[])
+    atomic = _fit_two_steps(tmp_path / "atomic", plugins=[AtomicCheckpointIO()])
+    assert _mode(atomic) == 0o664
+    assert sorted(p.name for p in atomic.parent.iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+    epoch = atomic.parent / "epoch=0-step=2.ckpt"
+    assert load_checkpoint_state_dict(atomic).keys() == load_checkpoint_state_dict(epoch).keys()
 
 
 def test_load_checkpoint_state_dict_reads_a_lightning_checkpoint_weights_only(lightning_checkpoint):

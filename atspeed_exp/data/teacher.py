@@ -241,8 +241,8 @@ def load_teacher_data(directory: str | Path, target_id: str | None = None, num_b
                       repair: bool = False) -> TeacherData:
     """Load a complete teacher directory; TeacherDataError if it is missing, incomplete or made by another target;
     CorruptShardError (naming the shard) if a shard is truncated, unreadable or differs from its recorded checksum.
-    With ``repair``, a corrupt shard found while loading makes every corrupt shard be removed (``remove_corrupt_shards``,
-    which also removes the teacher stage's ``stage.json``) before a TeacherDataError saying that the next run
+    With ``repair``, once loading finds a corrupt shard, every corrupt shard is removed (``remove_corrupt_shards``,
+    which also removes the teacher stage's ``stage.json``) and a TeacherDataError says that the next run
     regenerates them."""
     directory = Path(directory)
     if not (directory / MANIFEST).exists():
