@@ -5,6 +5,8 @@ import os
 import hydra
 from omegaconf import DictConfig
 
+import atspeed_exp.project_paths  # noqa: F401  (registers ${project_root:...} before Hydra resolves conf/)
+
 os.environ.setdefault("WANDB_MODE", "offline")  # never try to reach W&B servers without being asked
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local directories only
 

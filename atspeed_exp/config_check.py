@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+import atspeed_exp.project_paths  # noqa: F401  (registers ${project_root:...}, used by conf/paths and conf/hydra)
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SKIPPED_GROUPS = ("hydra", "experiment")  # Hydra's own settings; experiments only override other keys
 

@@ -7,6 +7,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+import atspeed_exp.project_paths  # noqa: F401  (registers ${project_root:...}, used by conf/paths)
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 

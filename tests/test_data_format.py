@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from atspeed_exp.data.atspeed_format import (
     load_atspeed_dataset,
     sid_to_items,
 )
+from atspeed_exp.data.recdata import RecData
 from atspeed_exp.data.synthetic import write_synthetic_dataset
 from atspeed_exp.data.types import Example
 
@@ -258,3 +260,49 @@ def test_target_batches_label_the_response_only(tmp_path):
         assert (labels[:prompt_len] == -100).all() and (labels[real:] == -100).all()
         assert labels[prompt_len:real].tolist() == ids[prompt_len:real].tolist()
         assert response_len == real - prompt_len == data.trie().num_levels + 1  # 4 SIDs + EOS
+
+
+class _RunsCode:
+    """Pickled as a call of os.mkdir: what a hostile split file could do on load."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (str(self.marker),)
+
+
+def test_load_atspeed_dataset_refuses_a_split_whose_pickle_runs_code(tmp_path: Path) -> None:
+    root = _write(tmp_path / "data")
+    marker = tmp_path / "ran"
+    np.save(root / "training_dict.npy", np.asarray(_RunsCode(marker), dtype=object), allow_pickle=True)
+    message = _error(root)
+    assert not marker.exists()  # refused before the call
+    assert str(root / "training_dict.npy") in message and "refused" in message and "mkdir" in message
+
+
+def test_build_examples_logs_the_users_dropped_and_why(tmp_path: Path, caplog) -> None:
+    dataset = load_atspeed_dataset(_write(tmp_path), NAME)
+    with caplog.at_level(logging.INFO, logger="atspeed_exp.data.atspeed_format"):
+        for split in ("train", "valid", "test"):
+            build_examples(dataset, split)
+    assert "toy/train: 2 examples from 2 of 4 users; dropped 2 users with fewer than 2 training items" in caplog.text
+    assert "toy/valid: 2 examples from 2 of 4 users; dropped 2 users with no validation items" in caplog.text
+    assert ("toy/test: 2 examples from 2 of 4 users; dropped 1 users with no test items, 1 users with test items "
+            "but no training or validation history") in caplog.text
+
+
+def test_recdata_warns_when_training_examples_are_few(tmp_path: Path, caplog) -> None:
+    root = _write(tmp_path, train={0: [0, 1]}, valid={0: [2]}, test={0: [3]})
+    with caplog.at_level(logging.WARNING, logger="atspeed_exp.data.recdata"):
+        data = RecData.build(root, NAME, sliding_window=False)
+    assert len(data.splits["train"]) == 1
+    assert f"{root}: dataset 'toy' gives only 1 training examples (fewer than 100)" in caplog.text
+
+
+def test_recdata_refuses_a_split_without_examples(tmp_path: Path) -> None:
+    root = _write(tmp_path, train={0: [0], 1: [1]}, valid={0: [2]}, test={1: [3]})
+    with pytest.raises(DataFormatError, match=f"{root}: dataset 'toy' gives no train examples"):
+        RecData.build(root, NAME, sliding_window=False)

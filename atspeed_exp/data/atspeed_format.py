@@ -2,7 +2,9 @@
 
 Format (one folder per dataset, docs/method.md section 2):
 - ``training_dict.npy``, ``validation_dict.npy``, ``testing_dict.npy``: a pickled ``dict[int user -> list[int item]]``
-  each, time-ordered per user;
+  each, time-ordered per user. Pickle can run code while loading, so they are read with an unpickler that admits
+  only numpy arrays, dtypes and scalars besides plain containers and numbers (``_load_split``); still, load only
+  files from a trusted source;
 - ``{name}.LCRec-1e-3lr.json``: ``{"item_id": ["<a_47>", "<b_103>", "<c_234>", "<d_99>"], ...}``, the SID of each item,
   one token ``<letter_code>`` per level, one letter per level.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 from collections import Counter
 from pathlib import Path
@@ -170,12 +173,52 @@ def _load_index(path: Path) -> dict[int, tuple[str, ...]]:
     return dict(sorted(item_sids.items()))
 
 
+# The only globals a split file's pickle may name: what numpy's own pickling of an object array and of numpy
+# scalars uses (numpy 1 writes numpy.core, numpy 2 numpy._core). Anything else (os.system, a class whose
+# __reduce__ runs code) is refused before it is called.
+_NPY_PICKLE_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
+}
+
+
+class _SplitUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("numpy.core."):  # numpy 1's module name; numpy 2 keeps it as a deprecated alias
+            module = "numpy._core." + module.removeprefix("numpy.core.")
+        if (module, name) not in _NPY_PICKLE_GLOBALS and not (module == "numpy.dtypes" and name.endswith("DType")):
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a split file")
+        return super().find_class(module, name)
+
+
+def _read_npy(path: Path) -> Any:
+    """The array in ``.npy`` file ``path``; an object array is unpickled by ``_SplitUnpickler`` (numpy's own
+    ``np.load(allow_pickle=True)`` would call any global the pickle names)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f".npy format version {version} (expected 1.0 or 2.0)")
+        _, _, dtype = read_header(f)
+        if dtype.hasobject:
+            return _SplitUnpickler(f, encoding="ASCII").load()  # what np.load does, with globals restricted
+    return np.load(path, allow_pickle=False)
+
+
 def _load_split(path: Path) -> dict[int, list[int]]:
+    """Read one split file: a ``dict[int user -> list[int item]]`` pickled in a 0-d object array (``np.save`` of
+    the dict). Pickled data is read, so load only files from a trusted source; the unpickler admits only numpy's
+    array, dtype and scalar globals (anything else is refused without being called), and the result is checked to
+    be a ``dict[int, list[int]]``. ``DataFormatError`` naming the file otherwise."""
     if not path.is_file():
         raise DataFormatError(f"split file {path} does not exist")
     try:
-        # The format is a pickled dict inside a 0-d object array, so pickle loading is unavoidable.
-        array = np.load(path, allow_pickle=True)
+        array = _read_npy(path)
+    except pickle.UnpicklingError as err:
+        raise DataFormatError(f"{path}: refused: {err} (a split file holds only a pickled dict of int lists)") from err
     except Exception as err:  # np.load raises several unrelated types for a corrupt file
         raise DataFormatError(f"{path}: cannot be read as a .npy file ({type(err).__name__}: {err})") from err
     if not isinstance(array, np.ndarray) or array.shape != () or array.dtype != object:
@@ -255,36 +298,54 @@ def build_examples(
       removed), target = the first of them, history = training + validation items.
 
     History is always the last ``max_history`` items; users whose history would be empty are skipped. Train and
-    valid examples get ``ground_truth = (target,)``.
+    valid examples get ``ground_truth = (target,)``. The number of users left without an example, by reason, is
+    logged (INFO).
     """
     if max_history < 1:
         raise ValueError(f"max_history must be >= 1, got {max_history}")
     examples: list[Example] = []
+    dropped: Counter[str] = Counter()  # reason -> users without an example
     if split == "train":
         for user, seq in dataset.train.items():
             if sliding_window:
                 positions = range(1, len(seq))
             else:
                 positions = range(len(seq) - 1, len(seq)) if len(seq) >= 2 else range(0)
+            if not positions:
+                dropped["fewer than 2 training items"] += 1
             for i in positions:
                 history = tuple(seq[max(0, i - max_history) : i])
                 examples.append(Example(user=user, history=history, target=seq[i], ground_truth=(seq[i],)))
     elif split == "valid":
         for user, items in dataset.valid.items():
             history = tuple(dataset.train.get(user, [])[-max_history:])
-            if items and history:
+            if not items:
+                dropped["no validation items"] += 1
+            elif not history:
+                dropped["validation items but no training history"] += 1
+            else:
                 examples.append(Example(user=user, history=history, target=items[0], ground_truth=(items[0],)))
     elif split == "test":
         for user, items in dataset.test.items():
             seq = dataset.train.get(user, []) + dataset.valid.get(user, [])
             history = tuple(seq[-max_history:])
-            if items and history:
+            if not items:
+                dropped["no test items"] += 1
+            elif not history:
+                dropped["test items but no training or validation history"] += 1
+            else:
                 ground_truth = tuple(dict.fromkeys(items))  # dedup, first occurrence order kept
                 examples.append(
                     Example(user=user, history=history, target=ground_truth[0], ground_truth=ground_truth)
                 )
     else:
         raise ValueError(f"unknown split {split!r}: expected one of 'train', 'valid', 'test'")
+    users = len(getattr(dataset, split))
+    logger.info(
+        "%s/%s: %d examples from %d of %d users%s", dataset.name, split, len(examples),
+        users - sum(dropped.values()), users,
+        "; dropped " + ", ".join(f"{n} users with {why}" for why, n in sorted(dropped.items())) if dropped else "",
+    )
     # Loaded split dicts are already sorted by user; a hand-built dataset may not be. The sort is stable, so
     # positions within a user keep their order.
     examples.sort(key=lambda e: e.user)

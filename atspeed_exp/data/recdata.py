@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from atspeed_exp.data.atspeed_format import build_examples, item_popularity, load_atspeed_dataset
+from atspeed_exp.data.atspeed_format import DataFormatError, build_examples, item_popularity, load_atspeed_dataset
 from atspeed_exp.data.prompts import PromptFormatter, encode_prompt, encode_response
 from atspeed_exp.data.prompts import IGNORE_INDEX
 from atspeed_exp.data.sid_index import SIDIndex
@@ -23,6 +23,8 @@ from atspeed_exp.data.types import Example, RecDataset
 from atspeed_exp.decoding.trie import ItemTrie
 
 log = logging.getLogger(__name__)
+
+MIN_TRAIN_EXAMPLES = 100  # fewer training examples than this: a warning (a model trained on them means little)
 
 
 @dataclass
@@ -43,6 +45,22 @@ class EncodedSplit:
 
     def ground_truth(self) -> list[tuple[int, ...]]:
         return [ex.ground_truth for ex in self.examples]
+
+
+def check_split_size(dataset: RecDataset, split: str, num_examples: int) -> None:
+    """DataFormatError when a split has no examples; a warning when the training split has fewer than
+    ``MIN_TRAIN_EXAMPLES`` (both name the dataset folder; ``build_examples`` logs why users were dropped)."""
+    if num_examples == 0:
+        raise DataFormatError(
+            f"{dataset.root}: dataset {dataset.name!r} gives no {split} examples (every user was dropped: see the "
+            f"log line of build_examples for why); a {split} example needs a user with a history and a "
+            f"{'next training item' if split == 'train' else split + ' item'}"
+        )
+    if split == "train" and num_examples < MIN_TRAIN_EXAMPLES:
+        log.warning(
+            "%s: dataset %r gives only %d training examples (fewer than %d); a model trained on so few means "
+            "little, check the dataset folder", dataset.root, dataset.name, num_examples, MIN_TRAIN_EXAMPLES,
+        )
 
 
 @dataclass
@@ -84,8 +102,8 @@ class RecData:
         for split in splits:
             window = sliding_window and split == "train"
             examples = build_examples(dataset, split, max_history=max_history, sliding_window=window)
+            check_split_size(dataset, split, len(examples))
             data.splits[split] = data.encode(examples)
-            log.info("%s/%s: %d examples", name, split, len(examples))
         return data
 
     def encode(self, examples: list[Example]) -> EncodedSplit:

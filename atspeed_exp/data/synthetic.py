@@ -29,14 +29,13 @@ import inspect
 import itertools
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
+from atspeed_exp.artifacts import atomic_write
 from atspeed_exp.data.atspeed_format import SPLIT_FILES, default_index_file
 
 logger = logging.getLogger(__name__)
@@ -273,15 +272,9 @@ def _time_split(
 
 
 def _atomic_write(path: Path, mode: str, write: Callable[[IO[Any]], None]) -> None:
-    # Temp file in the same folder, then os.replace: a reader never sees a half-written file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Temp file in the same folder, then os.replace: a reader never sees a half-written file (artifacts.atomic_write,
+    # which also gives the file the permissions of a plain open()).
+    atomic_write(path, write, mode)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,11 @@ Layout of a teacher directory:
 - ``shard-NNNNN.pt``: examples ``[first, first + shard_size)``, each written atomically (temp file + rename), so a
   shard either exists whole or not at all. A rerun computes only the missing shards; since every shard is a pure
   function of (target, examples, settings), the result equals an uninterrupted run.
+- ``shard-NNNNN.pt.sha256``: the shard's sha256 (``sha256sum`` format), written atomically after the shard. Loading
+  verifies it and refuses a shard whose content differs (``CorruptShardError``, naming the file), as it refuses a
+  truncated or unreadable one; a rerun of ``generate_teacher_data`` replaces such shards, and
+  ``remove_corrupt_shards`` removes them (with the stage's ``stage.json``) so the teacher stage regenerates them.
+  A shard without a checksum file (written before checksums were recorded) is loaded unverified.
 Per shard (n examples, K = K_t beams, L levels):
 ``sequences`` int32 ``[n, K, L]`` token ids; ``scores`` float32 ``[n, K]``; ``logits_0`` fp16 ``[n, S_0]`` (the first
 position's context is the prompt, shared by all beams, stored once); ``logits_t`` fp16 ``[n, K, S_t]`` for t >= 1;
@@ -22,8 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,17 +35,39 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from atspeed_exp.artifacts import (
+    STAGE_FILE,
+    ArtifactError,
+    atomic_save_to_path,
+    checksum_path,
+    corrupt,
+    enclosing_stage_dir,
+    verify_checksum,
+    write_checksum,
+    write_json_atomic,
+)
+
 from atspeed_exp.decoding.beam_search import causal_prefill_mask, left_pad, prompt_positions
 from atspeed_exp.decoding.protocol import DecoderLM
 from atspeed_exp.decoding.speculative import speculative_beam_search
 from atspeed_exp.decoding.tree import tree_beam_search
 from atspeed_exp.decoding.trie import ItemTrie
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
 
 
 class TeacherDataError(ValueError):
     """Teacher data that is missing, incomplete, or made by another target or with other settings."""
+
+
+class CorruptShardError(ArtifactError):
+    """A teacher shard that is truncated, unreadable, or differs from the checksum recorded when it was written."""
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 def weights_fingerprint(model_dir: str | Path) -> str:
@@ -56,26 +82,30 @@ def weights_fingerprint(model_dir: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _atomic_torch_save(payload: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def _save_shard(payload: dict, path: Path) -> None:
+    """The shard atomically, then its checksum file (a crash between the two leaves a whole, unverified shard)."""
+    checksum_path(path).unlink(missing_ok=True)  # never pair a new shard with an old checksum
+    atomic_save_to_path(path, lambda tmp: torch.save(payload, tmp))
+    write_checksum(path)
 
 
 def _write_manifest(directory: Path, manifest: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{MANIFEST}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(tmp, directory / MANIFEST)
+    write_json_atomic(directory / MANIFEST, manifest)
+
+
+def _read_manifest(directory: Path) -> dict:
+    path = directory / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise corrupt(path, "is not valid JSON (truncated or corrupt)", cause=err) from err
+    if not isinstance(manifest, dict):
+        raise corrupt(path, f"holds a JSON {type(manifest).__name__}, expected an object")
+    return manifest
 
 
 def _check_manifest(directory: Path, expected: dict) -> None:
-    found = json.loads((directory / MANIFEST).read_text())
+    found = _read_manifest(directory)
     for key, value in expected.items():
         if found.get(key) != value:
             raise TeacherDataError(
@@ -130,6 +160,7 @@ def generate_teacher_data(
         _write_manifest(directory, manifest)
 
     num_shards = (len(prompts) + shard_size - 1) // shard_size
+    remove_corrupt_shards(directory, clear_stage=False)  # regenerated below with the missing ones
     todo = [s for s in range(num_shards) if not shard_path(directory, s).exists()]
     bar = tqdm(total=sum(min(shard_size, len(prompts) - s * shard_size) for s in todo), desc="teacher beams",
                disable=not progress, unit="ex")
@@ -161,7 +192,7 @@ def generate_teacher_data(
             bar.update(len(batch))
         payload = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
         payload["example_index"] = torch.tensor(rows, dtype=torch.long)
-        _atomic_torch_save(payload, shard_path(directory, shard))
+        _save_shard(payload, shard_path(directory, shard))
     bar.close()
     return directory
 
@@ -206,12 +237,17 @@ class TeacherData:
         return self.tensors[f"logits_{depth}"][index]
 
 
-def load_teacher_data(directory: str | Path, target_id: str | None = None, num_beams: int | None = None) -> TeacherData:
-    """Load a complete teacher directory; TeacherDataError if it is missing, incomplete or made by another target."""
+def load_teacher_data(directory: str | Path, target_id: str | None = None, num_beams: int | None = None,
+                      repair: bool = False) -> TeacherData:
+    """Load a complete teacher directory; TeacherDataError if it is missing, incomplete or made by another target;
+    CorruptShardError (naming the shard) if a shard is truncated, unreadable or differs from its recorded checksum.
+    With ``repair``, once loading finds a corrupt shard, every corrupt shard is removed (``remove_corrupt_shards``,
+    which also removes the teacher stage's ``stage.json``) and a TeacherDataError says that the next run
+    regenerates them."""
     directory = Path(directory)
     if not (directory / MANIFEST).exists():
         raise TeacherDataError(f"no teacher data at {directory} (missing {MANIFEST}); run the teacher stage first")
-    manifest = json.loads((directory / MANIFEST).read_text())
+    manifest = _read_manifest(directory)
     expected = {k: v for k, v in (("target_id", target_id), ("num_beams", num_beams)) if v is not None}
     _check_manifest(directory, expected)
     num_shards = (manifest["num_examples"] + manifest["shard_size"] - 1) // manifest["shard_size"]
@@ -221,9 +257,78 @@ def load_teacher_data(directory: str | Path, target_id: str | None = None, num_b
             f"teacher data at {directory} is incomplete: {len(missing)} of {num_shards} shards missing "
             f"(first: {shard_path(directory, missing[0]).name}); rerun the teacher stage to finish it"
         )
-    shards = [torch.load(shard_path(directory, s), weights_only=True) for s in range(num_shards)]
+    try:
+        shards = [load_shard(shard_path(directory, s)) for s in range(num_shards)]
+    except CorruptShardError as err:
+        if not repair:
+            raise
+        remove_corrupt_shards(directory)  # all of them, not only the first found
+        raise TeacherDataError(
+            f"teacher data at {directory} had corrupt shards (first: {err.path.name}), removed with the stage's "
+            f"{STAGE_FILE} (see the log); rerun the same command: the teacher stage regenerates only those shards"
+        ) from err
     tensors = {key: torch.cat([s[key] for s in shards]) for key in shards[0]}
     return TeacherData(manifest, tensors)
+
+
+def _shard_hint(path: Path) -> str:
+    stage_dir = enclosing_stage_dir(path)
+    marker = f" and {stage_dir / STAGE_FILE}" if stage_dir is not None else ""
+    return (f"delete it{marker} (atspeed_exp.data.teacher.remove_corrupt_shards({str(path.parent)!r}) does both) "
+            f"and rerun the same command: the teacher stage regenerates only the missing shards")
+
+
+def shard_problem(path: Path, full_load: bool = False) -> str | None:
+    """Why the shard ``path`` cannot be used, or None if it can: its content differs from the recorded sha256, or
+    (with no checksum recorded, or ``full_load``) torch cannot read it. Without ``full_load`` only the archive's
+    index is read for that (memory-mapped)."""
+    verified = verify_checksum(path)
+    if verified is False:
+        return "its content differs from the sha256 recorded when it was written"
+    if full_load or verified is None:
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # torch raises RuntimeError, EOFError, OSError... for a truncated or corrupt zip
+            return f"it is truncated or corrupt ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    return None
+
+
+def load_shard(path: Path) -> dict[str, torch.Tensor]:
+    """One shard, verified against its recorded checksum; CorruptShardError naming it otherwise."""
+    if verify_checksum(path) is False:
+        raise CorruptShardError(str(corrupt(path, "its content differs from the sha256 recorded when it was "
+                                                  "written", _shard_hint(path))), path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, EOFError, OSError... for a truncated or corrupt zip
+        raise CorruptShardError(str(corrupt(path, "is not a readable teacher shard (truncated or corrupt)",
+                                            _shard_hint(path), err)), path) from err
+    if not isinstance(payload, dict) or "example_index" not in payload:
+        raise CorruptShardError(str(corrupt(path, "is not a teacher shard (no example_index)", _shard_hint(path))),
+                                path)
+    return payload
+
+
+def remove_corrupt_shards(directory: str | Path, clear_stage: bool = True) -> list[Path]:
+    """Remove every shard of ``directory`` that ``shard_problem`` rejects (and its checksum file), logging why;
+    return the removed paths. Safe: a shard is a pure function of the target and the settings, and the teacher
+    stage regenerates missing shards only. With ``clear_stage`` and something removed, the enclosing stage's
+    ``stage.json`` is removed too, so the next run does not reuse the stage as complete."""
+    removed = []
+    for path in iter_shards(directory):
+        problem = shard_problem(path)
+        if problem is None:
+            continue
+        path.unlink(missing_ok=True)
+        checksum_path(path).unlink(missing_ok=True)
+        removed.append(path)
+        log.warning("removed teacher shard %s because %s; the teacher stage regenerates it", path, problem)
+    stage_dir = enclosing_stage_dir(directory) if removed and clear_stage else None
+    if stage_dir is not None:
+        (stage_dir / STAGE_FILE).unlink(missing_ok=True)
+        log.warning("removed %s: the teacher stage is incomplete until the removed shards are regenerated",
+                    stage_dir / STAGE_FILE)
+    return removed
 
 
 def iter_shards(directory: str | Path) -> Iterator[Path]:

@@ -17,12 +17,15 @@ so do not set them (on a reloaded tokenizer both read False although BOS is stil
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
+
+from atspeed_exp.artifacts import atomic_directory, corrupt
 
 log = logging.getLogger(__name__)
 
@@ -172,10 +175,12 @@ def level_token_blocks(tokenizer: PreTrainedTokenizerFast, level_tokens: list[li
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: str | Path) -> Path:
-    """Save to ``directory`` (``tokenizer.json`` + ``tokenizer_config.json``); returns the directory."""
+    """Save to ``directory`` (``tokenizer.json`` + ``tokenizer_config.json``) atomically: written into a temporary
+    sibling folder that then takes the name, so a crash never leaves a half-written tokenizer. Returns the
+    directory."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(directory)
+    with atomic_directory(directory) as tmp:
+        tokenizer.save_pretrained(tmp)
     return directory
 
 
@@ -184,11 +189,22 @@ def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
 
     ``PreTrainedTokenizerFast`` reads ``tokenizer.json`` as is; a model-specific class chosen by AutoTokenizer may
     rebuild the backend from its own defaults, and ids must stay exactly those the model was trained with.
+    A folder whose files cannot be parsed (truncated or corrupt JSON) raises ``ArtifactError`` naming the file.
     """
     directory = Path(directory)
     if not (directory / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer.json in {directory}")
-    return PreTrainedTokenizerFast.from_pretrained(directory, local_files_only=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        path = directory / name
+        if path.is_file():
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as err:
+                raise corrupt(path, "is not valid JSON (truncated or corrupt)", cause=err) from err
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(directory, local_files_only=True)
+    except Exception as err:  # valid JSON the tokenizers library cannot build a tokenizer from
+        raise corrupt(directory / "tokenizer.json", "does not describe a loadable tokenizer", cause=err) from err
 
 
 def _check_sid_tokens(level_tokens: Sequence[Sequence[str]]) -> None:

@@ -27,13 +27,19 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from atspeed_exp.artifacts import ArtifactError, apply_umask_mode, corrupt, replace_directory
+
 MANIFEST = "atspeed_model.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # weights by config name
 EXTRA_ROWS = "atspeed_extra_rows.safetensors"
+# What a truncated or corrupt saved folder raises on load: SafetensorError (weights), OSError (transformers on
+# invalid config JSON, a missing file), ValueError (json), KeyError (a manifest field), RuntimeError (torch).
+_LOAD_ERRORS = (SafetensorError, OSError, ValueError, KeyError, RuntimeError)
 # Where a peft model built here keeps what save_model needs to rebuild its base (set by load_pretrained_with_lora
 # and load_model; a plain attribute of the PeftModel, not saved by torch).
 _SOURCE_ATTR = "_atspeed_source"
@@ -157,19 +163,6 @@ def _raw_weight(module: nn.Module) -> torch.Tensor:
     return (original if original is not None else module).weight
 
 
-def _replace_dir(tmp: str, directory: str) -> None:
-    """Move the finished ``tmp`` to ``directory``; an existing ``directory`` is moved aside first and removed after,
-    so a crash never leaves a half-written model under the final name."""
-    old = None
-    if os.path.lexists(directory):
-        old = tempfile.mkdtemp(dir=os.path.dirname(directory), prefix=f".{os.path.basename(directory)}.old-")
-        os.rmdir(old)
-        os.rename(directory, old)
-    os.rename(tmp, directory)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def save_model(model: nn.Module, directory: str | os.PathLike, tokenizer: Any | None = None) -> None:
     """Save ``model`` (a transformers model, or a peft model from ``load_pretrained_with_lora``/``load_model``) into
     ``directory`` atomically (written into a sibling temporary directory, then renamed). ``tokenizer``, if given, is
@@ -205,9 +198,10 @@ def save_model(model: nn.Module, directory: str | os.PathLike, tokenizer: Any | 
             raise TypeError(f"cannot save a {type(model).__name__}")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
+        with open(os.path.join(tmp, MANIFEST), "w") as f:  # inside the folder that is renamed into place below
             json.dump(manifest, f, indent=2)
-        _replace_dir(tmp, directory)
+        apply_umask_mode(tmp)  # mkdtemp made it 0700
+        replace_directory(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -215,10 +209,25 @@ def save_model(model: nn.Module, directory: str | os.PathLike, tokenizer: Any | 
 
 def load_model(directory: str | os.PathLike, is_trainable: bool = False) -> nn.Module:
     """Restore what ``save_model`` wrote, in eval mode (logits equal to the saved model's). ``is_trainable`` keeps
-    the LoRA parameters and token rows of a peft model trainable (to continue training)."""
+    the LoRA parameters and token rows of a peft model trainable (to continue training).
+
+    A saved folder that is incomplete or corrupt (a truncated weights file, invalid JSON) raises ``ArtifactError``
+    naming the folder, the error and what to do (delete the stage directory holding it and rerun)."""
     directory = os.path.abspath(os.fspath(directory))
-    with open(os.path.join(directory, MANIFEST)) as f:
-        manifest = json.load(f)
+    manifest_path = os.path.join(directory, MANIFEST)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no saved model at {directory}")
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        return _load_saved(directory, manifest, is_trainable)
+    except ArtifactError:
+        raise
+    except _LOAD_ERRORS as err:
+        raise corrupt(directory, "the saved model cannot be loaded (incomplete or corrupt files)", cause=err) from err
+
+
+def _load_saved(directory: str, manifest: dict, is_trainable: bool) -> nn.Module:
     dtype = getattr(torch, manifest["dtype"])
     if manifest["format"] == "full":
         return AutoModelForCausalLM.from_pretrained(
