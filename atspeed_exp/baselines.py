@@ -25,6 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from atspeed_exp.artifacts import resume_checkpoint
 from atspeed_exp.data.atspeed_format import build_examples, item_popularity, load_atspeed_dataset
 from atspeed_exp.data.types import RecDataset
 from atspeed_exp.lit.sasrec_module import SASRecModule, example_tensors
@@ -96,7 +97,7 @@ def train_sasrec(cfg: DictConfig, logger: Any = False, extra_callbacks: list | N
     last = stage_dir / "checkpoints" / "last.ckpt"
     start = time.perf_counter()
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader,
-                ckpt_path=str(last) if last.exists() else None)
+                ckpt_path=resume_checkpoint(last))
     train_seconds = time.perf_counter() - start
     if trainer.interrupted:
         raise RuntimeError(f"sasrec training interrupted; rerun the same command to resume from {last}")

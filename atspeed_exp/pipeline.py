@@ -12,9 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
 
+from atspeed_exp import artifacts
+from atspeed_exp.artifacts import load_checkpoint_state_dict, resume_checkpoint, stage_lock
+from atspeed_exp.callbacks.atomic_checkpoint import AtomicCheckpointIO
 from atspeed_exp.callbacks.progress import LogProgress
 from atspeed_exp.callbacks.speculative_eval import SpeculativeEvalCallback
 from atspeed_exp.config_check import check_config
@@ -62,11 +63,8 @@ def stage_key(*parts: Any) -> str:
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, default=str)
-    os.replace(tmp, path)
+    """Atomically, with the permissions of a plain open() under the umask (``artifacts.write_json_atomic``)."""
+    artifacts.write_json_atomic(path, payload, indent=2, default=str)
 
 
 def stage_done(stage_dir: Path) -> bool:
@@ -80,7 +78,8 @@ def make_trainer(cfg: DictConfig, stage: str, callbacks: list, **kwargs: Any) ->
     terminal = sys.stderr.isatty()
     bar = bool(cfg.trainer.get("enable_progress_bar", True)) and terminal
     extra = [] if terminal else [LogProgress(stage)]
-    return instantiate(cfg.trainer, enable_progress_bar=bar, callbacks=[*callbacks, *extra], **kwargs)
+    return instantiate(cfg.trainer, enable_progress_bar=bar, callbacks=[*callbacks, *extra],
+                       plugins=[AtomicCheckpointIO()], **kwargs)
 
 
 # -- data --------------------------------------------------------------------------------------------------------
@@ -88,7 +87,8 @@ def data_root(cfg: DictConfig) -> Path:
     """The dataset folder; the synthetic dataset is generated there on first use."""
     root = Path(cfg.data.root)
     if cfg.data.get("synthetic"):
-        return ensure_synthetic_dataset(root, cfg.data.name, **cfg.data.synthetic)
+        with stage_lock(root):  # concurrent first runs generate it once
+            return ensure_synthetic_dataset(root, cfg.data.name, **cfg.data.synthetic)
     return root
 
 
@@ -140,7 +140,13 @@ def target_stage_dir(cfg: DictConfig) -> Path:
 
 def train_target(cfg: DictConfig, logger: Any, extra_callbacks: list | None = None) -> tuple[Path, RecData]:
     """Fine-tune the target (or reuse a finished run of the same settings); returns its stage dir and the data.
-    An interrupted run leaves ``checkpoints/last.ckpt``; the next run with the same settings resumes from it."""
+    An interrupted run leaves ``checkpoints/last.ckpt``; the next run with the same settings resumes from it.
+    Concurrent runs of the same settings build it once (``stage_lock``)."""
+    with stage_lock(target_stage_dir(cfg)):
+        return _train_target(cfg, logger, extra_callbacks)
+
+
+def _train_target(cfg: DictConfig, logger: Any, extra_callbacks: list | None = None) -> tuple[Path, RecData]:
     stage_dir = target_stage_dir(cfg)
     tokenizer_dir = stage_dir / "tokenizer"
     if stage_done(stage_dir):
@@ -188,14 +194,14 @@ def train_target(cfg: DictConfig, logger: Any, extra_callbacks: list | None = No
     )
     last = stage_dir / "checkpoints" / "last.ckpt"
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(last))
     train_seconds = time.perf_counter() - start
     if trainer.interrupted:  # Lightning returns normally on Ctrl-C: the stage is not complete
         raise RuntimeError(f"target training interrupted; rerun the same command to resume from {last}")
 
     best = checkpoint.best_model_path
     if best:
-        module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+        module.load_state_dict(load_checkpoint_state_dict(best))
     save_model(module.model, stage_dir / "model", tokenizer=data.tokenizer)
     write_json_atomic(
         stage_dir / STAGE_FILE,
@@ -263,6 +269,11 @@ def teacher_stage_dir(cfg: DictConfig, target_dir: Path) -> Path:
 
 def make_teacher(cfg: DictConfig, target_dir: Path, data: RecData) -> Path:
     """Teacher data for the training (and a few validation) examples; resumes shard by shard."""
+    with stage_lock(teacher_stage_dir(cfg, target_dir)):
+        return _make_teacher(cfg, target_dir, data)
+
+
+def _make_teacher(cfg: DictConfig, target_dir: Path, data: RecData) -> Path:
     stage_dir = teacher_stage_dir(cfg, target_dir)
     if stage_done(stage_dir):
         log.info("teacher stage: reusing %s", stage_dir)
@@ -315,6 +326,11 @@ def check_vocabulary_match(target_dir: Path, draft: torch.nn.Module, tokenizer: 
 
 def train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: RecData, logger: Any) -> Path:
     """Align a draft to the target on the teacher data (or keep it untrained for ``alignment=none``)."""
+    with stage_lock(draft_stage_dir(cfg, teacher_dir)):
+        return _train_draft(cfg, target_dir, teacher_dir, data, logger)
+
+
+def _train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: RecData, logger: Any) -> Path:
     stage_dir = draft_stage_dir(cfg, teacher_dir)
     if stage_done(stage_dir):
         log.info("draft stage: reusing %s", stage_dir)
@@ -329,8 +345,8 @@ def train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: RecD
     if objective != "none":
         training = cfg.draft_training
         teacher = load_teacher_data(teacher_dir / "train", target_id=target_id(target_dir),
-                                    num_beams=cfg.teacher.num_beams)
-        val_teacher = load_teacher_data(teacher_dir / "valid", target_id=target_id(target_dir))
+                                    num_beams=cfg.teacher.num_beams, repair=True)
+        val_teacher = load_teacher_data(teacher_dir / "valid", target_id=target_id(target_dir), repair=True)
         datamodule = DraftDataModule(
             teacher_split(cfg, data, "train", cfg.teacher.max_examples), teacher,
             teacher_split(cfg, data, "valid", cfg.teacher.max_val_examples), val_teacher,
@@ -358,7 +374,7 @@ def train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: RecD
         trainer = make_trainer(cfg, "draft", [checkpoint, callback], max_epochs=training.max_epochs,
                                gradient_clip_val=training.gradient_clip_val, logger=logger)
         last = stage_dir / "checkpoints" / "last.ckpt"
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(last))
         if trainer.interrupted:
             raise RuntimeError(f"draft training interrupted; rerun the same command to resume from {last}")
         draft, history = module.model, callback.history
