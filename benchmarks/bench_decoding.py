@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     d = p.add_argument_group("data")
     d.add_argument("--data-root", help="dataset folder (default: the target run's data root, else "
-                   "../shared/data/NAME; for --data-name synthetic a temporary folder, generated there)")
+                   "data/NAME; for --data-name synthetic a temporary folder, generated there)")
     d.add_argument("--data-name", help="dataset name (default: the target run's, else beauty)")
     d.add_argument("--prompt-format", choices=["compact", "alpaca"], help="default: the target run's, else compact")
     d.add_argument("--max-history", type=int, help="default: the target run's, else 20")

@@ -311,5 +311,5 @@ def test_paths_resolve_under_the_repository_from_another_directory(tmp_path, mon
         value = Path(cfg.paths[key])
         assert value.is_absolute() and value == Path(os.path.normpath(value)), (key, value)
     assert Path(cfg.paths.data_dir) == ROOT / "data" and Path(cfg.paths.artifacts_dir) == ROOT / "artifacts"
-    assert Path(cfg.paths.shared_data_dir) == ROOT.parent / "shared" / "data"
+    assert Path(cfg.paths.shared_data_dir) == ROOT / "data"
     assert Path(cfg.data.root) == ROOT / "data" / "synthetic"

@@ -20,7 +20,7 @@ from atspeed_exp.data.recdata import RecData
 from atspeed_exp.data.synthetic import write_synthetic_dataset
 from atspeed_exp.data.types import Example
 
-BEAUTY = Path(__file__).resolve().parents[2] / "shared/data/beauty"
+from conftest import BEAUTY  # noqa: E402  (data/beauty, else shared/data/beauty beside the repository)
 NAME = "toy"
 INDEX = f"{NAME}.LCRec-1e-3lr.json"
 

@@ -73,10 +73,17 @@ def test_log_progress_reports_steps_and_time_left(caplog):
 
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(20, 2)), batch_size=2)
     trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[LogProgress("tiny", every_percent=50)])
+                         enable_model_summary=False, callbacks=[LogProgress("tiny", every_percent=50, min_seconds=0)])
     with caplog.at_level(logging.INFO, logger="atspeed_exp.callbacks.progress"):
         trainer.fit(Tiny(), data)
     lines = [r.getMessage() for r in caplog.records if r.name == "atspeed_exp.callbacks.progress"]
     assert len(lines) == 4  # 50% and 100% of each of 2 epochs
     assert lines[0].startswith("tiny epoch 1/2:  50% (5/10 steps), loss ") and "run left" in lines[0]
     assert lines[-1].startswith("tiny epoch 2/2: 100% (10/10 steps)")
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[LogProgress("tiny", every_percent=10)])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="atspeed_exp.callbacks.progress"):
+        trainer.fit(Tiny(), data)
+    progress = [r.getMessage()[:22] for r in caplog.records if r.name == "atspeed_exp.callbacks.progress"]
+    assert progress == ["tiny epoch 1/1: 100% ("]  # a short epoch: its end only

@@ -17,7 +17,7 @@ from atspeed_exp.data.sid_index import SIDIndex  # noqa: E402
 from atspeed_exp.data.tokenizer import build_scratch_tokenizer, level_token_blocks  # noqa: E402
 from atspeed_exp.data.types import RecDataset  # noqa: E402
 
-BEAUTY = Path(__file__).resolve().parents[2] / "shared/data/beauty"
+from conftest import BEAUTY  # noqa: E402  (data/beauty, else shared/data/beauty beside the repository)
 
 SIDS = {
     5: ("<a_1>", "<b_0>", "<c_2>", "<d_1>"),  # collides with item 2; listed first to check the ascending order

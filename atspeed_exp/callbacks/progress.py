@@ -1,7 +1,7 @@
 """Training progress as log lines, for runs whose output goes to a file (SLURM, nohup, CI): a progress bar there
 writes carriage returns that nobody reads, and nothing else appears until an epoch ends. ``LogProgress`` logs a
-line every ``every_percent`` of each training epoch with the step, the last logged loss, the speed and the time
-left in the epoch and in the run."""
+line every ``every_percent`` of each training epoch (at most one per ``min_seconds``, and always at the epoch's
+end) with the step, the last logged loss, the speed and the time left in the epoch and in the run."""
 
 from __future__ import annotations
 
@@ -20,19 +20,22 @@ def _duration(seconds: float) -> str:
 
 
 class LogProgress(pl.Callback):
-    """``name``: the stage in each line (target, draft, sasrec); ``every_percent``: how often within an epoch."""
+    """``name``: the stage in each line (target, draft, sasrec); ``every_percent``: how often within an epoch;
+    ``min_seconds``: no two lines within an epoch closer than this (short epochs log their end only)."""
 
-    def __init__(self, name: str, every_percent: int = 10) -> None:
+    def __init__(self, name: str, every_percent: int = 10, min_seconds: float = 30.0) -> None:
         super().__init__()
         if not 1 <= every_percent <= 100:
             raise ValueError(f"every_percent must be in 1..100, got {every_percent}")
         self.name = name
         self.every_percent = every_percent
+        self.min_seconds = min_seconds
         self._start = 0.0
+        self._last = 0.0
         self._next = 0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = time.perf_counter()
+        self._start = self._last = time.perf_counter()
         self._next = self.every_percent
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
@@ -42,10 +45,12 @@ class LogProgress(pl.Callback):
             return
         done = batch_idx + 1
         percent = 100 * done // total
-        if percent < self._next and done < total:
+        now = time.perf_counter()
+        if done < total and (percent < self._next or now - self._last < self.min_seconds):
             return
         self._next = (percent // self.every_percent + 1) * self.every_percent
-        elapsed = time.perf_counter() - self._start
+        self._last = now
+        elapsed = now - self._start
         rate = done / elapsed if elapsed > 0 else float("nan")
         left_epoch = (total - done) / rate if rate > 0 else float("nan")
         epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else trainer.current_epoch + 1
