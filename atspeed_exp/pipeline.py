@@ -657,8 +657,11 @@ def format_summary(summary: dict[str, Any], cutoffs: tuple[int, ...] = (5, 10, 2
 
         for row in summary["table_all_users"]:
             k = row["k"]
+            beam = row["mode"] == "beam"  # the reference: no drafting, nothing to compare with
+            overlap = "" if beam else f"{row['overlap']:.3f}"
+            change = "" if beam else f"{row[f'recall@{k}_change']:.4f}"
             lines.append(f"{row['mode']:>14s} {k:3d} {cell(row, 'target_calls_per_list', 2):>19s} "
-                         f"{cell(row, 'acceptance_rate', 3):>19s} {row.get('overlap', float('nan')):7.3f} "
-                         f"{cell(row, f'recall@{k}', 4):>25s} {row.get(f'recall@{k}_change', float('nan')):10.4f}")
+                         f"{cell(row, 'acceptance_rate', 3):>19s} {overlap:>7s} "
+                         f"{cell(row, f'recall@{k}', 4):>25s} {change:>10s}")
     lines.append(f"logs: {summary['log_dir']}")
     return "\n".join(lines)
