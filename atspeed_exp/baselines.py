@@ -90,9 +90,9 @@ def train_sasrec(cfg: DictConfig, logger: Any = False, extra_callbacks: list | N
     val_loader = DataLoader(example_tensors(valid, max_len), batch_size=settings.eval_batch_size)
     monitor = f"sasrec/val_{settings.monitor}@{settings.val_k}"
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=stage_dir / "checkpoints", filename="best", monitor=monitor,
-                                              mode="max", save_last=True, enable_version_counter=False)
+                                              mode="max", enable_version_counter=False)
     stopping = pl.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=settings.patience)
-    trainer = make_trainer(cfg, "sasrec", [checkpoint, stopping, *(extra_callbacks or [])],
+    trainer = make_trainer(cfg, "sasrec", [checkpoint, stopping, *(extra_callbacks or [])], stage_dir,
                            max_epochs=settings.max_epochs, logger=logger)
     last = stage_dir / "checkpoints" / "last.ckpt"
     start = time.perf_counter()

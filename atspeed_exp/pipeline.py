@@ -71,13 +71,22 @@ def stage_done(stage_dir: Path) -> bool:
     return (stage_dir / STAGE_FILE).exists()
 
 
-def make_trainer(cfg: DictConfig, stage: str, callbacks: list, **kwargs: Any) -> pl.Trainer:
-    """``cfg.trainer`` with a stage's callbacks. On a terminal it shows Lightning's progress bar (if
-    ``trainer.enable_progress_bar``); when the output goes to a file it logs progress lines with the time left
-    instead (``LogProgress``), since a bar there is carriage returns nobody reads."""
+def latest_checkpoint(stage_dir: Path) -> pl.callbacks.ModelCheckpoint:
+    """Writes ``checkpoints/last.ckpt`` at the end of EVERY epoch (the resume point). A monitored checkpoint's
+    ``save_last`` would write it only when the monitored metric improves, so an interruption after an epoch that
+    did not improve would resume from an older one."""
+    return pl.callbacks.ModelCheckpoint(dirpath=stage_dir / "checkpoints", filename="last-epoch", save_last=True,
+                                        enable_version_counter=False)
+
+
+def make_trainer(cfg: DictConfig, stage: str, callbacks: list, stage_dir: Path, **kwargs: Any) -> pl.Trainer:
+    """``cfg.trainer`` with a stage's callbacks and its resume checkpoint (``latest_checkpoint``). On a terminal it
+    shows Lightning's progress bar (if ``trainer.enable_progress_bar``); when the output goes to a file it logs
+    progress lines with the time left instead (``LogProgress``), since a bar there is carriage returns nobody
+    reads."""
     terminal = sys.stderr.isatty()
     bar = bool(cfg.trainer.get("enable_progress_bar", True)) and terminal
-    extra = [] if terminal else [LogProgress(stage)]
+    extra = [latest_checkpoint(stage_dir)] + ([] if terminal else [LogProgress(stage)])
     return instantiate(cfg.trainer, enable_progress_bar=bar, callbacks=[*callbacks, *extra],
                        plugins=[AtomicCheckpointIO()], **kwargs)
 
@@ -184,12 +193,12 @@ def _train_target(cfg: DictConfig, logger: Any, extra_callbacks: list | None = N
     )
     monitor = f"target/val_recall@{training.val_beams}"
     checkpoint = pl.callbacks.ModelCheckpoint(
-        dirpath=stage_dir / "checkpoints", filename="best", monitor=monitor, mode="max", save_last=True,
+        dirpath=stage_dir / "checkpoints", filename="best", monitor=monitor, mode="max",
         enable_version_counter=False,  # a resumed run overwrites best/last instead of writing best-v1
     )
+    callbacks = [checkpoint, *([pl.callbacks.LearningRateMonitor("step")] if logger else []), *(extra_callbacks or [])]
     trainer = make_trainer(
-        cfg, "target",
-        [checkpoint, *([pl.callbacks.LearningRateMonitor("step")] if logger else []), *(extra_callbacks or [])],
+        cfg, "target", callbacks, stage_dir,
         max_epochs=training.max_epochs, gradient_clip_val=training.gradient_clip_val, logger=logger,
     )
     last = stage_dir / "checkpoints" / "last.ckpt"
@@ -369,9 +378,7 @@ def _train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: Rec
             every_n_epochs=training.eval_every_n_epochs, ks=(cfg.decoding.beam_size,), backend=eval_backend(cfg),
             **decoding_settings(cfg),
         )
-        checkpoint = pl.callbacks.ModelCheckpoint(dirpath=stage_dir / "checkpoints", filename="last-epoch",
-                                                  save_last=True, enable_version_counter=False)
-        trainer = make_trainer(cfg, "draft", [checkpoint, callback], max_epochs=training.max_epochs,
+        trainer = make_trainer(cfg, "draft", [callback], stage_dir, max_epochs=training.max_epochs,
                                gradient_clip_val=training.gradient_clip_val, logger=logger)
         last = stage_dir / "checkpoints" / "last.ckpt"
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(last))

@@ -57,3 +57,35 @@ def test_target_training_resumed_after_a_crash_equals_an_uninterrupted_run(tmp_p
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_latest_checkpoint_is_written_every_epoch_even_when_the_monitored_metric_does_not_improve(tmp_path):
+    """The resume point must follow every epoch: a monitored checkpoint's save_last would keep epoch 0's."""
+    class Flat(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).pow(2).mean()
+
+        def validation_step(self, batch, batch_idx):
+            self.log("metric", 0.5)  # never improves after epoch 0
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    seen = []
+
+    class Watch(pl.Callback):
+        def on_train_epoch_start(self, trainer, module):
+            last = tmp_path / "checkpoints" / "last.ckpt"
+            seen.append(torch.load(last, weights_only=False)["epoch"] if last.exists() else None)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 2)), batch_size=2)
+    best = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints", filename="best", monitor="metric",
+                                        mode="max", enable_version_counter=False)
+    trainer = pl.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[best, pipeline.latest_checkpoint(tmp_path), Watch()])
+    trainer.fit(Flat(), data, data)
+    assert seen == [None, 0, 1]
