@@ -99,6 +99,56 @@ def across_seeds(rows: list[dict[str, Any]], metrics: tuple[str, ...] = (*ALL_US
     return out
 
 
+# the columns of the across-seeds table: (row key, title, digits)
+SEED_TABLE_COLUMNS = (("target_calls_per_list", "target calls", 2), ("acceptance_rate", "acceptance", 3),
+                      ("overlap", "overlap", 3), ("recall@K", "Recall@K", 4), ("recall@K_change", "ΔRecall@K", 4))
+
+
+def _seed_cell(row: dict[str, Any], name: str, digits: int) -> str:
+    if name not in row:
+        return ""
+    text = f"{row[name]:.{digits}f} ± {row[f'{name}_std']:.{digits}f}"
+    half = row.get(f"{name}_ci95_halfwidth")
+    return text + (f" (±{half:.{digits}f})" if half is not None else "")
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """``across_seeds`` rows as a markdown table: per figure "mean ± std over seeds (± widest 95% half-width of one
+    run)", sorted by experiment, mode, K and form."""
+    head = "| experiment | form | mode | K | seeds | " + " | ".join(title for _, title, _ in SEED_TABLE_COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (5 + len(SEED_TABLE_COLUMNS))]
+    for row in sorted(rows, key=lambda r: (str(r["experiment"]), r["mode"], r["k"], r["form"])):
+        seeds = ",".join(str(s) for s in row["seeds"])
+        cells = " | ".join(_seed_cell(row, name, digits) for name, _, digits in SEED_TABLE_COLUMNS)
+        lines.append(f"| {row['experiment']} | {row['form']} | {row['mode']} | {row['k']} | {seeds} | {cells} |")
+    return "\n".join(lines)
+
+
+def plot_across_seeds(rows: list[dict[str, Any]], metrics: tuple[str, ...] = ("target_calls_per_list",
+                                                                               "acceptance_rate", "recall@K")):
+    """``across_seeds`` rows: one panel per figure, one line per (form, mode) against K, error bars one standard
+    deviation over seeds. Returns the figure (matplotlib, any backend)."""
+    import matplotlib.pyplot as plt  # optional dependency (the dev extra), only for plotting
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
+    series: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        series.setdefault((str(row["experiment"]), row["form"], row["mode"]), []).append(row)
+    several = len({experiment for experiment, _, _ in series}) > 1
+    for ax, metric in zip(axes[0], metrics):
+        for (experiment, form, mode), points in sorted(series.items()):
+            points = sorted((p for p in points if p.get(metric) is not None), key=lambda r: r["k"])
+            if points:
+                label = f"{experiment}: {form} / {mode}" if several else f"{form} / {mode}"
+                ax.errorbar([p["k"] for p in points], [p[metric] for p in points],
+                            yerr=[p.get(f"{metric}_std", 0.0) for p in points], marker="o", capsize=3, label=label)
+        ax.set_xlabel("K")
+        ax.set_title(metric)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def plot_against_k(rows: list[dict[str, Any]], metrics: tuple[str, ...] = ("speedup", "target_calls_per_list",
                                                                             "acceptance_rate")):
     """One panel per metric, one line per (objective, mode): the metric against K. Returns the figure."""
