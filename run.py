@@ -5,8 +5,11 @@ import os
 import hydra
 from omegaconf import DictConfig
 
+from atspeed_exp.config_help import register_help_resolver
+
 os.environ.setdefault("WANDB_MODE", "offline")  # never try to reach W&B servers without being asked
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local directories only
+register_help_resolver()  # `--help` lists every key with its meaning from the conf/ files
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
