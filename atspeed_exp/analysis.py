@@ -11,9 +11,26 @@ METRICS = ("speedup", "speedup_mean_ratio", "target_calls_per_list", "draft_call
            "walltime_s")
 
 
-def load_summaries(root: str | Path) -> list[dict[str, Any]]:
-    """Every ``summary.json`` below ``root`` (runs and multirun jobs), oldest first."""
-    paths = sorted(Path(root).rglob("summary.json"), key=lambda p: p.stat().st_mtime)
+def repo_root(start: str | Path | None = None) -> Path | None:
+    """The repository folder (the one holding ``run.py`` and ``conf/config.yaml``): ``start`` (default: the working
+    directory) or a folder above it, so a notebook running in ``notebooks/`` finds it; else the folder above this
+    package (an editable install). None when neither is a checkout."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents, Path(__file__).resolve().parents[1]):
+        if (folder / "run.py").is_file() and (folder / "conf" / "config.yaml").is_file():
+            return folder
+    return None
+
+
+def default_runs_dirs(start: str | Path | None = None) -> list[Path]:
+    """Where ``python run.py`` writes runs: the repository's ``outputs/`` (single runs) and ``multirun/`` (sweeps)."""
+    root = repo_root(start)
+    return [root / "outputs", root / "multirun"] if root else []
+
+
+def load_summaries(*roots: str | Path) -> list[dict[str, Any]]:
+    """Every ``summary.json`` below the ``roots`` (runs and multirun jobs), oldest first; a missing root has none."""
+    paths = sorted((p for root in roots for p in Path(root).rglob("summary.json")), key=lambda p: p.stat().st_mtime)
     return [json.loads(p.read_text()) | {"path": str(p.parent)} for p in paths]
 
 
