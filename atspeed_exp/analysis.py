@@ -153,11 +153,11 @@ def plot_across_seeds(rows: list[dict[str, Any]], metrics: tuple[str, ...] = ("t
         series.setdefault((str(row["experiment"]), row["form"], row["mode"]), []).append(row)
     several = len({experiment for experiment, _, _ in series}) > 1
     for ax, metric in zip(axes[0], metrics):
-        for (experiment, form, mode), points in sorted(series.items()):
+        for index, ((experiment, form, mode), points) in enumerate(sorted(series.items())):
             points = sorted((p for p in points if p.get(metric) is not None), key=lambda r: r["k"])
-            if points:
+            if points:  # one colour per series in every panel
                 label = f"{experiment}: {form} / {mode}" if several else f"{form} / {mode}"
-                ax.errorbar([p["k"] for p in points], [p[metric] for p in points],
+                ax.errorbar([p["k"] for p in points], [p[metric] for p in points], color=f"C{index % 10}",
                             yerr=[p.get(f"{metric}_std", 0.0) for p in points], marker="o", capsize=3, label=label)
         ax.set_xlabel("K")
         ax.set_title(metric)

@@ -86,10 +86,10 @@ def _figure(rows: list[dict[str, Any]], title: str):
     fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4.5 * len(PLOTTED), 3.5), squeeze=False)
     modes = list(dict.fromkeys(row["mode"] for row in rows))
     for ax, name in zip(axes[0], PLOTTED):
-        for mode in modes:
+        for index, mode in enumerate(modes):  # one colour per mode in every panel (beam has no acceptance)
             points = sorted((row["k"], row[name]) for row in rows if row["mode"] == mode and _finite(row.get(name)))
             if points:
-                ax.plot([k for k, _ in points], [v for _, v in points], marker="o", label=mode)
+                ax.plot([k for k, _ in points], [v for _, v in points], marker="o", label=mode, color=f"C{index}")
         ax.set_xlabel("K")
         ax.set_title(name)
     axes[0][0].legend(fontsize=8)
