@@ -6,9 +6,11 @@ import hydra
 from omegaconf import DictConfig
 
 import atspeed_exp.project_paths  # noqa: F401  (registers ${project_root:...} before Hydra resolves conf/)
+from atspeed_exp.config_help import register_help_resolver
 
 os.environ.setdefault("WANDB_MODE", "offline")  # never try to reach W&B servers without being asked
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local directories only
+register_help_resolver()  # `--help` lists every key with its meaning from the conf/ files
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

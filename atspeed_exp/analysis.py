@@ -11,9 +11,26 @@ METRICS = ("speedup", "speedup_mean_ratio", "target_calls_per_list", "draft_call
            "walltime_s")
 
 
-def load_summaries(root: str | Path) -> list[dict[str, Any]]:
-    """Every ``summary.json`` below ``root`` (runs and multirun jobs), oldest first."""
-    paths = sorted(Path(root).rglob("summary.json"), key=lambda p: p.stat().st_mtime)
+def repo_root(start: str | Path | None = None) -> Path | None:
+    """The repository folder (the one holding ``run.py`` and ``conf/config.yaml``): ``start`` (default: the working
+    directory) or a folder above it, so a notebook running in ``notebooks/`` finds it; else the folder above this
+    package (an editable install). None when neither is a checkout."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents, Path(__file__).resolve().parents[1]):
+        if (folder / "run.py").is_file() and (folder / "conf" / "config.yaml").is_file():
+            return folder
+    return None
+
+
+def default_runs_dirs(start: str | Path | None = None) -> list[Path]:
+    """Where ``python run.py`` writes runs: the repository's ``outputs/`` (single runs) and ``multirun/`` (sweeps)."""
+    root = repo_root(start)
+    return [root / "outputs", root / "multirun"] if root else []
+
+
+def load_summaries(*roots: str | Path) -> list[dict[str, Any]]:
+    """Every ``summary.json`` below the ``roots`` (runs and multirun jobs), oldest first; a missing root has none."""
+    paths = sorted((p for root in roots for p in Path(root).rglob("summary.json")), key=lambda p: p.stat().st_mtime)
     return [json.loads(p.read_text()) | {"path": str(p.parent)} for p in paths]
 
 
@@ -97,6 +114,56 @@ def across_seeds(rows: list[dict[str, Any]], metrics: tuple[str, ...] = (*ALL_US
                 entry[f"{name}_ci95_halfwidth"] = max((hi - lo) / 2 for lo, hi in widths)
         out.append(entry)
     return out
+
+
+# the columns of the across-seeds table: (row key, title, digits)
+SEED_TABLE_COLUMNS = (("target_calls_per_list", "target calls", 2), ("acceptance_rate", "acceptance", 3),
+                      ("overlap", "overlap", 3), ("recall@K", "Recall@K", 4), ("recall@K_change", "ΔRecall@K", 4))
+
+
+def _seed_cell(row: dict[str, Any], name: str, digits: int) -> str:
+    if name not in row:
+        return ""
+    text = f"{row[name]:.{digits}f} ± {row[f'{name}_std']:.{digits}f}"
+    half = row.get(f"{name}_ci95_halfwidth")
+    return text + (f" (±{half:.{digits}f})" if half is not None else "")
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """``across_seeds`` rows as a markdown table: per figure "mean ± std over seeds (± widest 95% half-width of one
+    run)", sorted by experiment, mode, K and form."""
+    head = "| experiment | form | mode | K | seeds | " + " | ".join(title for _, title, _ in SEED_TABLE_COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (5 + len(SEED_TABLE_COLUMNS))]
+    for row in sorted(rows, key=lambda r: (str(r["experiment"]), r["mode"], r["k"], r["form"])):
+        seeds = ",".join(str(s) for s in row["seeds"])
+        cells = " | ".join(_seed_cell(row, name, digits) for name, _, digits in SEED_TABLE_COLUMNS)
+        lines.append(f"| {row['experiment']} | {row['form']} | {row['mode']} | {row['k']} | {seeds} | {cells} |")
+    return "\n".join(lines)
+
+
+def plot_across_seeds(rows: list[dict[str, Any]], metrics: tuple[str, ...] = ("target_calls_per_list",
+                                                                               "acceptance_rate", "recall@K")):
+    """``across_seeds`` rows: one panel per figure, one line per (form, mode) against K, error bars one standard
+    deviation over seeds. Returns the figure (matplotlib, any backend)."""
+    import matplotlib.pyplot as plt  # optional dependency (the dev extra), only for plotting
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
+    series: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        series.setdefault((str(row["experiment"]), row["form"], row["mode"]), []).append(row)
+    several = len({experiment for experiment, _, _ in series}) > 1
+    for ax, metric in zip(axes[0], metrics):
+        for index, ((experiment, form, mode), points) in enumerate(sorted(series.items())):
+            points = sorted((p for p in points if p.get(metric) is not None), key=lambda r: r["k"])
+            if points:  # one colour per series in every panel
+                label = f"{experiment}: {form} / {mode}" if several else f"{form} / {mode}"
+                ax.errorbar([p["k"] for p in points], [p[metric] for p in points], color=f"C{index % 10}",
+                            yerr=[p.get(f"{metric}_std", 0.0) for p in points], marker="o", capsize=3, label=label)
+        ax.set_xlabel("K")
+        ax.set_title(metric)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def plot_against_k(rows: list[dict[str, Any]], metrics: tuple[str, ...] = ("speedup", "target_calls_per_list",

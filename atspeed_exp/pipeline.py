@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
 
-from atspeed_exp import artifacts
+from atspeed_exp import artifacts, wandb_views
 from atspeed_exp.artifacts import load_checkpoint_state_dict, resume_checkpoint, stage_lock
 from atspeed_exp.callbacks.atomic_checkpoint import AtomicCheckpointIO
 from atspeed_exp.callbacks.progress import LogProgress
@@ -531,16 +531,22 @@ def evaluate_target(cfg: DictConfig, stage_dir: Path, data: RecData) -> dict[str
 STAGES = ("target", "teacher", "draft", "eval", "sasrec")
 
 
-def make_logger(cfg: DictConfig, stage: str) -> Any:
-    """One logger run per stage: W&B groups them by experiment with job_type = stage."""
+def make_logger(cfg: DictConfig, stage: str, reused: dict[str, str] | None = None) -> Any:
+    """One logger run per stage that does work: W&B groups them by experiment with job_type = stage. ``reused``
+    (stage -> dir) names the stages taken from the cache so far, which open no run of their own: this run carries
+    them as tags ``reused:<stage>`` and as ``reused_stages`` in its config (and, on W&B, its summary)."""
     if not cfg.get("logger"):
         return False
-    target = cfg.logger._target_
-    if target.endswith("WandbLogger"):
-        logger = instantiate(cfg.logger, job_type=stage, name=f"{cfg.run_name}-{stage}")
+    settings = OmegaConf.to_container(cfg.logger, resolve=True)
+    settings.pop("wandb_artifacts", None)  # ours, not the logger's
+    if settings["_target_"].endswith("WandbLogger"):
+        tags = [*(settings.pop("tags", None) or []), *(f"reused:{name}" for name in reused or {})]
+        logger = instantiate(settings, job_type=stage, name=f"{cfg.run_name}-{stage}", tags=tags or None)
     else:
-        logger = instantiate(cfg.logger, name=f"{cfg.run_name}-{stage}")
-    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger = instantiate(settings, name=f"{cfg.run_name}-{stage}")
+    logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "reused_stages": dict(reused or {})})
+    if wandb_views.is_wandb(logger):
+        wandb_views.log_reused(logger, reused or {})
     return logger
 
 
@@ -552,9 +558,17 @@ def close_logger(logger: Any) -> None:
         logger.experiment.finish()  # W&B: end this stage's run before the next stage starts its own
 
 
+def log_stage_model(cfg: DictConfig, logger: Any, stage: str, stage_dir: Path) -> None:
+    """The stage's saved model as a W&B artifact when ``logger.wandb_artifacts`` is set."""
+    if wandb_views.is_wandb(logger) and cfg.logger.get("wandb_artifacts", False):
+        wandb_views.log_model_artifact(logger, stage, stage_dir)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured stages (``cfg.stages``: target, teacher, draft, eval, sasrec); returns a summary. The
-    whole configuration is checked first (``check_config``): unknown keys and bad values fail before any work."""
+    whole configuration is checked first (``check_config``): unknown keys and bad values fail before any work.
+    A stage that trains or generates logs to a run of its own; a stage reused from the cache opens none, and the
+    runs after it name it (``make_logger``'s ``reused``)."""
     check_config(cfg, STAGES)
     check_data_files(cfg)
     threads = cfg.get("threads")
@@ -562,32 +576,53 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         torch.set_num_threads(int(threads))
     summary: dict[str, Any] = {"log_dir": str(cfg.paths.output_dir)}
     metrics: dict[str, float] = {}
+    reused: dict[str, str] = {}  # stage -> its dir, for the stages taken from the cache
 
     if "sasrec" in cfg.stages:  # a baseline: needs the dataset only, not the target
-        from atspeed_exp.baselines import run_sasrec  # imports this module's helpers, so not at the top
+        from atspeed_exp.baselines import run_sasrec, sasrec_stage_dir  # they import this module: not at the top
 
+        if stage_done(sasrec_stage_dir(cfg)):
+            reused["sasrec"] = str(sasrec_stage_dir(cfg))
         sasrec_dir, baseline_metrics = run_sasrec(cfg)
         summary["sasrec_dir"] = str(sasrec_dir)
         summary["sasrec"] = json.loads((sasrec_dir / STAGE_FILE).read_text())
         metrics.update(baseline_metrics)
 
     if set(cfg.stages) != {"sasrec"}:  # every other stage list starts with the target
-        reused = stage_done(target_stage_dir(cfg))
-        logger = False if reused else make_logger(cfg, "target")
+        target_reused = stage_done(target_stage_dir(cfg))
+        if target_reused:
+            reused["target"] = str(target_stage_dir(cfg))
+        logger = False if target_reused else make_logger(cfg, "target", reused)
         target_dir, data = train_target(cfg, logger)
-        summary["target_reused"] = reused
+        log_stage_model(cfg, logger, "target", target_dir)
+        summary["target_reused"] = target_reused
         close_logger(logger)
         summary["target_dir"] = str(target_dir)
         summary["stage"] = json.loads((target_dir / STAGE_FILE).read_text())
 
         metrics.update(evaluate_target(cfg, target_dir, data))
         if "teacher" in cfg.stages or "draft" in cfg.stages:
+            if stage_done(teacher_stage_dir(cfg, target_dir)):
+                reused["teacher"] = str(teacher_stage_dir(cfg, target_dir))
+                teacher_logger = False
+            else:
+                teacher_logger = make_logger(cfg, "teacher", reused)
             teacher_dir = make_teacher(cfg, target_dir, data)
             summary["teacher_dir"] = str(teacher_dir)
             summary["teacher"] = json.loads((teacher_dir / STAGE_FILE).read_text())
+            if teacher_logger:
+                examples = (wandb_views.teacher_examples(data, teacher_split(cfg, data, "train", 5), teacher_dir)
+                            if wandb_views.is_wandb(teacher_logger) else [])
+                wandb_views.log_teacher_view(teacher_logger, summary["teacher"], teacher_dir, examples)
+            close_logger(teacher_logger)
             if "draft" in cfg.stages:
-                draft_logger = make_logger(cfg, "draft")
+                if stage_done(draft_stage_dir(cfg, teacher_dir)):
+                    reused["draft"] = str(draft_stage_dir(cfg, teacher_dir))
+                    draft_logger = False
+                else:
+                    draft_logger = make_logger(cfg, "draft", reused)
                 draft_dir = train_draft(cfg, target_dir, teacher_dir, data, draft_logger)
+                log_stage_model(cfg, draft_logger, "draft", draft_dir)
                 close_logger(draft_logger)
                 summary["draft_dir"] = str(draft_dir)
                 if "eval" in cfg.stages:
@@ -597,14 +632,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                         metrics.update(evaluate_draft_all_users(cfg, target_dir, draft_dir, data))
                         summary["table_all_users"] = all_users_table(metrics, tuple(cfg.decoding.modes),
                                                                      tuple(cfg.decoding.ks))
+    summary["reused_stages"] = reused
     # W&B keeps one active run per process: the eval run starts only after the draft stage's run has finished
-    logger = make_logger(cfg, "eval")
+    logger = make_logger(cfg, "eval", reused)
     if logger:
         logger.log_metrics(metrics)
-        if summary.get("table") and hasattr(logger, "log_table"):
-            columns = list(dict.fromkeys(c for row in summary["table"] for c in row))  # every K's Recall/NDCG
-            logger.log_table("eval/speculative_table", columns=columns,
-                             data=[[row.get(c) for c in columns] for row in summary["table"]])
+        if wandb_views.is_wandb(logger):
+            wandb_views.log_eval_views(logger, summary)
     close_logger(logger)
     summary["metrics"] = metrics
     # the run's results in one file next to its logs (read by notebooks/results.ipynb)

@@ -14,30 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from atspeed_exp.analysis import across_seeds, all_users_rows, load_summaries
+from atspeed_exp.analysis import across_seeds, all_users_rows, load_summaries, markdown_table
 from atspeed_exp.pipeline import write_json_atomic
-
-COLUMNS = (("target_calls_per_list", "target calls", 2), ("acceptance_rate", "acceptance", 3),
-           ("overlap", "overlap", 3), ("recall@K", "Recall@K", 4), ("recall@K_change", "ΔRecall@K", 4))
-
-
-def cell(row: dict, name: str, digits: int) -> str:
-    if name not in row:
-        return ""
-    text = f"{row[name]:.{digits}f} ± {row[f'{name}_std']:.{digits}f}"
-    half = row.get(f"{name}_ci95_halfwidth")
-    return text + (f" (±{half:.{digits}f})" if half is not None else "")
-
-
-def markdown(rows: list[dict]) -> str:
-    head = "| experiment | form | mode | K | seeds | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (5 + len(COLUMNS))]
-    for row in sorted(rows, key=lambda r: (r["experiment"], r["mode"], r["k"], r["form"])):
-        seeds = ",".join(str(s) for s in row["seeds"])
-        cells = " | ".join(cell(row, name, digits) for name, _, digits in COLUMNS)
-        lines.append(f"| {row['experiment']} | {row['form']} | {row['mode']} | {row['k']} | {seeds} | {cells} |")
-    return "\n".join(lines)
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no all-users evaluations found below {[str(r) for r in args.roots]}", file=sys.stderr)
         return 1
     rows = across_seeds(runs)
-    print(markdown(rows))
+    print(markdown_table(rows))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.out, {"rows": rows, "runs": runs})

@@ -1,32 +1,75 @@
 
+import json
+from pathlib import Path
+
 import pytest
-from hydra.utils import instantiate
 from pipeline_helpers import compose_config, tiny_overrides
 
 from atspeed_exp import pipeline
+from atspeed_exp.wandb_views import per_k_rows, read_offline_run
 
 
 def test_wandb_logger_writes_offline_run_under_output_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = compose_config([f"paths.output_dir={tmp_path}"])
-    logger = instantiate(cfg.logger)
-    logger.log_hyperparams({"seed": 0})
+    logger = pipeline.make_logger(cfg, "eval")  # the logger group's own keys (wandb_artifacts) are not W&B's
     logger.log_metrics({"eval/target/recall@10": 0.5})
     logger.experiment.finish()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(p.suffix == ".wandb" for p in runs[0].iterdir())
 
 
+def wandb_runs(out: Path) -> dict[str, dict]:
+    """The offline runs under a run's output dir, read back, by job type (one run per job type here)."""
+    runs = [read_offline_run(d) for d in sorted((out / "wandb").glob("offline-run-*"))]
+    by_type = {run["job_type"]: run for run in runs}
+    assert len(by_type) == len(runs), [run["job_type"] for run in runs]
+    return by_type
+
+
 @pytest.mark.slow
-def test_pipeline_with_wandb_offline_writes_one_run_per_stage(tmp_path, monkeypatch):
+def test_pipeline_wandb_offline_logs_stage_runs_views_and_reused_tags(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    overrides = [o for o in tiny_overrides(tmp_path) if o != "logger=csv"] + ["logger=wandb"]
-    summary = pipeline.run(compose_config(overrides))
-    assert summary["table"]
-    runs = sorted((tmp_path / "out" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 3  # target, draft, eval
+    base = [o for o in tiny_overrides(tmp_path) if o != "logger=csv" and not o.startswith("paths.output_dir")]
+    base += ["logger=wandb", "decoding.modes=[strict,relaxed]"]
+    summary = pipeline.run(compose_config(base + [f"paths.output_dir={tmp_path / 'first'}",
+                                                  "logger.wandb_artifacts=true"]))
+    assert summary["table"] and summary["table_all_users"] and summary["reused_stages"] == {}
+    runs = wandb_runs(tmp_path / "first")
+    assert set(runs) == {"target", "teacher", "draft", "eval"}
+    assert all(not any(t.startswith("reused:") for t in run["tags"]) for run in runs.values())
+
+    teacher = runs["teacher"]
+    assert teacher["summary"]["teacher/train_examples"] == 40 and teacher["summary"]["teacher/valid_examples"] == 10
+    assert teacher["summary"]["teacher/train_size_bytes"] > 0 and teacher["summary"]["teacher/seconds"] > 0
+    assert teacher["config"]["teacher_settings"]["num_beams"] == 10 and "teacher/examples" in teacher["logged"]
+
+    for stage in ("target", "draft"):  # the saved model dir as an artifact, recorded offline
+        (model,) = [a for a in runs[stage]["artifacts"] if a["type"] == "model"]
+        assert model["name"].startswith(f"{stage}-") and any(p.endswith(".safetensors") for p in model["paths"])
+
+    ev = runs["eval"]
+    assert ev["summary"]["eval/speculative_table"]["nrows"] == 3 * 2  # (beam, strict, relaxed) x K in (5, 10)
+    assert ev["summary"]["eval/all_users_table"]["nrows"] == 3 * 2
+    table = json.loads((Path(ev["dir"]) / "files" / ev["summary"]["eval/all_users_table"]["path"]).read_text())
+    assert {"mode", "k", "recall@K", "recall@K_lo95", "recall@K_hi95", "acceptance_rate_lo95"} <= set(table["columns"])
+    assert all(row[table["columns"].index("recall@K")] is not None for row in table["data"])
+    for prefix in ("eval/batch1", "eval/all_users"):
+        assert {f"{prefix}/{name}_vs_k" for name in ("target_calls_per_list", "acceptance_rate", "recall@K")} \
+            <= ev["charts"]
+        assert ev["summary"][f"{prefix}/plots"]["_type"] == "image-file"
+    assert any(f.endswith(".png") for f in ev["files"])
+
+    # everything cached: only the eval run opens, and it names the reused stages
+    again = pipeline.run(compose_config(base + [f"paths.output_dir={tmp_path / 'second'}"]))
+    assert set(again["reused_stages"]) == {"target", "teacher", "draft"}
+    runs = wandb_runs(tmp_path / "second")
+    assert set(runs) == {"eval"}
+    assert {"reused:target", "reused:teacher", "reused:draft"} <= set(runs["eval"]["tags"])
+    assert runs["eval"]["config"]["reused_stages"] == again["reused_stages"]
+    assert runs["eval"]["summary"]["reused_stages"] == again["reused_stages"]
 
 
 def test_route_library_logs_leaves_one_handler_per_record_and_drops_noise(caplog):
@@ -87,3 +130,11 @@ def test_log_progress_reports_steps_and_time_left(caplog):
         trainer.fit(Tiny(), data)
     progress = [r.getMessage()[:22] for r in caplog.records if r.name == "atspeed_exp.callbacks.progress"]
     assert progress == ["tiny epoch 1/1: 100% ("]  # a short epoch: its end only
+
+
+def test_per_k_rows_name_each_rows_k_columns_at_k():
+    rows = [{"mode": "strict", "k": 5, "recall@5": 0.1, "recall@5_lo95": 0.05, "recall@5_change": 0.0},
+            {"mode": "strict", "k": 10, "recall@10": 0.2, "recall@10_lo95": 0.15, "recall@10_change": 0.0}]
+    out = per_k_rows(rows)
+    assert [set(r) for r in out] == [{"mode", "k", "recall@K", "recall@K_lo95", "recall@K_change"}] * 2
+    assert out[1]["recall@K"] == 0.2

@@ -10,7 +10,12 @@ from pipeline_helpers import compose_config, tiny_overrides
 from atspeed_exp import pipeline
 from atspeed_exp.analysis import load_summaries, speculative_rows
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "results.ipynb"
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO / "notebooks" / "results.ipynb"
+
+
+def printed(notebook) -> str:
+    return "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
 
 
 @pytest.mark.slow
@@ -28,10 +33,31 @@ def test_results_notebook_executes_on_synthetic_run(tmp_path, monkeypatch):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")  # committed stripped
     monkeypatch.setenv("RUNS_DIR", str(tmp_path / "runs"))
-    NotebookClient(notebook, timeout=None, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    printed = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
-    assert "8 rows from 2 runs" in printed
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # this checkout's package, whatever the environment installed
+    # from the repository root, as `jupyter execute notebooks/results.ipynb` is documented
+    NotebookClient(notebook, timeout=None, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    assert "8 rows from 2 runs" in printed(notebook)
     assert any(o.get("data", {}).get("image/png") for cell in notebook.cells for o in cell.get("outputs", []))
+
+
+def test_results_notebook_defaults_to_the_repository_runs_from_notebooks_dir(monkeypatch):
+    """`jupyter execute notebooks/results.ipynb` runs the kernel in notebooks/: the parameter cell still points at
+    the repository's outputs/ and multirun/."""
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    notebook.cells = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+    monkeypatch.delenv("RUNS_DIR", raising=False)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    NotebookClient(notebook, timeout=None, kernel_name="python3",
+                   resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    assert f"runs from: {REPO / 'outputs'}, {REPO / 'multirun'}" in printed(notebook)
+
+
+def test_repo_root_found_from_any_folder_inside_or_from_the_package(tmp_path):
+    from atspeed_exp.analysis import default_runs_dirs, repo_root
+
+    assert repo_root(REPO / "notebooks") == REPO and repo_root(REPO) == REPO
+    assert repo_root(tmp_path) == REPO  # outside a checkout: the one this package was imported from
+    assert default_runs_dirs(REPO / "notebooks") == [REPO / "outputs", REPO / "multirun"]
 
 
 def test_across_seeds_aggregates_all_users_rows_by_form_mode_and_k():

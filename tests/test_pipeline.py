@@ -139,10 +139,11 @@ def test_pipeline_pretrained_lora_target(tmp_path):
 @pytest.mark.slow
 def test_run_py_multirun_sweep_over_alignment_objectives(tmp_path):
     """The README's sweep form (`-m ... alignment=kl,atspeed_s draft_training.seed=1,2`) on tiny synthetic
-    settings: four jobs share one target and one teacher; each (objective, draft seed) pair trains its own draft,
-    and benchmarks/objective_table.py aggregates them over seeds."""
+    settings: four jobs share one target and one teacher; each (objective, draft seed) pair trains its own draft;
+    the sweep callback and benchmarks/objective_table.py aggregate them over seeds into the same table."""
     overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith("paths.output_dir")]
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    # PYTHONPATH: the benchmark script imports this checkout's package, whatever the environment installed
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(
         [sys.executable, "run.py", "-m", "alignment=kl,atspeed_s", "draft_training.seed=1,2",
          f"hydra.sweep.dir={tmp_path / 'multirun'}",
@@ -165,6 +166,16 @@ def test_run_py_multirun_sweep_over_alignment_objectives(tmp_path):
     assert {(r["form"], r["k"]) for r in rows} == {(form, k) for form in ("kl", "atspeed_s") for k in (5, 10)}
     assert all(r["seeds"] == [1, 2] and r["mode"] == "strict" and r["overlap"] == 1.0 for r in rows)
     assert "| atspeed_s | strict | 10 | 1,2 |" in table.stdout
+
+    sweep = tmp_path / "multirun"  # written by atspeed_exp.sweep_summary.SweepSummary when the last job ended
+    text = (sweep / "summary_table.md").read_text()
+    assert table.stdout.strip() in text and "sweep summary" in result.stdout + result.stderr
+    jobs = json.loads((sweep / "summary_table.json").read_text())["jobs"]
+    assert len(jobs) == 4 and all(job["has_summary"] for job in jobs)
+    for form in ("kl", "atspeed_s"):
+        for seed in (1, 2):
+            assert f"alignment={form} draft_training.seed={seed}" in text
+    assert (sweep / "summary_plot.png").stat().st_size > 0
 
 
 def test_draft_with_another_vocabulary_is_refused(tmp_path):
