@@ -35,6 +35,7 @@ from atspeed_exp.models.build import count_parameters
 from atspeed_exp.models.sasrec import SASRec, left_pad_histories
 from atspeed_exp.pipeline import (
     STAGE_FILE,
+    trainer_key,
     make_trainer,
     close_logger,
     data_root,
@@ -60,7 +61,7 @@ def sasrec_stage_dir(cfg: DictConfig) -> Path:
     # the prompt format changes the target's tokens, not SASRec's examples
     data = {k: v for k, v in data_settings(cfg).items() if k != "prompt_format"}
     training = {k: v for k, v in OmegaConf.to_container(cfg.sasrec, resolve=True).items() if k not in SASREC_EVAL_KEYS}
-    key = stage_key(data, training, cfg.trainer.precision, cfg.seed)
+    key = stage_key(data, training, cfg.trainer.precision, cfg.seed, *trainer_key(cfg))
     return Path(cfg.paths.artifacts_dir) / "sasrec" / f"{cfg.data.name}-{key}"
 
 

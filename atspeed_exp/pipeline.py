@@ -141,9 +141,27 @@ def data_settings(cfg: DictConfig) -> dict:
 
 
 # -- target stage ------------------------------------------------------------------------------------------------
+# Trainer arguments that change what a fit produces, with Lightning's defaults; a run that sets one of them to
+# another value (e.g. +trainer.limit_train_batches=250) gets its own stage dirs. The trainer's other keys are
+# hardware and logging (trainer.precision is keyed separately).
+TRAINER_OUTPUT_DEFAULTS = {
+    "limit_train_batches": None, "limit_val_batches": None, "max_steps": -1, "min_epochs": None, "min_steps": None,
+    "accumulate_grad_batches": 1, "check_val_every_n_epoch": 1, "val_check_interval": None,
+    "gradient_clip_algorithm": None, "deterministic": None, "benchmark": None,
+}
+
+
+def trainer_key(cfg: DictConfig) -> tuple:
+    """The output-changing trainer settings that differ from Lightning's defaults (empty for the shipped configs,
+    so their stage keys are unchanged), as key parts."""
+    values = {k: OmegaConf.select(cfg.trainer, k, default=default) for k, default in TRAINER_OUTPUT_DEFAULTS.items()}
+    changed = {k: v for k, v in values.items() if v != TRAINER_OUTPUT_DEFAULTS[k]}
+    return (changed,) if changed else ()
+
+
 def target_stage_dir(cfg: DictConfig) -> Path:
-    # trainer.precision changes the numbers a run produces; the trainer's other keys are hardware and logging
-    key = stage_key(data_settings(cfg), cfg.model, cfg.target_training, cfg.trainer.precision, cfg.seed)
+    key = stage_key(data_settings(cfg), cfg.model, cfg.target_training, cfg.trainer.precision, cfg.seed,
+                    *trainer_key(cfg))
     return Path(cfg.paths.artifacts_dir) / "target" / f"{cfg.data.name}-{key}"
 
 
@@ -318,7 +336,8 @@ def _make_teacher(cfg: DictConfig, target_dir: Path, data: RecData) -> Path:
 
 # -- draft stage -------------------------------------------------------------------------------------------------
 def draft_stage_dir(cfg: DictConfig, teacher_dir: Path) -> Path:
-    key = stage_key(cfg.draft, cfg.alignment, cfg.draft_training, cfg.decoding.beam_size, cfg.seed)
+    key = stage_key(cfg.draft, cfg.alignment, cfg.draft_training, cfg.decoding.beam_size, cfg.seed,
+                    *trainer_key(cfg))
     label = cfg.alignment.get("name", cfg.alignment.objective)
     return Path(cfg.paths.artifacts_dir) / "draft" / f"{teacher_dir.name}-{label}-{key}"
 
