@@ -71,6 +71,40 @@ def stage_done(stage_dir: Path) -> bool:
     return (stage_dir / STAGE_FILE).exists()
 
 
+def reusable(stage_dir: Path, inputs: dict[str, str]) -> bool:
+    """True when the stage is finished and was made from these ``inputs`` (fingerprints recorded in its stage.json
+    under the same names). A finished stage made from other inputs (the dataset files changed in place, the target
+    retrained or its weights replaced) is moved aside to ``<dir>.stale-<time>`` with a log line saying why, and the
+    stage is rebuilt. Fingerprints a stage.json does not record are not checked."""
+    if not stage_done(stage_dir):
+        return False
+    recorded = json.loads((stage_dir / STAGE_FILE).read_text())
+    changed = [name for name, value in inputs.items() if name in recorded and recorded[name] != value]
+    if not changed:
+        return True
+    stale = stage_dir.with_name(f"{stage_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+    log.warning("%s was made from other inputs (%s changed since); rebuilding it, the old one is kept at %s",
+                stage_dir, ", ".join(changed), stale)
+    stage_dir.rename(stale)
+    return False
+
+
+def dataset_fingerprint(root: Path) -> str:
+    """A hash of every file of a dataset folder (names and contents): changes when a file is edited in place."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file() and not p.name.startswith(".")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def teacher_id(teacher_dir: Path) -> str:
+    """The teacher data's identity: its stage.json (target, settings, when it was made)."""
+    return hashlib.sha256((teacher_dir / STAGE_FILE).read_bytes()).hexdigest()[:16]
+
+
 def latest_checkpoint(stage_dir: Path) -> pl.callbacks.ModelCheckpoint:
     """Writes ``checkpoints/last.ckpt`` at the end of EVERY epoch (the resume point). A monitored checkpoint's
     ``save_last`` would write it only when the monitored metric improves, so an interruption after an epoch that
@@ -176,7 +210,8 @@ def train_target(cfg: DictConfig, logger: Any, extra_callbacks: list | None = No
 def _train_target(cfg: DictConfig, logger: Any, extra_callbacks: list | None = None) -> tuple[Path, RecData]:
     stage_dir = target_stage_dir(cfg)
     tokenizer_dir = stage_dir / "tokenizer"
-    if stage_done(stage_dir):
+    fingerprint = dataset_fingerprint(data_root(cfg))
+    if reusable(stage_dir, {"dataset_sha": fingerprint}):
         log.info("target stage: reusing %s", stage_dir)
         return stage_dir, load_data(cfg, tokenizer_dir)
 
@@ -234,6 +269,7 @@ def _train_target(cfg: DictConfig, logger: Any, extra_callbacks: list | None = N
         stage_dir / STAGE_FILE,
         {
             "stage": "target",
+            "dataset_sha": fingerprint,
             "settings": {"data": data_settings(cfg), "model": OmegaConf.to_container(cfg.model, resolve=True),
                          "target_training": OmegaConf.to_container(cfg.target_training, resolve=True),
                          "seed": cfg.seed},
@@ -302,7 +338,7 @@ def make_teacher(cfg: DictConfig, target_dir: Path, data: RecData) -> Path:
 
 def _make_teacher(cfg: DictConfig, target_dir: Path, data: RecData) -> Path:
     stage_dir = teacher_stage_dir(cfg, target_dir)
-    if stage_done(stage_dir):
+    if reusable(stage_dir, {"target_id": target_id(target_dir)}):
         log.info("teacher stage: reusing %s", stage_dir)
         return stage_dir
     target = load_target(target_dir, eval_device(cfg), backend=eval_backend(cfg))
@@ -360,7 +396,7 @@ def train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: RecD
 
 def _train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: RecData, logger: Any) -> Path:
     stage_dir = draft_stage_dir(cfg, teacher_dir)
-    if stage_done(stage_dir):
+    if reusable(stage_dir, {"target_id": target_id(target_dir), "teacher_id": teacher_id(teacher_dir)}):
         log.info("draft stage: reusing %s", stage_dir)
         return stage_dir
     draft_seed = cfg.draft_training.get("seed", cfg.seed)
@@ -409,6 +445,7 @@ def _train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: Rec
         "stage": "draft",
         "objective": objective,
         "target_id": target_id(target_dir),
+        "teacher_id": teacher_id(teacher_dir),
         "teacher_dir": str(teacher_dir),
         "settings": {key: OmegaConf.to_container(cfg[key], resolve=True)
                      for key in ("draft", "alignment", "draft_training", "decoding")},

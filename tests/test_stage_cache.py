@@ -43,3 +43,38 @@ def test_trainer_settings_that_change_a_fit_are_in_the_stage_keys(tmp_path):
                                                       "trainer.log_every_n_steps=5"])
     assert pipeline.target_stage_dir(same) == pipeline.target_stage_dir(base)  # defaults and logging: same stage
     assert pipeline.trainer_key(base) == ()
+
+
+def test_changed_inputs_rebuild_the_stages_made_from_them(tmp_path, caplog):
+    """Dataset files edited in place rebuild the target; a target whose weights were replaced rebuilds the teacher
+    and draft made from it. The stale stages are moved aside, never deleted, with a log line saying why."""
+    import logging
+
+    overrides = tiny_overrides(tmp_path) + ["stages=[target,teacher,draft]"]
+    first = pipeline.run(compose_config(overrides))
+    target_dir = first["target_dir"]
+    draft_dir = first["draft_dir"]
+
+    # the target's weights replaced: the teacher and the draft no longer belong to it
+    weights = next(p for p in (tmp_path / "artifacts" / "target").glob("*/model/*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))  # other values in the last tensor
+    with caplog.at_level(logging.WARNING, logger="atspeed_exp.pipeline"):
+        second = pipeline.run(compose_config(overrides))
+    assert second["target_dir"] == target_dir and second["draft_dir"] == draft_dir  # same settings, rebuilt
+    assert "target_id changed" in caplog.text
+    assert len(list((tmp_path / "artifacts" / "teacher").glob("*.stale-*"))) == 1
+    assert len(list((tmp_path / "artifacts" / "draft").glob("*.stale-*"))) == 1
+
+    # a dataset file edited in place: the target is rebuilt
+    caplog.clear()
+    split = next((tmp_path / "data" / "synthetic").glob("training_dict.npy"))
+    import numpy as np
+
+    train = np.load(split, allow_pickle=True).item()
+    user = next(iter(train))
+    train[user] = list(reversed(train[user]))
+    np.save(split, np.array(train, dtype=object), allow_pickle=True)
+    with caplog.at_level(logging.WARNING, logger="atspeed_exp.pipeline"):
+        pipeline.run(compose_config(tiny_overrides(tmp_path) + ["stages=[target]"]))
+    assert "dataset_sha changed" in caplog.text
+    assert len(list((tmp_path / "artifacts" / "target").glob("*.stale-*"))) == 1
