@@ -1,0 +1,316 @@
+"""Semantic IDs from item embeddings: residual k-means (RQ-k-means) with collision handling, written as an index
+file in the AtSpeed format (``{name}.LCRec-1e-3lr.json``: item id -> one ``<letter_code>`` token per level).
+
+Contract of ``build_sids`` (torch only; the same embeddings, settings and seed give the same codes):
+
+- level l runs k-means with ``codebook_sizes[l]`` centroids (k-means++ init, then Lloyd iterations, all drawn from
+  one seeded ``torch.Generator``, computed in float64) on the residuals that the levels above leave: level 0 on the
+  embeddings, level l on ``residual_{l-1} - centroid_{l-1}[code_{l-1}]``. A cluster that empties during Lloyd gets
+  the point farthest from its centroid;
+- collisions (items with the same full code) are then handled by ``collisions``:
+  ``none``: kept (the loader expands a shared SID to all its items);
+  ``extra_level``: one more level (TIGER style): the items of a shared code get 0, 1, 2, ... in ascending item
+  order, the others 0; its codebook must fit ``codebook_sizes[-1]``;
+  ``reassign_last``: the last level is re-assigned within every group of items that share the first L-1 codes
+  (the aim of LC-Rec's Sinkhorn pass on the last level, done here by a greedy capacity-constrained assignment,
+  not Sinkhorn): the (item, last-level centroid) pairs of the group are taken by ascending distance (ties by item,
+  then code) and a pair is kept when its item has no code yet and its code has fewer than
+  ``ceil(group size / C_last)`` items. A group of at most C_last items gets distinct last codes, so the index is
+  collision-free unless some group outgrows C_last; groups without a collision keep their nearest codes (greedy
+  gives each item its nearest code when those are distinct).
+
+``sid_report`` measures the codes: per level the codes used of the codebook, the collision rate
+``(N - distinct SIDs) / N`` (LC-Rec's definition), items in a shared SID, and max / mean items per full SID and per
+(L-1)-prefix. ``load_embeddings`` reads a user's ``.npy`` file (with an item-id order file) or a trained SASRec stage's
+item embedding matrix; text-encoder embeddings are not built here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from atspeed_exp.artifacts import atomic_write
+from atspeed_exp.data.atspeed_format import SPLIT_FILES, _load_split, default_index_file
+
+logger = logging.getLogger(__name__)
+
+COLLISION_MODES = ("none", "extra_level", "reassign_last")
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+# -- k-means ----------------------------------------------------------------------------------------------------
+def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding: ``x`` [N, D] -> ``k`` centroids [k, D] (``k <= N``), each next one drawn with probability
+    proportional to the squared distance to the nearest centroid so far (uniformly when all are 0)."""
+    n = x.shape[0]
+    first = int(torch.randint(n, (1,), generator=generator))
+    centroids = [x[first]]
+    nearest = ((x - x[first]) ** 2).sum(dim=1)  # [N]
+    for _ in range(1, k):
+        weights = nearest if float(nearest.sum()) > 0 else torch.ones_like(nearest)
+        pick = int(torch.multinomial(weights, 1, generator=generator))
+        centroids.append(x[pick])
+        nearest = torch.minimum(nearest, ((x - x[pick]) ** 2).sum(dim=1))
+    return torch.stack(centroids)
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means on ``x`` [N, D] with ``min(k, N)`` centroids; returns (centroids [k', D], codes [N] long).
+    Stops early when no code changes; ties go to the lower centroid index."""
+    k = min(k, x.shape[0])
+    centroids = kmeans_plus_plus(x, k, generator)
+    codes = torch.full((x.shape[0],), -1, dtype=torch.long)
+    for _ in range(iters):
+        dist = torch.cdist(x, centroids) ** 2  # [N, k]
+        new = dist.argmin(dim=1)
+        if torch.equal(new, codes):
+            break
+        codes = new
+        sums = torch.zeros_like(centroids).index_add_(0, codes, x)  # [k, D]
+        counts = torch.bincount(codes, minlength=k).to(x.dtype)  # [k]
+        centroids = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], centroids)
+        empty = torch.nonzero(counts == 0).flatten().tolist()
+        if empty:  # re-seed each empty cluster with the point farthest from its own centroid
+            error = dist.gather(1, codes[:, None]).squeeze(1)  # [N]
+            for cluster, point in zip(empty, error.argsort(descending=True, stable=True)[: len(empty)].tolist()):
+                centroids[cluster] = x[point]
+    codes = (torch.cdist(x, centroids) ** 2).argmin(dim=1)
+    return centroids, codes
+
+
+def residual_kmeans(
+    embeddings: torch.Tensor, codebook_sizes: Sequence[int], iters: int, seed: int
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """RQ-k-means: ``embeddings`` [N, D] -> (codes [N, L] long, centroids per level [C_l, D], the residual that each
+    level quantised [N, D] per level)."""
+    generator = torch.Generator().manual_seed(seed)
+    residual = embeddings.to(torch.float64)
+    codes, codebooks, inputs = [], [], []
+    for size in codebook_sizes:
+        centroids, level_codes = kmeans(residual, int(size), iters, generator)
+        codes.append(level_codes)
+        codebooks.append(centroids)
+        inputs.append(residual)
+        residual = residual - centroids[level_codes]
+    return torch.stack(codes, dim=1), codebooks, inputs
+
+
+# -- collisions --------------------------------------------------------------------------------------------------
+def group_ids(codes: torch.Tensor) -> torch.Tensor:
+    """[N] id of each row's code tuple in ``codes`` [N, L] (equal rows, equal id)."""
+    return torch.unique(codes, dim=0, return_inverse=True)[1]
+
+
+def add_disambiguation_level(codes: torch.Tensor, max_size: int) -> torch.Tensor:
+    """TIGER-style extra level: [N, L] -> [N, L+1]; the items of one full code get 0, 1, 2, ... by ascending row."""
+    group = group_ids(codes)
+    order = torch.sort(group, stable=True).indices  # rows grouped, ascending row inside a group
+    sorted_group = group[order]
+    starts = torch.searchsorted(sorted_group, sorted_group, right=False)  # first position of each row's group
+    rank = torch.empty_like(group)
+    rank[order] = torch.arange(len(group)) - starts
+    if len(rank) and int(rank.max()) >= max_size:
+        raise ValueError(f"{int(rank.max()) + 1} items share one code: more than the extra level's {max_size} codes")
+    return torch.cat([codes, rank[:, None]], dim=1)
+
+
+def reassign_last_level(codes: torch.Tensor, residual: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Greedy capacity-constrained re-assignment of the last level inside each (L-1)-prefix group that holds a
+    collision (module docstring). codes: [N, L]; residual: [N, D] the last level's input; centroids: [C, D] the last
+    level's codebook. Returns new codes [N, L]."""
+    codes = codes.clone()
+    size = centroids.shape[0]
+    prefix = group_ids(codes[:, :-1])
+    full = group_ids(codes)
+    collided = torch.bincount(full)[full] > 1  # [N] rows in a shared full code
+    for group in torch.unique(prefix[collided]).tolist():
+        rows = torch.nonzero(prefix == group).flatten()  # ascending
+        capacity = math.ceil(len(rows) / size)
+        dist = torch.cdist(residual[rows], centroids) ** 2  # [n_g, C]
+        pairs = torch.sort(dist.flatten(), stable=True).indices.tolist()  # row-major: ties by item, then code
+        assigned = [-1] * len(rows)
+        load = [0] * size
+        left = len(rows)
+        for pair in pairs:
+            item, code = divmod(pair, size)
+            if assigned[item] < 0 and load[code] < capacity:
+                assigned[item] = code
+                load[code] += 1
+                left -= 1
+                if left == 0:
+                    break
+        codes[rows, -1] = torch.tensor(assigned, dtype=torch.long)
+    return codes
+
+
+def build_sids(
+    embeddings: torch.Tensor, codebook_sizes: Sequence[int], collisions: str = "reassign_last", iters: int = 100,
+    seed: int = 0,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Codes [N, L'] for the embedding rows (L' = L, or L + 1 with ``extra_level``) and the report (``sid_report``
+    of the k-means codes under ``before`` and of the final codes under ``after``)."""
+    if collisions not in COLLISION_MODES:
+        raise ValueError(f"collisions must be one of {COLLISION_MODES}, got {collisions!r}")
+    if embeddings.ndim != 2 or embeddings.shape[0] < 1:
+        raise ValueError(f"embeddings must be [N, D] with N >= 1, got shape {tuple(embeddings.shape)}")
+    if not codebook_sizes or min(codebook_sizes) < 1 or len(codebook_sizes) + (collisions == "extra_level") > 26:
+        raise ValueError(f"codebook_sizes must be 1..26 positive sizes, got {list(codebook_sizes)}")
+    codes, codebooks, inputs = residual_kmeans(embeddings, codebook_sizes, iters, seed)
+    sizes = [int(c) for c in codebook_sizes]
+    before = sid_report(codes, sizes)
+    if collisions == "extra_level":
+        final, sizes = add_disambiguation_level(codes, sizes[-1]), sizes + [sizes[-1]]
+    elif collisions == "reassign_last":
+        final = reassign_last_level(codes, inputs[-1], codebooks[-1])
+    else:
+        final = codes
+    after = sid_report(final, sizes)
+    return final, {"collisions": collisions, "before": before, "after": after}
+
+
+def sid_report(codes: torch.Tensor, codebook_sizes: Sequence[int]) -> dict[str, Any]:
+    """Codebook usage per level and collision statistics of ``codes`` [N, L] (module docstring)."""
+    n = codes.shape[0]
+    full_count = torch.bincount(group_ids(codes))  # [distinct SIDs] items per SID
+    prefix_count = torch.bincount(group_ids(codes[:, :-1])) if codes.shape[1] > 1 else full_count
+    return {
+        "items": n,
+        "levels": [{"codebook_size": int(size), "codes_used": int(torch.unique(codes[:, level]).numel()),
+                    "usage": int(torch.unique(codes[:, level]).numel()) / int(size)}
+                   for level, size in enumerate(codebook_sizes)],
+        "distinct_sids": int(full_count.numel()),
+        "collision_rate": (n - full_count.numel()) / n,
+        "items_in_collisions": int(full_count[full_count > 1].sum()),
+        "max_items_per_sid": int(full_count.max()),
+        "mean_items_per_sid": n / full_count.numel(),
+        "max_items_per_prefix": int(prefix_count.max()),
+        "mean_items_per_prefix": n / prefix_count.numel(),
+    }
+
+
+# -- embeddings in, index out ------------------------------------------------------------------------------------
+def dataset_item_ids(root: str | Path) -> list[int]:
+    """The item ids of a dataset folder: the values of ``item_map.json`` when present (written by ``prepare``),
+    else every item of the three split files; ascending."""
+    root = Path(root)
+    item_map = root / "item_map.json"
+    if item_map.is_file():
+        return sorted(int(v) for v in json.loads(item_map.read_text(encoding="utf-8")).values())
+    items = {i for split in SPLIT_FILES.values() for seq in _load_split(root / split).values() for i in seq}
+    return sorted(items)
+
+
+def load_embeddings(
+    item_ids: Sequence[int], source: str, path: str | Path, ids_file: str | Path | None = None,
+    id_kind: str = "int", item_map_file: str | Path | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Embeddings [len(item_ids), D] float64, row r for ``item_ids[r]``, and facts for the report.
+
+    source ``file``: ``path`` is a ``.npy`` [M, D]; ``ids_file`` names row m's item, one id per line (``id_kind``
+    ``int``: the dataset's int ids; ``original``: original ids, mapped by ``item_map_file``); without ``ids_file``
+    row m is item m. Rows of items not in the dataset are ignored (counted); a dataset item without a row is an
+    error. source ``sasrec``: ``path`` is a finished SASRec stage folder; its ``model.pt`` item embedding row i is
+    item i (the padding row is dropped). source ``text``: not built here (ValueError saying so).
+    """
+    if source == "file":
+        matrix = torch.from_numpy(np.load(path, allow_pickle=False)).to(torch.float64)
+        if matrix.ndim != 2:
+            raise ValueError(f"{path}: expected an [N, D] array, got shape {tuple(matrix.shape)}")
+        if ids_file is None:
+            row_ids = list(range(matrix.shape[0]))
+        else:
+            names = [line.strip() for line in Path(ids_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+            if len(names) != matrix.shape[0]:
+                raise ValueError(f"{ids_file}: {len(names)} ids for {matrix.shape[0]} rows of {path}")
+            if id_kind == "original":
+                if item_map_file is None:
+                    raise ValueError("id_kind 'original' needs the dataset's item_map.json")
+                mapping = json.loads(Path(item_map_file).read_text(encoding="utf-8"))
+                row_ids = [int(mapping[n]) if n in mapping else -1 for n in names]
+            elif id_kind == "int":
+                row_ids = [int(n) for n in names]
+            else:
+                raise ValueError(f"id_kind must be 'int' or 'original', got {id_kind!r}")
+    elif source == "sasrec":
+        state = torch.load(Path(path) / "model.pt", map_location="cpu", weights_only=True)
+        weight = state["item_embedding.weight"]
+        matrix = weight[:-1].to(torch.float64)  # the last row is the padding embedding
+        row_ids = list(range(matrix.shape[0]))
+    elif source == "text":
+        raise ValueError("embedding source 'text' (a local text encoder over item_text.json) is not built yet: "
+                         "encode the texts yourself and pass the .npy with source 'file'")
+    else:
+        raise ValueError(f"embedding source must be 'file', 'sasrec' or 'text', got {source!r}")
+
+    row_of = {}
+    for row, item in enumerate(row_ids):
+        if item >= 0:
+            row_of.setdefault(item, row)
+    missing = [i for i in item_ids if i not in row_of]
+    if missing:
+        raise ValueError(f"{path}: no embedding for {len(missing)} of {len(item_ids)} dataset items "
+                         f"(first: {missing[:5]})")
+    rows = torch.tensor([row_of[i] for i in item_ids], dtype=torch.long)
+    facts = {"source": source, "rows": int(matrix.shape[0]), "dim": int(matrix.shape[1]),
+             "rows_not_in_dataset": int(matrix.shape[0]) - len(item_ids)}
+    return matrix[rows], facts
+
+
+def sid_tokens(codes: torch.Tensor) -> list[list[str]]:
+    """[N, L] codes -> per row the tokens ``<a_c0>``, ``<b_c1>``, ..."""
+    return [[f"<{LETTERS[level]}_{code}>" for level, code in enumerate(row)] for row in codes.tolist()]
+
+
+def write_index(path: str | Path, item_ids: Sequence[int], codes: torch.Tensor) -> Path:
+    """Write the index JSON ``{"item_id": [tokens]}`` (ascending item id) atomically."""
+    index = {str(item): tokens for item, tokens in sorted(zip(item_ids, sid_tokens(codes)))}
+    return atomic_write(path, lambda f: json.dump(index, f))
+
+
+def id_digit_codes(num_items: int, codebook_size: int, levels: int) -> torch.Tensor:
+    """A placeholder index with no meaning: item i's codes are the base-``codebook_size`` digits of i ([N, L]),
+    so every item has its own SID. It makes a prepared folder loadable before real SIDs exist (e.g. to train the
+    SASRec stage whose item embeddings then feed ``build_sids``)."""
+    if codebook_size ** levels < num_items:
+        raise ValueError(f"{levels} levels of {codebook_size} codes cannot number {num_items} items")
+    ids = torch.arange(num_items)
+    return torch.stack([(ids // codebook_size ** (levels - 1 - l)) % codebook_size for l in range(levels)], dim=1)
+
+
+def build_index(
+    root: str | Path, name: str, embedding: dict[str, Any], codebook_sizes: Sequence[int],
+    collisions: str = "reassign_last", iters: int = 100, seed: int = 0, index_file: str | None = None,
+    method: str = "rq_kmeans",
+) -> dict[str, Any]:
+    """Build and write the SID index of the dataset folder ``root``: ``{name}.LCRec-1e-3lr.json`` (or
+    ``index_file``) and its report beside it (``<index stem>.report.json``). ``embedding``: keyword arguments of
+    ``load_embeddings`` less ``item_ids`` (unused by ``method`` ``id_digits``). Returns the report."""
+    root = Path(root)
+    item_ids = dataset_item_ids(root)
+    if method == "id_digits":
+        size = int(codebook_sizes[0])
+        codes = id_digit_codes(max(item_ids) + 1, size, len(codebook_sizes))[torch.tensor(item_ids)]
+        report: dict[str, Any] = {"method": method, "after": sid_report(codes, [size] * len(codebook_sizes))}
+    elif method == "rq_kmeans":
+        item_map = root / "item_map.json"
+        vectors, facts = load_embeddings(item_ids, item_map_file=item_map if item_map.is_file() else None, **embedding)
+        codes, report = build_sids(vectors, codebook_sizes, collisions, iters, seed)
+        report = {"method": method, "embeddings": facts, "iters": iters, "seed": seed, **report}
+    else:
+        raise ValueError(f"method must be 'rq_kmeans' or 'id_digits', got {method!r}")
+    path = root / (index_file or default_index_file(name))
+    write_index(path, item_ids, codes)
+    atomic_write(path.with_name(path.stem + ".report.json"), lambda f: json.dump(report, f, indent=1))
+    after = report["after"]
+    logger.info("wrote %s: %d items, %d levels, collision rate %.4f (before handling: %s), codes used per level %s",
+                path, after["items"], codes.shape[1], after["collision_rate"],
+                report.get("before", {}).get("collision_rate", "-"), [lv["codes_used"] for lv in after["levels"]])
+    return report
