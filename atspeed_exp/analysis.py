@@ -59,6 +59,29 @@ def speculative_rows(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 ALL_USERS_METRICS = ("target_calls_per_list", "acceptance_rate", "overlap")
 
 
+# config keys that do not change a run's all-users figures: where it ran and logged, batch-1 timing settings, and the
+# draft seed itself (the one thing runs of one group differ in)
+NOT_GROUPED = ("paths", "hydra", "logger", "run_name", "threads", "stages", "eval.speculative_users",
+               "eval.throughput_batch_size", "trainer.default_root_dir", "draft_training.seed", "draft.seed")
+
+
+def group_key(config: dict[str, Any]) -> str:
+    """A hash of a run's configuration without ``NOT_GROUPED``: runs with equal keys differ only in the draft seed
+    (and where or how they were timed), so their figures are samples of one setting."""
+    import copy
+    import hashlib
+
+    config = copy.deepcopy(config)
+    for dotted in NOT_GROUPED:
+        node = config
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def all_users_rows(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (run, mode, K) of the all-users evaluation (``eval/all/...``): the alignment form (``name``),
     objective, draft seed, the hardware-independent figures with their 95% bootstrap intervals, Recall/NDCG@K and
@@ -73,6 +96,7 @@ def all_users_rows(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 if f"{key}/target_calls_per_list" not in metrics:
                     continue
                 row = {"run": summary["path"], "experiment": config.get("experiment_name"),
+                       "group": group_key(config),
                        "form": alignment.get("name", alignment.get("objective", "?")),
                        "objective": alignment.get("objective", "?"),
                        "seed": config.get("draft_training", {}).get("seed", config.get("seed")),
@@ -90,14 +114,17 @@ def all_users_rows(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def across_seeds(rows: list[dict[str, Any]], metrics: tuple[str, ...] = (*ALL_USERS_METRICS, "recall@K",
                                                                           "recall@K_change")) -> list[dict[str, Any]]:
-    """Group ``all_users_rows`` by (experiment, form, mode, K): per metric the mean and the sample standard
-    deviation over draft seeds (0.0 for one seed), the number of seeds, and the widest 95% bootstrap interval of
-    any single run (the user-sampling uncertainty of one run). Groups in first-seen order."""
-    groups: dict[tuple, list[dict[str, Any]]] = {}
+    """Group ``all_users_rows`` by configuration (``group_key``: everything but the draft seed), mode and K: per
+    metric the mean and the sample standard deviation over draft seeds (nan for a single seed), the seeds, and the
+    widest 95% bootstrap interval of any single run (the user-sampling uncertainty of one run). A seed found twice
+    (the same run in two folders, or a rerun) counts once: the later row. Groups in first-seen order."""
+    groups: dict[tuple, dict[Any, dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["experiment"], row["form"], row["mode"], row["k"]), []).append(row)
+        groups.setdefault((row.get("group"), row["mode"], row["k"]), {})[row["seed"]] = row
     out = []
-    for (experiment, form, mode, k), members in groups.items():
+    for by_seed in groups.values():
+        members = list(by_seed.values())
+        experiment, form, mode, k = (members[0][key] for key in ("experiment", "form", "mode", "k"))
         entry: dict[str, Any] = {"experiment": experiment, "form": form, "objective": members[0]["objective"],
                                  "mode": mode, "k": k, "seeds": sorted(m["seed"] for m in members),
                                  "users": members[0]["users"]}
@@ -106,7 +133,7 @@ def across_seeds(rows: list[dict[str, Any]], metrics: tuple[str, ...] = (*ALL_US
             if not values:
                 continue
             mean = sum(values) / len(values)
-            var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+            var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else float("nan")
             entry[name] = mean
             entry[f"{name}_std"] = var ** 0.5
             widths = [(m[f"{name}_lo95"], m[f"{name}_hi95"]) for m in members if m.get(f"{name}_lo95") is not None]

@@ -24,7 +24,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 import atspeed_exp.project_paths  # noqa: F401  (registers ${project_root:...}, used by conf/paths and conf/hydra)
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-SKIPPED_GROUPS = ("hydra", "experiment")  # Hydra's own settings; experiments only override other keys
+SKIPPED_GROUPS = ("hydra", "experiment")
+SID_LEVELS = 4  # tokens per item in every shipped dataset (the synthetic one included)  # Hydra's own settings; experiments only override other keys
 
 
 class ConfigError(ValueError):
@@ -203,7 +204,22 @@ def value_problems(cfg: DictConfig, stages: tuple[str, ...]) -> list[str]:
         problems.append(f"stages={list(cfg.stages)!r}: unknown {unknown_stages}; expected a subset of {list(stages)}")
     if any(p.startswith("decoding.") for p in problems):  # relations only between values that passed their rule
         return problems
+    alignment = cfg.get("alignment")
+    if alignment is not None and alignment.get("objective") not in (None, "none"):
+        objective = alignment.objective
+        if alignment.get("full_vocab") and objective not in ("kl", "tvd"):
+            problems.append(f"alignment.full_vocab=true with alignment.objective={objective!r}: full-vocabulary rows "
+                            f"exist for kl and tvd only")
+        if alignment.get("full_vocab") and not cfg.get("teacher", {}).get("full_vocab_gt", False):
+            problems.append("alignment.full_vocab=true needs teacher.full_vocab_gt=true (the target's full-vocabulary "
+                            "logits at the ground-truth positions are stored by the teacher stage)")
+        if alignment.get("on_policy_ratio", 0) > 0 and objective not in ("atspeed_s", "atspeed_r"):
+            problems.append(f"alignment.on_policy_ratio={alignment.on_policy_ratio} with alignment.objective="
+                            f"{objective!r}: on-policy beams are for atspeed_s and atspeed_r")
     decoding = cfg.decoding
+    if decoding.gamma > SID_LEVELS - 1:
+        problems.append(f"decoding.gamma={decoding.gamma}: expected 1 <= gamma <= L - 1 = {SID_LEVELS - 1} "
+                        f"(L = {SID_LEVELS} SID tokens per item)")
     n = decoding.draft_beams
     if max(decoding.ks) > n:
         problems.append(f"decoding.ks={list(decoding.ks)} with decoding.draft_beams={n}: every K must be <= N")

@@ -15,7 +15,7 @@ def test_check_config_accepts_every_shipped_experiment(experiment):
 
 @pytest.mark.parametrize("alignment", sorted(p.stem for p in (CONF_DIR / "alignment").glob("*.yaml")))
 def test_check_config_accepts_every_alignment_form(alignment):
-    check_config(compose_config([f"alignment={alignment}"]), pipeline.STAGES)
+    check_config(compose_config([f"alignment={alignment}", "teacher.full_vocab_gt=true"]), pipeline.STAGES)
 
 
 @pytest.mark.parametrize(("overrides", "messages"), [
@@ -30,6 +30,10 @@ def test_check_config_accepts_every_alignment_form(alignment):
     (["decoding.verify_beams=5"], ["decoding.verify_beams=5: expected max(decoding.ks)=20 <= M"]),
     (["decoding.gamma=0", "alignment.temperature=0"], ["decoding.gamma=0", "alignment.temperature=0"]),
     (["stages=[target,tesst]"], ["unknown ['tesst']"]),
+    (["alignment=wordkd_public"], ["needs teacher.full_vocab_gt=true"]),
+    (["alignment=atspeed_s", "alignment.full_vocab=true", "teacher.full_vocab_gt=true"], ["kl and tvd only"]),
+    (["alignment=kl", "alignment.on_policy_ratio=0.5"], ["on-policy beams are for atspeed_s and atspeed_r"]),
+    (["decoding.gamma=4"], ["decoding.gamma=4: expected 1 <= gamma <= L - 1 = 3"]),
 ])
 def test_check_config_names_every_problem(overrides, messages):
     with pytest.raises(ConfigError) as error:

@@ -244,12 +244,12 @@ def test_draft_alignment_on_policy_beams_with_the_target_as_draft_are_the_teache
     module = DraftAlignmentModule(copy.deepcopy(setup.target), setup.blocks, objective="atspeed_s",
                                   on_policy_ratio=0.5)
     module.attach_target(HFDecoderLM(setup.target), setup.data.trie())
-    out = module.on_policy_batch(batch, rows=3)
+    out = module.on_policy_batch(batch, rows=torch.tensor([0, 2, 5]))
     assert torch.equal(out["input_ids"], batch["input_ids"]) and torch.equal(out["beam_labels"], batch["beam_labels"])
     torch.testing.assert_close(out["teacher_logits"], batch["teacher_logits"], atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(out["teacher_logsumexp"], batch["teacher_logsumexp"], atol=2e-2, rtol=1e-2)
     for key in ("teacher_logits", "beam_mask", "attention_mask"):
-        assert torch.equal(out[key][3:], batch[key][3:])
+        assert torch.equal(out[key][[1, 3, 4]], batch[key][[1, 3, 4]])
 
 
 def test_draft_alignment_on_policy_beams_are_the_drafts_scored_by_the_target(setup):
@@ -258,10 +258,10 @@ def test_draft_alignment_on_policy_beams_are_the_drafts_scored_by_the_target(set
 
     batch = setup.batch(range(4))
     draft = setup.llama(hidden=32, layers=1, seed=7).eval()
-    module = DraftAlignmentModule(draft, setup.blocks, objective="seqkd", on_policy_ratio=1.0)
+    module = DraftAlignmentModule(draft, setup.blocks, objective="atspeed_r", on_policy_ratio=1.0)
     trie = setup.data.trie()
     module.attach_target(HFDecoderLM(setup.target), trie)
-    out = module.on_policy_batch(batch, rows=4)
+    out = module.on_policy_batch(batch, rows=torch.arange(4))
     prompts = [setup.split.prompts[i] for i in range(4)]
     ids, mask = left_pad([torch.tensor(p) for p in prompts], setup.pad_id)
     want = tree_beam_search(HFDecoderLM(draft), ids, mask, trie, NUM_BEAMS).sequences  # [4, K, L]
@@ -283,9 +283,24 @@ def test_draft_alignment_on_policy_beams_are_the_drafts_scored_by_the_target(set
     loss = module.training_step(batch, 0)
     assert math.isfinite(loss.item()) and logged["draft/on_policy_s"] > 0
     with pytest.raises(RuntimeError, match="attach_target"):
-        DraftAlignmentModule(draft, setup.blocks, objective="seqkd", on_policy_ratio=1.0).on_policy_batch(batch, 1)
-    with pytest.raises(ValueError, match="on_policy_ratio"):
-        DraftAlignmentModule(draft, setup.blocks, objective="kl", on_policy_ratio=0.5)
+        DraftAlignmentModule(draft, setup.blocks, objective="atspeed_s", on_policy_ratio=1.0).on_policy_batch(
+            batch, torch.arange(1))
+    for objective in ("kl", "seqkd"):  # no target distribution on the draft's beams to learn from
+        with pytest.raises(ValueError, match="on_policy_ratio"):
+            DraftAlignmentModule(draft, setup.blocks, objective=objective, on_policy_ratio=0.5)
+
+
+def test_draft_alignment_on_policy_rows_are_a_random_share_of_each_batch(setup):
+    """The rows replaced are drawn per step (a length-sorted batch's first rows would always be its shortest
+    histories), about ratio * B of them, and the same at the same global step."""
+    batch = setup.batch(range(8))
+    module = DraftAlignmentModule(setup.llama(), setup.blocks, objective="atspeed_s", on_policy_ratio=0.5)
+    chosen = []
+    module.on_policy_batch = lambda b, rows: chosen.append(rows.tolist()) or b
+    module.log = lambda *args, **kwargs: None
+    for _ in range(2):
+        module.training_step(batch, 0)  # global_step stays 0 outside a Trainer: the same draw twice
+    assert chosen[0] == chosen[1] and 0 < len(chosen[0]) < 8 and chosen[0] != list(range(len(chosen[0])))
 
 
 @pytest.mark.parametrize("objective", ["kl", "tvd", "atspeed_r", "atspeed_s"])

@@ -73,9 +73,10 @@ def test_bootstrap_interval_matches_a_naive_resampling_loop():
 def test_list_overlap_counts_shared_items_once_and_ignores_padding():
     from atspeed_exp.metrics.bootstrap import list_overlap
 
-    lists = torch.tensor([[1, 2, 3, 4], [5, 6, -1, -1], [7, 7, 8, 9]])
-    reference = torch.tensor([[4, 3, 2, 1], [6, 9, -1, -1], [7, 8, 8, 1]])
-    assert list_overlap(lists, reference).tolist() == [1.0, 0.25, 0.5]
+    lists = torch.tensor([[1, 2, 3, 4], [5, 6, -1, -1], [7, 7, 8, 9], [1, 2, -1, -1], [3, 4, 5, 6]])
+    reference = torch.tensor([[4, 3, 2, 1], [6, 9, -1, -1], [7, 8, 8, 1], [2, 1, -1, -1], [-1, -1, -1, -1]])
+    # identical lists with placeholders overlap fully; a repeated reference item counts once
+    assert list_overlap(lists, reference).tolist() == [1.0, 0.5, 2 / 3, 1.0, 1.0]
 
 
 def test_ndcg_ideal_dcg_stops_at_the_cutoff_when_the_ground_truth_is_larger():

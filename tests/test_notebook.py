@@ -63,20 +63,24 @@ def test_repo_root_found_from_any_folder_inside_or_from_the_package(tmp_path):
 def test_across_seeds_aggregates_all_users_rows_by_form_mode_and_k():
     from atspeed_exp.analysis import across_seeds, all_users_rows
 
-    def summary(seed: int, calls: float, path: str) -> dict:
+    def summary(seed: int, calls: float, path: str, temperature: float = 0.001) -> dict:
         metrics = {"eval/all/num_users": 10.0}
         key = "eval/all/strict/k10"
         for name, value in (("target_calls_per_list", calls), ("acceptance_rate", 0.5), ("overlap", 1.0),
                             ("recall@10", 0.1), ("recall@10_change", 0.0)):
             metrics[f"{key}/{name}"] = value
             metrics[f"{key}/{name}_lo95"], metrics[f"{key}/{name}_hi95"] = value - 0.1, value + 0.1
-        config = {"experiment_name": "x", "alignment": {"name": "atspeed_s_public", "objective": "atspeed_s"},
+        config = {"experiment_name": "x", "paths": {"output_dir": path},
+                  "alignment": {"name": "atspeed_s_public", "objective": "atspeed_s", "temperature": temperature},
                   "draft_training": {"seed": seed}, "decoding": {"modes": ["strict"], "ks": [10]}}
         return {"path": path, "config": config, "metrics": metrics}
 
-    rows = all_users_rows([summary(1, 2.0, "a"), summary(2, 2.5, "b"), summary(3, 3.0, "c")])
-    assert [r["seed"] for r in rows] == [1, 2, 3] and rows[0]["form"] == "atspeed_s_public"
-    (entry,) = across_seeds(rows)
+    rows = all_users_rows([summary(1, 2.0, "a"), summary(2, 2.5, "b"), summary(3, 9.0, "c"), summary(3, 3.0, "d"),
+                           summary(1, 2.2, "e", temperature=1.0)])
+    assert [r["seed"] for r in rows] == [1, 2, 3, 3, 1] and rows[0]["form"] == "atspeed_s_public"
+    entry, other = across_seeds(rows)  # another temperature is another setting; seed 3 counts once (the later run)
     assert entry["seeds"] == [1, 2, 3] and entry["target_calls_per_list"] == pytest.approx(2.5)
     assert entry["target_calls_per_list_std"] == pytest.approx(0.5)  # sample std of 2.0, 2.5, 3.0
     assert entry["target_calls_per_list_ci95_halfwidth"] == pytest.approx(0.1)
+    assert other["seeds"] == [1] and other["target_calls_per_list"] == pytest.approx(2.2)
+    assert other["target_calls_per_list_std"] != other["target_calls_per_list_std"]  # nan: one seed has no spread

@@ -27,9 +27,13 @@ Public-code variants (Linxyhaha/AtSpeed, code/model.py and its scripts), each an
 the ground truth's first code instead of the beam's own; the other positions keep the beam's codes).
 
 On-policy beams (``on_policy_ratio`` > 0, the paper's AtSpeed-S training on draft-generated sequences): in each
-training batch the first ``round(ratio * B)`` examples (batches are shuffled) get the draft's OWN K-beam constrained
-beam search instead of the stored teacher beams; the frozen target (``attach_target``) scores them on the fly with
-one forward over the same packed layout, and the objective then runs on these rows as on teacher rows. The time it
+training batch a random ``ratio`` share of the examples (drawn per step from the global step, so a resumed run draws
+the same; the length-bucketed batches are sorted by length, so a fixed slice would always pick the shortest
+histories) get the draft's OWN K-beam constrained beam search instead of the stored teacher beams; the frozen target
+(``attach_target``) scores them on the fly with one forward over the same packed layout (output projection only at
+the rows read), and the objective then runs on these rows as on teacher rows. AtSpeed-S and AtSpeed-R only: they
+compare the draft's distributions with the target's on the draft's beams; SeqKD's labels would become the draft's
+own beams (nothing from the target). The time it
 takes is logged as ``draft/on_policy_s``. Validation always uses the stored teacher beams.
 """
 
@@ -54,6 +58,7 @@ from atspeed_exp.models.lean import decoder_for
 
 GROUND_TRUTH_OBJECTIVES = ("kl", "tvd")  # rows at the true response; the others use the teacher beams
 SEQKD_FIRST_LABELS = ("beam", "ground_truth")
+ON_POLICY_OBJECTIVES = ("atspeed_s", "atspeed_r")  # distribution matching on the draft's own beams
 REST_LOG_MASS_FLOOR = 1e-12
 
 
@@ -144,8 +149,8 @@ class DraftAlignmentModule(pl.LightningModule):
             raise ValueError(f"alignment.full_vocab=true applies to {GROUND_TRUTH_OBJECTIVES} only, not {objective!r}")
         if not 0.0 <= on_policy_ratio <= 1.0:
             raise ValueError(f"alignment.on_policy_ratio must be in [0, 1], got {on_policy_ratio}")
-        if on_policy_ratio > 0 and objective in GROUND_TRUTH_OBJECTIVES:
-            raise ValueError(f"alignment.on_policy_ratio applies to the beam objectives, not {objective!r}")
+        if on_policy_ratio > 0 and objective not in ON_POLICY_OBJECTIVES:
+            raise ValueError(f"alignment.on_policy_ratio applies to {ON_POLICY_OBJECTIVES} only, not {objective!r}")
         if seqkd_first_label not in SEQKD_FIRST_LABELS:
             raise ValueError(f"alignment.seqkd_first_label={seqkd_first_label!r}: expected one of {SEQKD_FIRST_LABELS}")
         level_blocks = [tuple(int(x) for x in block) for block in level_blocks]
@@ -160,15 +165,16 @@ class DraftAlignmentModule(pl.LightningModule):
         self._scorer = (target, trie)
 
     @torch.no_grad()
-    def on_policy_batch(self, batch: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
-        """``batch`` with the teacher beams of its first ``rows`` examples replaced by the draft's own beam search
-        (K = the batch's beams) and the target's level logits at those beams' contexts (module docstring)."""
+    def on_policy_batch(self, batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``batch`` with the teacher beams of examples ``rows`` (``[n]`` indices) replaced by the draft's own beam
+        search (K = the batch's beams) and the target's level logits at those beams' contexts (module docstring)."""
         if self._scorer is None:
             raise RuntimeError("on_policy_ratio > 0 needs the frozen target: call attach_target(target, trie)")
         target, trie = self._scorer
+        rows = torch.as_tensor(rows, dtype=torch.long, device=batch["input_ids"].device)
         num_beams, num_levels = batch["beam_positions"].shape[1:]
-        lengths = batch["prompt_lengths"][:rows].tolist()
-        ids, mask = left_pad([batch["input_ids"][r, :n] for r, n in enumerate(lengths)], 0)
+        lengths = batch["prompt_lengths"][rows].tolist()
+        ids, mask = left_pad([batch["input_ids"][r, :n] for r, n in zip(rows.tolist(), lengths)], 0)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -179,14 +185,15 @@ class DraftAlignmentModule(pl.LightningModule):
         tokens = beams.sequences.masked_fill(~alive[:, :, None], 0)  # [n, K, L]; dead beams' rows are masked out
         out = dict(batch)
         input_ids = batch["input_ids"].clone()
-        slots = batch["beam_positions"][:rows, :, 1:]  # [n, K, L-1]: the slot of each beam's token j
-        input_ids[:rows] = input_ids[:rows].scatter(1, slots.flatten(1), tokens[:, :, : num_levels - 1].flatten(1))
+        slots = batch["beam_positions"][rows, :, 1:]  # [n, K, L-1]: the slot of each beam's token j
+        input_ids[rows] = input_ids[rows].scatter(1, slots.flatten(1), tokens[:, :, : num_levels - 1].flatten(1))
         out["input_ids"] = input_ids
-        mask4d = batch["attention_mask"][:rows].to(target.dtype)
-        mask4d = mask4d.masked_fill(batch["attention_mask"][:rows] < 0, torch.finfo(target.dtype).min)
-        logits, _ = target(input_ids[:rows], batch["position_ids"][:rows], mask4d, target.new_cache())  # [n, T, V]
-        read = logits.gather(1, batch["beam_positions"][:rows].flatten(1)[:, :, None].expand(-1, -1, logits.shape[-1]))
-        read = read.float().reshape(rows, num_beams, num_levels, -1)  # [n, K, L, V]
+        mask4d = batch["attention_mask"][rows].to(target.dtype)
+        mask4d = mask4d.masked_fill(batch["attention_mask"][rows] < 0, torch.finfo(target.dtype).min)
+        hidden, _ = target.hidden(input_ids[rows], batch["position_ids"][rows], mask4d, target.new_cache())  # [n, T, H]
+        at = batch["beam_positions"][rows].flatten(1)  # [n, K*L]
+        read = target.project(hidden.gather(1, at[:, :, None].expand(-1, -1, hidden.shape[-1])))  # [n, K*L, V]
+        read = read.float().reshape(len(rows), num_beams, num_levels, -1)  # [n, K, L, V]
         starts = torch.tensor([start for start, _ in self.level_blocks], device=tokens.device)
         for key, value in (
             ("teacher_logits", constrained_rows(read, self.level_blocks)),
@@ -195,7 +202,7 @@ class DraftAlignmentModule(pl.LightningModule):
             ("beam_labels", (tokens - starts).masked_fill(~alive[:, :, None], IGNORE_INDEX)),
         ):
             merged = batch[key].clone()
-            merged[:rows] = value.to(merged.dtype)
+            merged[rows] = value.to(merged.dtype)
             out[key] = merged
         return out
 
@@ -275,8 +282,13 @@ class DraftAlignmentModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         size = batch["input_ids"].shape[0]
-        rows = round(self.hparams.on_policy_ratio * size)
-        if rows:
+        if self.hparams.on_policy_ratio > 0:
+            generator = torch.Generator().manual_seed(self.global_step)  # the same draw after a resume
+            rows = torch.rand(size, generator=generator) < self.hparams.on_policy_ratio  # [B] each with P = ratio
+            rows = rows.nonzero().flatten().to(batch["input_ids"].device)
+        else:
+            rows = torch.zeros(0, dtype=torch.long)
+        if len(rows):
             start = time.perf_counter()
             batch = self.on_policy_batch(batch, rows)
             self.log("draft/on_policy_s", time.perf_counter() - start, batch_size=size)

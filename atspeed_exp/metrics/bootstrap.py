@@ -52,11 +52,14 @@ def bootstrap_interval(
 
 
 def list_overlap(lists: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Per user |L ∩ R| / K: the share of the reference list (e.g. the target's beam-search list) that ``lists``
-    also contains, ignoring order. lists, reference: ``[U, K]`` item ids (-1 = padding, never shared; a repeated
-    item counts once). Returns ``[U]`` float64."""
+    """Per user |L ∩ R| / |R|: the share of the reference list's distinct items (e.g. the target's beam-search list)
+    that ``lists`` also contains, ignoring order. lists, reference: ``[U, K]`` item ids (-1 = padding: never shared
+    and not counted in |R|; a repeated item counts once). A user whose reference is empty gets 1. Returns ``[U]``
+    float64."""
     if lists.shape != reference.shape:
         raise ValueError(f"lists {tuple(lists.shape)} != reference {tuple(reference.shape)}")
     first = ~(reference[:, :, None] == reference[:, None, :]).tril(diagonal=-1).any(-1)  # first occurrences in R
-    shared = ((reference[:, :, None] == lists[:, None, :]).any(-1) & (reference >= 0) & first).sum(-1)
-    return shared.double() / reference.shape[1]
+    counted = (reference >= 0) & first  # [U, K] the reference's distinct items
+    shared = ((reference[:, :, None] == lists[:, None, :]).any(-1) & counted).sum(-1)
+    size = counted.sum(-1)
+    return torch.where(size > 0, shared.double() / size.clamp(min=1), torch.ones_like(shared, dtype=torch.float64))
