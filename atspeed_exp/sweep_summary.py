@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from atspeed_exp.analysis import across_seeds, all_users_rows, markdown_table, plot_across_seeds
+from atspeed_exp.artifacts import atomic_write
 
 log = logging.getLogger(__name__)
 TABLE_MD, TABLE_JSON, PLOT = "summary_table.md", "summary_table.json", "summary_plot.png"
@@ -82,19 +81,24 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text))
 
 
 class SweepSummary(Callback):
-    """``on_multirun_end``: ``summarise_sweep`` of the sweep dir. A failure to summarise is logged, never raised:
-    the jobs' own outputs are already complete."""
+    """``summarise_sweep`` of the sweep dir after every job of a multirun (so a sweep stopped by a failing job still
+    has the table of the jobs before it; Hydra's basic sweeper raises before ``on_multirun_end`` then) and at its
+    end. A failure to summarise is logged, never raised: the jobs' own outputs are already complete."""
 
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
+    @staticmethod
+    def _summarise(sweep_dir: Path) -> None:
         try:
             summarise_sweep(sweep_dir)
         except Exception:  # noqa: BLE001 - a summary problem must not turn a finished sweep into a failure
             log.exception("could not summarise the sweep in %s", sweep_dir)
+
+    def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
+        if str(OmegaConf.select(config, "hydra.mode", default="")).endswith("MULTIRUN"):
+            self._summarise(Path(config.hydra.sweep.dir))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._summarise(Path(config.hydra.sweep.dir))

@@ -40,3 +40,26 @@ def test_summarise_sweep_writes_table_json_and_plot_with_every_job(tmp_path, cap
     assert json.loads((tmp_path / "summary_table.json").read_text())["rows"] == payload["rows"]
     assert (tmp_path / "summary_plot.png").read_bytes()[:4] == b"\x89PNG"
     assert any("sweep summary" in r.getMessage() and "| kl | strict | 5 |" in r.getMessage() for r in caplog.records)
+
+
+def test_a_sweep_stopped_by_a_failing_job_still_has_its_summary(tmp_path):
+    """Hydra's basic sweeper raises on a failed job before its multirun-end callbacks: the table is written after
+    every job, so the jobs that finished are summarised."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipeline_helpers import tiny_overrides
+
+    repo = Path(__file__).resolve().parents[1]
+    overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith("paths.output_dir")]
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo)}
+    result = subprocess.run(
+        [sys.executable, "run.py", "-m", "stages=[target]", "seed=0,-1", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+         *overrides], cwd=repo, env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and "seed=-1" in result.stderr  # the second job's config is refused
+    text = (tmp_path / "sweep" / "summary_table.md").read_text()
+    assert "2 jobs, 1 with a summary" in text
+    (failed,) = [line for line in text.splitlines() if "(no summary.json)" in line]
+    assert "seed=-1" in failed
