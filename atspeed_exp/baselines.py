@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from atspeed_exp.artifacts import resume_checkpoint
+from atspeed_exp.artifacts import atomic_save_to_path, load_checkpoint_state_dict, resume_checkpoint, stage_lock
 from atspeed_exp.data.atspeed_format import build_examples, item_popularity, load_atspeed_dataset
 from atspeed_exp.data.types import RecDataset
 from atspeed_exp.lit.sasrec_module import SASRecModule, example_tensors
@@ -72,7 +72,13 @@ def num_item_ids(dataset: RecDataset) -> int:
 def train_sasrec(cfg: DictConfig, logger: Any = False, extra_callbacks: list | None = None) -> Path:
     """Train SASRec on the target's training examples (or reuse a finished run of the same settings); returns the
     stage dir. The best epoch by ``sasrec/val_{monitor}@{val_k}`` on the validation users is kept; training stops
-    after ``patience`` epochs without improvement. An interrupted run resumes from ``checkpoints/last.ckpt``."""
+    after ``patience`` epochs without improvement. An interrupted run resumes from ``checkpoints/last.ckpt``;
+    concurrent runs of the same settings build it once (``stage_lock``)."""
+    with stage_lock(sasrec_stage_dir(cfg)):
+        return _train_sasrec(cfg, logger, extra_callbacks)
+
+
+def _train_sasrec(cfg: DictConfig, logger: Any = False, extra_callbacks: list | None = None) -> Path:
     stage_dir = sasrec_stage_dir(cfg)
     if stage_done(stage_dir):
         log.info("sasrec stage: reusing %s", stage_dir)
@@ -104,10 +110,10 @@ def train_sasrec(cfg: DictConfig, logger: Any = False, extra_callbacks: list | N
         raise RuntimeError(f"sasrec training interrupted; rerun the same command to resume from {last}")
     best = checkpoint.best_model_path
     if best:
-        module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+        module.load_state_dict(load_checkpoint_state_dict(best))
     model_args = {**OmegaConf.to_container(settings.model, resolve=True), "num_items": model.num_items}
     model_args.pop("_target_")
-    torch.save(module.model.state_dict(), stage_dir / "model.pt")
+    atomic_save_to_path(stage_dir / "model.pt", lambda tmp: torch.save(module.model.state_dict(), tmp))
     write_json_atomic(stage_dir / "model.json", model_args)
     write_json_atomic(stage_dir / STAGE_FILE, {
         "stage": "sasrec",
@@ -127,7 +133,7 @@ def train_sasrec(cfg: DictConfig, logger: Any = False, extra_callbacks: list | N
 def load_sasrec(stage_dir: Path) -> SASRec:
     """The stage's trained model, in eval mode on the CPU."""
     model = SASRec(**json.loads((stage_dir / "model.json").read_text()))
-    model.load_state_dict(torch.load(stage_dir / "model.pt", map_location="cpu"))
+    model.load_state_dict(torch.load(stage_dir / "model.pt", map_location="cpu", weights_only=True))
     return model.eval()
 
 
