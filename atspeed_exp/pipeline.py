@@ -89,11 +89,14 @@ def reusable(stage_dir: Path, inputs: dict[str, str]) -> bool:
     return False
 
 
-def dataset_fingerprint(root: Path) -> str:
-    """A hash of every file of a dataset folder (names and contents): changes when a file is edited in place."""
+def dataset_fingerprint(cfg: DictConfig) -> str:
+    """A hash of the dataset files the pipeline reads (the three splits and the SID index: names and contents), so
+    it changes when one is edited in place and not when an unrelated file is added to the folder."""
+    root = data_root(cfg)
+    names = [*SPLIT_FILES.values(), cfg.data.get("index_file") or default_index_file(cfg.data.name)]
     digest = hashlib.sha256()
-    for path in sorted(p for p in Path(root).rglob("*") if p.is_file() and not p.name.startswith(".")):
-        digest.update(path.relative_to(root).as_posix().encode())
+    for path in (root / name for name in names):
+        digest.update(path.name.encode())
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
@@ -108,9 +111,8 @@ def teacher_id(teacher_dir: Path) -> str:
 def latest_checkpoint(stage_dir: Path) -> pl.callbacks.ModelCheckpoint:
     """Writes ``checkpoints/last.ckpt`` at the end of EVERY epoch (the resume point). A monitored checkpoint's
     ``save_last`` would write it only when the monitored metric improves, so an interruption after an epoch that
-    did not improve would resume from an older one."""
-    return pl.callbacks.ModelCheckpoint(dirpath=stage_dir / "checkpoints", filename="last-epoch", save_last=True,
-                                        enable_version_counter=False)
+    did not improve would resume from an older one. One file, overwritten each epoch."""
+    return pl.callbacks.ModelCheckpoint(dirpath=stage_dir / "checkpoints", filename="last", enable_version_counter=False)
 
 
 def make_trainer(cfg: DictConfig, stage: str, callbacks: list, stage_dir: Path, **kwargs: Any) -> pl.Trainer:
@@ -210,7 +212,7 @@ def train_target(cfg: DictConfig, logger: Any, extra_callbacks: list | None = No
 def _train_target(cfg: DictConfig, logger: Any, extra_callbacks: list | None = None) -> tuple[Path, RecData]:
     stage_dir = target_stage_dir(cfg)
     tokenizer_dir = stage_dir / "tokenizer"
-    fingerprint = dataset_fingerprint(data_root(cfg))
+    fingerprint = dataset_fingerprint(cfg)
     if reusable(stage_dir, {"dataset_sha": fingerprint}):
         log.info("target stage: reusing %s", stage_dir)
         return stage_dir, load_data(cfg, tokenizer_dir)
@@ -558,7 +560,8 @@ def evaluate_target(cfg: DictConfig, stage_dir: Path, data: RecData) -> dict[str
     test = data.splits["test"]
     users = min(cfg.eval.max_users, len(test)) if cfg.eval.max_users else len(test)
     cutoffs = tuple(n for n in cfg.eval.cutoffs if n <= cfg.eval.num_beams)
-    settings = {"users": users, "cutoffs": cutoffs, "num_beams": cfg.eval.num_beams, "dtype": eval_dtype(cfg),
+    settings = {"version": 2, "users": users, "cutoffs": cutoffs, "num_beams": cfg.eval.num_beams,
+                "batch_size": cfg.eval.batch_size, "dtype": eval_dtype(cfg),
                 "backend": eval_backend(cfg), "device": device, "scope": cfg.decoding.get("scope", "vocab"),
                 "weights": weights_fingerprint(stage_dir / "model")}
     cached = stage_dir / "eval" / f"target-{stage_key(settings)}.json"
