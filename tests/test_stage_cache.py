@@ -34,7 +34,7 @@ def test_trainer_settings_that_change_a_fit_are_in_the_stage_keys(tmp_path):
     base = compose_config(tiny_overrides(tmp_path))
     teacher = Path("teacher-dir")
     for extra in (["+trainer.limit_train_batches=250"], ["+trainer.max_steps=7"],
-                  ["+trainer.accumulate_grad_batches=2"]):
+                  ["+trainer.accumulate_grad_batches=2"], ["trainer.precision=bf16-mixed"]):
         other = compose_config(tiny_overrides(tmp_path) + extra)
         assert pipeline.target_stage_dir(other) != pipeline.target_stage_dir(base), extra
         assert pipeline.draft_stage_dir(other, teacher) != pipeline.draft_stage_dir(base, teacher), extra
