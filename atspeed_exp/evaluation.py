@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from atspeed_exp.decoding.beam_search import left_pad
 from atspeed_exp.decoding.protocol import DecoderLM
@@ -21,6 +20,7 @@ from atspeed_exp.decoding.tree import tree_beam_search
 from atspeed_exp.decoding.trie import ItemTrie
 from atspeed_exp.metrics import pad_ground_truth, recall_ndcg, recall_ndcg_per_user
 from atspeed_exp.metrics.bootstrap import bootstrap_interval, list_overlap
+from atspeed_exp.progress import progress as bar
 
 
 @dataclass
@@ -64,7 +64,7 @@ def generate_lists(
     per_list = torch.zeros((3, len(prompts)), dtype=torch.long)  # target calls, drafted, accepted
     calls = 0
     start = time.perf_counter()
-    for first in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch"):
+    for first in bar(range(0, len(order), batch_size), desc=desc, enabled=progress, unit="batch"):
         rows = order[first : first + batch_size]
         ids, mask = left_pad([torch.tensor(prompts[i], dtype=torch.long) for i in rows], pad_id)
         ids, mask = ids.to(model.device), mask.to(model.device)
@@ -143,7 +143,7 @@ def evaluate_speculative(
         base_items: list[torch.Tensor] = []
         sd = {m: {"times": [], "items": [], "stats": []} for m in modes}
         users = range(-min(warmup, len(prompts)), len(prompts))
-        for user in tqdm(users, desc=f"speculative eval K={k}", disable=not progress, unit="user"):
+        for user in bar(users, desc=f"speculative eval K={k}", enabled=progress, unit="user"):
             index = user if user >= 0 else user + min(warmup, len(prompts))  # warm-up re-uses the first users
             ids, mask = tensors[index], masks[index]
             _sync(device)

@@ -138,3 +138,20 @@ def test_per_k_rows_name_each_rows_k_columns_at_k():
     out = per_k_rows(rows)
     assert [set(r) for r in out] == [{"mode", "k", "recall@K", "recall@K_lo95", "recall@K_change"}] * 2
     assert out[1]["recall@K"] == 0.2
+
+
+def test_progress_logs_status_lines_when_the_output_is_not_a_terminal(caplog):
+    import logging
+
+    from atspeed_exp.progress import progress
+
+    with caplog.at_level(logging.INFO, logger="atspeed_exp.progress"):
+        for _ in progress(range(5), desc="decoding", unit="user", log_seconds=0):
+            pass
+    lines = [r.getMessage() for r in caplog.records if r.name == "atspeed_exp.progress"]
+    assert lines and all("\r" not in line for line in lines)  # pytest's stderr is not a terminal
+    assert lines[-1].startswith("decoding: 100%") and "5/5" in lines[-1]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="atspeed_exp.progress"):
+        list(progress(range(3), desc="quiet", enabled=False))
+    assert not caplog.records

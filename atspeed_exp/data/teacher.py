@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from atspeed_exp.artifacts import (
     STAGE_FILE,
@@ -52,6 +51,7 @@ from atspeed_exp.decoding.protocol import DecoderLM
 from atspeed_exp.decoding.speculative import speculative_beam_search
 from atspeed_exp.decoding.tree import tree_beam_search
 from atspeed_exp.decoding.trie import ItemTrie
+from atspeed_exp.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +162,8 @@ def generate_teacher_data(
     num_shards = (len(prompts) + shard_size - 1) // shard_size
     remove_corrupt_shards(directory, clear_stage=False)  # regenerated below with the missing ones
     todo = [s for s in range(num_shards) if not shard_path(directory, s).exists()]
-    bar = tqdm(total=sum(min(shard_size, len(prompts) - s * shard_size) for s in todo), desc="teacher beams",
-               disable=not progress, unit="ex")
+    bar = progress_bar(total=sum(min(shard_size, len(prompts) - s * shard_size) for s in todo), desc="teacher beams",
+                       enabled=progress, unit="ex")
     for shard in todo:
         first = shard * shard_size
         rows = list(range(first, min(first + shard_size, len(prompts))))
