@@ -765,4 +765,4 @@ def format_summary(summary: dict[str, Any], cutoffs: tuple[int, ...] = (5, 10, 2
                          f"{cell(row, 'acceptance_rate', 3):>19s} {overlap:>7s} "
                          f"{cell(row, f'recall@{k}', 4):>25s} {change:>10s}")
     lines.append(f"logs: {summary['log_dir']}")
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
