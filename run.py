@@ -1,8 +1,12 @@
 """Entry point: `python run.py [+experiment=NAME] [key=value ...]` (Hydra). Builds the pipeline from the config."""
 
+import logging
 import os
+import signal
+import sys
 
 import hydra
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 import atspeed_exp.project_paths  # noqa: F401  (registers ${project_root:...} before Hydra resolves conf/)
@@ -19,7 +23,13 @@ def main(cfg: DictConfig) -> None:
     from atspeed_exp.pipeline import format_summary, run
 
     route_library_logs()
-    summary = run(cfg)
+    try:
+        summary = run(cfg)
+    except SIGTERMException:  # Lightning stops training on SIGTERM with a SystemExit whose status is 0
+        logging.getLogger("run").error(
+            "stopped by SIGTERM before the run finished; nothing unfinished is trusted later: rerun the same command "
+            "to resume training from the last completed epoch (each stage's checkpoints/last.ckpt)")
+        sys.exit(128 + signal.SIGTERM)
     print(format_summary(summary, tuple(n for n in cfg.eval.cutoffs if n <= cfg.eval.num_beams)))
 
 

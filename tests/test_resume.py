@@ -89,3 +89,29 @@ def test_latest_checkpoint_is_written_every_epoch_even_when_the_monitored_metric
                          callbacks=[best, pipeline.latest_checkpoint(tmp_path), Watch()])
     trainer.fit(Flat(), data, data)
     assert seen == [None, 0, 1]
+
+
+@pytest.mark.slow
+def test_sigterm_during_training_exits_non_zero_and_says_how_to_resume(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith("target_training.max_epochs")]
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo)}
+    process = subprocess.Popen([sys.executable, "run.py", "stages=[target]", "target_training.max_epochs=500",
+                                "threads=1", *overrides], cwd=repo, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    stage_dirs = tmp_path / "artifacts" / "target"
+    while not list(stage_dirs.glob("*/checkpoints/last.ckpt")):  # an epoch has finished
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate()
+    assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
+    assert "stopped by SIGTERM" in output and "rerun the same command" in output
+    assert not list(stage_dirs.glob("*/stage.json"))  # the unfinished stage is not marked done
