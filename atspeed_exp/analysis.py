@@ -59,10 +59,11 @@ def speculative_rows(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 ALL_USERS_METRICS = ("target_calls_per_list", "acceptance_rate", "overlap")
 
 
-# config keys that do not change a run's all-users figures: where it ran and logged, batch-1 timing settings, and the
-# draft seed itself (the one thing runs of one group differ in)
+# config keys that do not change a run's all-users figures at a given mode and K: where it ran and logged, batch-1
+# timing settings, which modes and Ks were evaluated, and the draft seed itself (what runs of one group differ in)
 NOT_GROUPED = ("paths", "hydra", "logger", "run_name", "threads", "stages", "eval.speculative_users",
-               "eval.throughput_batch_size", "trainer.default_root_dir", "draft_training.seed", "draft.seed")
+               "eval.throughput_batch_size", "trainer.default_root_dir", "draft_training.seed", "draft.seed",
+               "decoding.ks", "decoding.modes")
 
 
 def group_key(config: dict[str, Any]) -> str:
