@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target-dir", required=True, help="saved target model dir (its ../tokenizer is used)")
     p.add_argument("--draft-dir", required=True, help="saved draft model dir")
-    p.add_argument("--data-root", default="data/beauty")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: data/<data-name>)")
     p.add_argument("--data-name", default="beauty")
     p.add_argument("--examples", type=int, default=2048, help="first N training users")
     p.add_argument("--num-beams", type=int, default=20, help="K_t")
@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     target_dir = Path(args.target_dir)
-    data = RecData.build(args.data_root, args.data_name, tokenizer_dir=target_dir.parent / "tokenizer",
+    data = RecData.build(args.data_root or f"data/{args.data_name}", args.data_name,
+                         tokenizer_dir=target_dir.parent / "tokenizer",
                          splits=("train",))
     examples = build_examples(data.dataset, "train", sliding_window=False)[: args.examples]
     encoded = data.encode(examples)
