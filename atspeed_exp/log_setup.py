@@ -10,7 +10,10 @@ from __future__ import annotations
 import logging
 import warnings
 
-NOISE = ("litlogger",)  # substrings of log messages that are advertisements, not information
+NOISE = ("litlogger",)
+# libraries that attach a console handler of their own; their records go to the root's handlers instead (Lightning
+# also stops propagating when it is imported before logging is configured, which then bypasses Hydra's log file)
+LIBRARIES = ("lightning", "lightning_fabric", "pytorch_lightning", "torchmetrics", "huggingface_hub")  # substrings of log messages that are advertisements, not information
 NOISY_WARNINGS = (r".*LeafSpec.*",)  # deprecation warnings raised inside a dependency, not by this project
 
 
@@ -23,10 +26,13 @@ class _DropNoise(logging.Filter):
 def route_library_logs() -> None:
     """Call once after logging is configured (Hydra's job logging) and the libraries are imported."""
     for name, logger in list(logging.root.manager.loggerDict.items()):
-        if isinstance(logger, logging.Logger) and logger.propagate and logger.handlers and "." not in name:
-            for handler in list(logger.handlers):
-                if type(handler) is logging.StreamHandler:  # a duplicate of the root's console handler
-                    logger.removeHandler(handler)
+        library = name.split(".")[0] in LIBRARIES
+        if not isinstance(logger, logging.Logger) or not (library or (logger.propagate and "." not in name)):
+            continue
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:  # a duplicate of the root's console handler
+                logger.removeHandler(handler)
+        logger.propagate = True
     for handler in logging.root.handlers:
         if not any(isinstance(f, _DropNoise) for f in handler.filters):
             handler.addFilter(_DropNoise())

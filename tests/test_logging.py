@@ -155,3 +155,16 @@ def test_progress_logs_status_lines_when_the_output_is_not_a_terminal(caplog):
     with caplog.at_level(logging.INFO, logger="atspeed_exp.progress"):
         list(progress(range(3), desc="quiet", enabled=False))
     assert not caplog.records
+
+
+def test_route_library_logs_sends_lightning_records_to_the_root_even_if_it_stopped_propagating():
+    import logging
+
+    from atspeed_exp.log_setup import route_library_logs
+
+    lightning = logging.getLogger("lightning.pytorch")
+    own = logging.StreamHandler()
+    lightning.addHandler(own)
+    lightning.propagate = False  # what Lightning does when imported before logging is configured
+    route_library_logs()
+    assert own not in lightning.handlers and lightning.propagate
