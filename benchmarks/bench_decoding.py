@@ -203,8 +203,9 @@ def load_saved(model_dir: Path) -> torch.nn.Module:
 
 
 def build_from_config(path: str, seed: int, data: RecData) -> torch.nn.Module:
-    """``conf/model/NAME.yaml`` instantiated through its ``_target_`` (``${seed}`` resolved to ``seed``)."""
-    cfg = OmegaConf.create({"seed": seed, "model": OmegaConf.load(path)})
+    """``conf/model/NAME.yaml`` or ``conf/draft/NAME.yaml`` instantiated through its ``_target_`` (``${seed}`` and a
+    draft's ``${draft_training.seed}`` resolved to ``seed``)."""
+    cfg = OmegaConf.create({"seed": seed, "draft_training": {"seed": seed}, "model": OmegaConf.load(path)})
     blocks = data.sid_index.level_blocks
     model = instantiate(cfg.model, tokenizer=data.tokenizer, sid_token_ids=list(range(blocks[0][0], blocks[-1][1])))
     if isinstance(model, PeftModel):
