@@ -63,7 +63,8 @@ ALL_USERS_METRICS = ("target_calls_per_list", "acceptance_rate", "overlap")
 # timing settings, which modes and Ks were evaluated, and the draft seed itself (what runs of one group differ in)
 NOT_GROUPED = ("paths", "hydra", "logger", "run_name", "threads", "stages", "eval.speculative_users",
                "eval.throughput_batch_size", "trainer.default_root_dir", "draft_training.seed", "draft.seed",
-               "decoding.ks", "decoding.modes")
+               "decoding.ks", "decoding.modes", "trainer.log_every_n_steps", "trainer.enable_progress_bar",
+               "trainer.enable_model_summary")
 
 
 def group_key(config: dict[str, Any]) -> str:
