@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning.pytorch as pl
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -42,3 +43,14 @@ def tiny_overrides(tmp_path: Path) -> list[str]:
 def compose_config(overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
+
+
+class StopAtEpoch(pl.Callback):
+    """Simulates a crash: raises when training reaches ``epoch``."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, module):
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("simulated crash")

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from omegaconf import OmegaConf
-from pipeline_helpers import CONF_DIR, compose_config, tiny_overrides
+from pipeline_helpers import CONF_DIR, StopAtEpoch, compose_config, tiny_overrides
 
 from atspeed_exp import pipeline
 
@@ -75,15 +75,6 @@ def test_pipeline_sweep_over_objective_reuses_target_and_teacher(tmp_path):
     assert [r["k"] for r in third["table"]] == [5, 5]
 
 
-class _StopAtEpoch(pl.Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer, module):
-        if trainer.current_epoch == self.epoch:
-            raise RuntimeError("simulated crash")
-
-
 class _RecordFirstEpoch(pl.Callback):
     first: int | None = None
 
@@ -95,7 +86,7 @@ class _RecordFirstEpoch(pl.Callback):
 def test_target_training_resumes_after_interruption(tmp_path):
     cfg = compose_config(tiny_overrides(tmp_path) + ["target_training.max_epochs=2"])
     with pytest.raises(RuntimeError, match="simulated crash"):
-        pipeline.train_target(cfg, logger=False, extra_callbacks=[_StopAtEpoch(1)])
+        pipeline.train_target(cfg, logger=False, extra_callbacks=[StopAtEpoch(1)])
     stage_dir = pipeline.target_stage_dir(cfg)
     assert (stage_dir / "checkpoints" / "last.ckpt").exists()
     assert not pipeline.stage_done(stage_dir)  # a crashed stage is never trusted

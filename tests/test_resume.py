@@ -3,20 +3,11 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-from pipeline_helpers import compose_config, tiny_overrides
+from pipeline_helpers import StopAtEpoch, compose_config, tiny_overrides
 
 from atspeed_exp import pipeline
 from atspeed_exp.data.datamodule import LengthBucketBatchSampler
 from atspeed_exp.models.build import load_model
-
-
-class _StopAtEpoch(pl.Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer, module):
-        if trainer.current_epoch == self.epoch:
-            raise RuntimeError("simulated crash")
 
 
 class _RecordBatches(pl.Callback):
@@ -46,7 +37,7 @@ def test_target_training_resumed_after_a_crash_equals_an_uninterrupted_run(tmp_p
 
     crashed = compose_config(tiny_overrides(tmp_path / "crashed") + overrides)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        pipeline.train_target(crashed, logger=False, extra_callbacks=[_StopAtEpoch(1)])
+        pipeline.train_target(crashed, logger=False, extra_callbacks=[StopAtEpoch(1)])
     record_resumed = _RecordBatches()
     pipeline.train_target(crashed, logger=False, extra_callbacks=[record_resumed])
     assert list(record_resumed.batches) == [1]
