@@ -3,12 +3,12 @@
 # with several seeds on ONE target and teacher (beauty_paper_* settings), each evaluated on all test users (calls,
 # acceptance, overlap, accuracy with 95% bootstrap intervals), then tabulated over seeds. Stages are cached, so a
 # rerun only does what is missing. Variables: STRICT_FORMS, RELAXED_FORMS, SEEDS, THREADS, EXTRA (more overrides),
-# OUT (the JSON tables).
+# OUT (the JSON tables). An empty STRICT_FORMS or RELAXED_FORMS skips that half.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-STRICT_FORMS=${STRICT_FORMS:-atspeed_s_public,seqkd_public,wordkd_public,atspeed_s}
-RELAXED_FORMS=${RELAXED_FORMS:-atspeed_r_public,atspeed_r,tvdkd_public}
+STRICT_FORMS=${STRICT_FORMS-atspeed_s_public,seqkd_public,wordkd_public,atspeed_s}
+RELAXED_FORMS=${RELAXED_FORMS-atspeed_r_public,atspeed_r,tvdkd_public}
 SEEDS=${SEEDS:-2025,1,2}
 THREADS=${THREADS:-1}
 OUT=${OUT:-results/objectives}
