@@ -27,6 +27,7 @@ item embedding matrix; text-encoder embeddings are not built here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -37,13 +38,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from atspeed_exp.artifacts import atomic_write
+from atspeed_exp.artifacts import atomic_write, sha256_file
 from atspeed_exp.data.atspeed_format import SPLIT_FILES, _load_split, default_index_file
 
 logger = logging.getLogger(__name__)
 
 COLLISION_MODES = ("none", "extra_level", "reassign_last")
+METHODS = ("rq_kmeans", "id_digits")
+EMBEDDING_SOURCES = ("file", "sasrec", "text")
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+INDEX_FORMAT_VERSION = 1  # bump when the same inputs and settings would give another index
 
 
 # -- k-means ----------------------------------------------------------------------------------------------------
@@ -285,30 +289,138 @@ def id_digit_codes(num_items: int, codebook_size: int, levels: int) -> torch.Ten
     return torch.stack([(ids // codebook_size ** (levels - 1 - l)) % codebook_size for l in range(levels)], dim=1)
 
 
+# -- what an index was made from ---------------------------------------------------------------------------------
+def report_path(index: str | Path) -> Path:
+    """The report beside an index file: ``<index stem>.report.json``."""
+    index = Path(index)
+    return index.with_name(index.stem + ".report.json")
+
+
+def _hash_files(paths: Sequence[Path], base: Path | None = None) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(str(path.relative_to(base) if base else path.name).encode() + b"\0")
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def embedding_fingerprint(root: str | Path, embedding: dict[str, Any], key: str = "sid") -> dict[str, Any]:
+    """The content of what ``load_embeddings`` would read for ``embedding`` (its config, ``key`` names it in
+    errors): sha256 of the ``.npy`` and ids files (source ``file``), of the SASRec stage's ``model.pt`` (``sasrec``),
+    of the encoder folder's files and ``item_text.json`` (``text``). A missing input is an error naming its key."""
+    source, path = embedding.get("source"), embedding.get("path")
+    if source not in EMBEDDING_SOURCES:
+        raise ValueError(f"{key}.embedding.source={source!r}: expected one of {list(EMBEDDING_SOURCES)}")
+    what = {"file": "an .npy file of item embeddings [N, D]", "sasrec": "a finished SASRec stage folder",
+            "text": "a local transformers encoder folder"}[source]
+    if path is None:
+        raise ValueError(f"{key}.embedding.path=null: source {source!r} needs {what}")
+    path = Path(path)
+    if source == "file":
+        if not path.is_file():
+            raise FileNotFoundError(f"{key}.embedding.path={str(path)!r}: no such file ({what})")
+        ids_file = embedding.get("ids_file")
+        if ids_file is not None and not Path(ids_file).is_file():
+            raise FileNotFoundError(f"{key}.embedding.ids_file={str(ids_file)!r}: no such file")
+        return {"source": source, "npy": sha256_file(path), "ids_file": ids_file and sha256_file(ids_file),
+                "id_kind": embedding.get("id_kind", "int")}
+    if source == "sasrec":
+        if not (path / "model.pt").is_file():
+            raise FileNotFoundError(f"{key}.embedding.path={str(path)!r}: no model.pt there ({what})")
+        return {"source": source, "model": sha256_file(path / "model.pt")}
+    if not path.is_dir():
+        raise FileNotFoundError(f"{key}.embedding.path={str(path)!r}: no such folder ({what})")
+    text = Path(root) / "item_text.json"
+    if not text.is_file():
+        raise FileNotFoundError(f"{text} does not exist: source 'text' encodes the item text that the split step "
+                                f"writes when given a metadata file (prepare.metadata)")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
+                                                                         p.relative_to(path).parts))
+    settings = {k: v for k, v in embedding.items() if k not in ("source", "path", "ids_file", "id_kind")}
+    return {"source": source, "encoder": _hash_files(files, path), "item_text": sha256_file(text), **settings}
+
+
+def sid_inputs(
+    root: str | Path, method: str, embedding: dict[str, Any], codebook_sizes: Sequence[int], collisions: str,
+    iters: int, seed: int, embeddings: dict[str, Any] | None = None, key: str = "sid",
+) -> dict[str, Any]:
+    """What an index of the folder ``root`` is made from, recorded in its report under ``inputs``: the settings,
+    the dataset's items (their ids and ``item_map.json``) and the embeddings (``embedding_fingerprint``, or
+    ``embeddings`` when the caller names them otherwise). Two indexes with equal inputs are the same index."""
+    if method not in METHODS:
+        raise ValueError(f"{key}.method={method!r}: expected one of {list(METHODS)}")
+    root = Path(root)
+    item_map = root / "item_map.json"
+    ids = json.dumps(dataset_item_ids(root)).encode()
+    settings: dict[str, Any] = {"method": method, "codebook_sizes": [int(c) for c in codebook_sizes]}
+    if method != "id_digits":
+        settings.update(collisions=collisions, iters=int(iters), seed=int(seed))
+        embeddings = embeddings if embeddings is not None else embedding_fingerprint(root, embedding, key)
+    return {"format_version": INDEX_FORMAT_VERSION, "settings": settings,
+            "items": {"ids": hashlib.sha256(ids).hexdigest(),
+                      "item_map": sha256_file(item_map) if item_map.is_file() else None},
+            "embeddings": embeddings if method != "id_digits" else None}
+
+
+def index_differences(index: str | Path, inputs: dict[str, Any]) -> list[str]:
+    """Why the index file ``index`` is not the one ``inputs`` make (empty when it is): the index or its report is
+    missing, or the report records other inputs (named by part)."""
+    index, report = Path(index), report_path(index)
+    if not index.is_file():
+        return [f"{index} does not exist"]
+    if not report.is_file():
+        return [f"{report} does not exist"]
+    try:
+        recorded = json.loads(report.read_text(encoding="utf-8")).get("inputs")
+    except ValueError as error:
+        return [f"{report} is not JSON ({error})"]
+    if not isinstance(recorded, dict):
+        return [f"{report} records no inputs"]
+    why = []
+    if recorded.get("format_version") != inputs["format_version"]:
+        why.append(f"format version {recorded.get('format_version')} -> {inputs['format_version']}")
+    old = recorded.get("settings") or {}
+    why += [f"{k} {old.get(k)!r} -> {v!r}" for k, v in inputs["settings"].items() if old.get(k) != v]
+    why += [f"{k} {old[k]!r} -> absent" for k in old if k not in inputs["settings"]]
+    if recorded.get("items") != inputs["items"]:
+        why.append("the dataset's items changed")
+    if recorded.get("embeddings") != inputs["embeddings"]:
+        changed = sorted(k for k in {*(recorded.get("embeddings") or {}), *(inputs["embeddings"] or {})}
+                         if (recorded.get("embeddings") or {}).get(k) != (inputs["embeddings"] or {}).get(k))
+        why.append(f"the embeddings changed ({', '.join(changed)})")
+    return why
+
+
 def build_index(
     root: str | Path, name: str, embedding: dict[str, Any], codebook_sizes: Sequence[int],
     collisions: str = "reassign_last", iters: int = 100, seed: int = 0, index_file: str | None = None,
-    method: str = "rq_kmeans",
+    method: str = "rq_kmeans", inputs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build and write the SID index of the dataset folder ``root``: ``{name}.LCRec-1e-3lr.json`` (or
-    ``index_file``) and its report beside it (``<index stem>.report.json``). ``embedding``: keyword arguments of
-    ``load_embeddings`` less ``item_ids`` (unused by ``method`` ``id_digits``). Returns the report."""
+    ``index_file``) and its report beside it (``<index stem>.report.json``, with ``sid_inputs`` under ``inputs``;
+    pass ``inputs`` when already computed). ``embedding``: keyword arguments of ``load_embeddings`` less
+    ``item_ids`` (unused by ``method`` ``id_digits``). The old report is removed before the index is replaced and
+    the new one written last, so an index is never beside the report of another. Returns the report."""
     root = Path(root)
+    if inputs is None:
+        inputs = sid_inputs(root, method, embedding, codebook_sizes, collisions, iters, seed)
     item_ids = dataset_item_ids(root)
     if method == "id_digits":
         size = int(codebook_sizes[0])
         codes = id_digit_codes(max(item_ids) + 1, size, len(codebook_sizes))[torch.tensor(item_ids)]
-        report: dict[str, Any] = {"method": method, "after": sid_report(codes, [size] * len(codebook_sizes))}
+        report: dict[str, Any] = {"method": method, "inputs": inputs,
+                                  "after": sid_report(codes, [size] * len(codebook_sizes))}
     elif method == "rq_kmeans":
         item_map = root / "item_map.json"
         vectors, facts = load_embeddings(item_ids, item_map_file=item_map if item_map.is_file() else None, **embedding)
         codes, report = build_sids(vectors, codebook_sizes, collisions, iters, seed)
-        report = {"method": method, "embeddings": facts, "iters": iters, "seed": seed, **report}
+        report = {"method": method, "inputs": inputs, "embeddings": facts, "iters": iters, "seed": seed, **report}
     else:
-        raise ValueError(f"method must be 'rq_kmeans' or 'id_digits', got {method!r}")
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     path = root / (index_file or default_index_file(name))
+    report_path(path).unlink(missing_ok=True)
     write_index(path, item_ids, codes)
-    atomic_write(path.with_name(path.stem + ".report.json"), lambda f: json.dump(report, f, indent=1))
+    atomic_write(report_path(path), lambda f: json.dump(report, f, indent=1))
     after = report["after"]
     logger.info("wrote %s: %d items, %d levels, collision rate %.4f (before handling: %s), codes used per level %s",
                 path, after["items"], codes.shape[1], after["collision_rate"],
