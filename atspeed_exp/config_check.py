@@ -149,6 +149,7 @@ def _list_of(check_item: Callable[[Any], str | None], choices: str = "") -> Call
 def _rules() -> dict[str, Callable[[Any], str | None]]:
     from atspeed_exp.data.prepare import ITEM_ORDERS, SPLITS, USER_ORDERS
     from atspeed_exp.data.sid_build import COLLISION_MODES, EMBEDDING_SOURCES, METHODS
+    from atspeed_exp.data.text_embeddings import TEXT_FIELDS
     from atspeed_exp.decoding.beam_search import SCOPES
     from atspeed_exp.decoding.speculative import MODES
     from atspeed_exp.losses.alignment import ALIGNMENT_LOSSES, TEMPERATURE_FORMS
@@ -201,6 +202,10 @@ def _rules() -> dict[str, Callable[[Any], str | None]]:
         "data.sid.seed": _int_at_least(0),
         "data.sid.embedding.source": _one_of(EMBEDDING_SOURCES),
         "data.sid.embedding.id_kind": _one_of(("int", "original")),
+        "data.sid.embedding.fields": _list_of(_one_of(TEXT_FIELDS)),
+        "data.sid.embedding.max_length": _int_at_least(1),
+        "data.sid.embedding.batch_size": _int_at_least(1),
+        "data.sid.embedding.device": _one_of(("cpu", "cuda", "auto")),
     }
 
 

@@ -21,8 +21,8 @@ Contract of ``build_sids`` (torch only; the same embeddings, settings and seed g
 
 ``sid_report`` measures the codes: per level the codes used of the codebook, the collision rate
 ``(N - distinct SIDs) / N`` (LC-Rec's definition), items in a shared SID, and max / mean items per full SID and per
-(L-1)-prefix. ``load_embeddings`` reads a user's ``.npy`` file (with an item-id order file) or a trained SASRec stage's
-item embedding matrix; text-encoder embeddings are not built here.
+(L-1)-prefix. ``load_embeddings`` reads a user's ``.npy`` file (with an item-id order file), a trained SASRec stage's
+item embedding matrix, or encodes the items' text with a local encoder (``text_embeddings``).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import torch
 
 from atspeed_exp.artifacts import atomic_write, sha256_file
 from atspeed_exp.data.atspeed_format import SPLIT_FILES, _load_split, default_index_file
+from atspeed_exp.data.text_embeddings import TEXT_FIELDS, folder_digest, text_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +215,9 @@ def dataset_item_ids(root: str | Path) -> list[int]:
 
 def load_embeddings(
     item_ids: Sequence[int], source: str, path: str | Path, ids_file: str | Path | None = None,
-    id_kind: str = "int", item_map_file: str | Path | None = None,
+    id_kind: str = "int", item_map_file: str | Path | None = None, text_file: str | Path | None = None,
+    fields: Sequence[str] = TEXT_FIELDS, max_length: int = 128, batch_size: int = 32, device: str = "cpu",
+    cache_dir: str | Path | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Embeddings [len(item_ids), D] float64, row r for ``item_ids[r]``, and facts for the report.
 
@@ -222,7 +225,9 @@ def load_embeddings(
     ``int``: the dataset's int ids; ``original``: original ids, mapped by ``item_map_file``); without ``ids_file``
     row m is item m. Rows of items not in the dataset are ignored (counted); a dataset item without a row is an
     error. source ``sasrec``: ``path`` is a finished SASRec stage folder; its ``model.pt`` item embedding row i is
-    item i (the padding row is dropped). source ``text``: not built here (ValueError saying so).
+    item i (the padding row is dropped). source ``text``: ``path`` is a local transformers encoder folder, the
+    texts come from ``text_file`` (the dataset's ``item_text.json``); ``fields``, ``max_length``, ``batch_size``,
+    ``device`` and ``cache_dir`` as in ``text_embeddings.text_embeddings``.
     """
     if source == "file":
         matrix = torch.from_numpy(np.load(path, allow_pickle=False)).to(torch.float64)
@@ -249,8 +254,12 @@ def load_embeddings(
         matrix = weight[:-1].to(torch.float64)  # the last row is the padding embedding
         row_ids = list(range(matrix.shape[0]))
     elif source == "text":
-        raise ValueError("embedding source 'text' (a local text encoder over item_text.json) is not built yet: "
-                         "encode the texts yourself and pass the .npy with source 'file'")
+        if text_file is None or not Path(text_file).is_file():
+            raise FileNotFoundError(f"embedding source 'text' needs the dataset's item_text.json (the split step "
+                                    f"writes it from prepare.metadata); got {text_file}")
+        matrix, text_facts = text_embeddings(text_file, item_ids, path, fields, max_length, batch_size, device,
+                                             cache_dir)
+        row_ids = list(item_ids)
     else:
         raise ValueError(f"embedding source must be 'file', 'sasrec' or 'text', got {source!r}")
 
@@ -265,6 +274,8 @@ def load_embeddings(
     rows = torch.tensor([row_of[i] for i in item_ids], dtype=torch.long)
     facts = {"source": source, "rows": int(matrix.shape[0]), "dim": int(matrix.shape[1]),
              "rows_not_in_dataset": int(matrix.shape[0]) - len(item_ids)}
+    if source == "text":
+        facts.update(text_facts)
     return matrix[rows], facts
 
 
@@ -294,14 +305,6 @@ def report_path(index: str | Path) -> Path:
     """The report beside an index file: ``<index stem>.report.json``."""
     index = Path(index)
     return index.with_name(index.stem + ".report.json")
-
-
-def _hash_files(paths: Sequence[Path], base: Path | None = None) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(str(path.relative_to(base) if base else path.name).encode() + b"\0")
-        digest.update(sha256_file(path).encode())
-    return digest.hexdigest()
 
 
 def embedding_fingerprint(root: str | Path, embedding: dict[str, Any], key: str = "sid") -> dict[str, Any]:
@@ -334,10 +337,8 @@ def embedding_fingerprint(root: str | Path, embedding: dict[str, Any], key: str 
     if not text.is_file():
         raise FileNotFoundError(f"{text} does not exist: source 'text' encodes the item text that the split step "
                                 f"writes when given a metadata file (prepare.metadata)")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
-                                                                         p.relative_to(path).parts))
     settings = {k: v for k, v in embedding.items() if k not in ("source", "path", "ids_file", "id_kind")}
-    return {"source": source, "encoder": _hash_files(files, path), "item_text": sha256_file(text), **settings}
+    return {"source": source, "encoder": folder_digest(path), "item_text": sha256_file(text), **settings}
 
 
 def sid_inputs(
@@ -412,7 +413,9 @@ def build_index(
                                   "after": sid_report(codes, [size] * len(codebook_sizes))}
     elif method == "rq_kmeans":
         item_map = root / "item_map.json"
-        vectors, facts = load_embeddings(item_ids, item_map_file=item_map if item_map.is_file() else None, **embedding)
+        vectors, facts = load_embeddings(item_ids, item_map_file=item_map if item_map.is_file() else None,
+                                         text_file=root / "item_text.json", cache_dir=root / "embeddings",
+                                         **embedding)
         codes, report = build_sids(vectors, codebook_sizes, collisions, iters, seed)
         report = {"method": method, "inputs": inputs, "embeddings": facts, "iters": iters, "seed": seed, **report}
     else:
