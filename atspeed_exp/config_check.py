@@ -206,6 +206,14 @@ def _rules() -> dict[str, Callable[[Any], str | None]]:
         "data.sid.embedding.max_length": _int_at_least(1),
         "data.sid.embedding.batch_size": _int_at_least(1),
         "data.sid.embedding.device": _one_of(("cpu", "cuda", "auto")),
+        "data.sid.rq_vae.hidden_sizes": _list_of(_int_at_least(1)),
+        "data.sid.rq_vae.latent_dim": _int_at_least(1),
+        "data.sid.rq_vae.epochs": _int_at_least(1),
+        "data.sid.rq_vae.batch_size": _int_at_least(1),
+        "data.sid.rq_vae.lr": _number_in(0.0, float("inf"), low_open=True),
+        "data.sid.rq_vae.weight_decay": _number_in(0.0, float("inf")),
+        "data.sid.rq_vae.beta": _number_in(0.0, float("inf")),
+        "data.sid.rq_vae.kmeans_init": _one_of((True, False)),
     }
 
 

@@ -91,7 +91,8 @@ def run_sid(sid: DictConfig, root: str | Path | None = None, name: str | None = 
     embedding = _container(sid.embedding) if embedding is None else embedding
     return build_index(sid.root if root is None else root, sid.name if name is None else name, embedding,
                        [int(c) for c in sid.codebook_sizes], sid.collisions, sid.iters, sid.seed,
-                       sid.get("index_file") if index_file is None else index_file, sid.method, inputs=inputs)
+                       sid.get("index_file") if index_file is None else index_file, sid.method, inputs=inputs,
+                       rq_vae=_container(sid.get("rq_vae")))
 
 
 # -- the pipeline's hook -----------------------------------------------------------------------------------------
@@ -148,7 +149,7 @@ def ensure_sid(cfg: DictConfig, root: Path, key: str = "data.sid") -> None:
     else:
         named = None
     inputs = sid_inputs(root, sid.method, embedding, sid.codebook_sizes, sid.collisions, sid.iters, sid.seed,
-                        embeddings=named, key=key)
+                        embeddings=named, key=key, rq_vae=_container(sid.get("rq_vae")))
     why = index_differences(index, inputs)
     if not why:
         log.info("%s: reusing the SID index made from the same inputs and settings", index)

@@ -127,11 +127,27 @@ def test_prepare_for_run_names_the_key_of_a_bad_input(tmp_path):
         prepare_for_run(compose_config(with_npy(tmp_path, "data.sid.embedding.path=null")))
 
 
+def test_prepare_for_run_with_an_rq_vae(tmp_path):
+    tiny = ["data.sid.method=rq_vae", "data.sid.rq_vae.hidden_sizes=[16]", "data.sid.rq_vae.latent_dim=8",
+            "data.sid.rq_vae.epochs=5"]
+    prepare_for_run(compose_config(with_npy(tmp_path, *tiny)))
+    report = json.loads((tmp_path / "prepared" / REPORT).read_text())
+    assert report["method"] == "rq_vae" and report["inputs"]["settings"]["rq_vae"]["epochs"] == 5
+    before = stamps(tmp_path / "prepared")
+    prepare_for_run(compose_config(with_npy(tmp_path, *tiny)))
+    assert stamps(tmp_path / "prepared") == before
+    with pytest.raises(ValueError, match=r"data.sid.rq_vae: lr must be > 0"):
+        prepare_for_run(compose_config(with_npy(tmp_path, *tiny, "data.sid.rq_vae.lr=0")))
+
+
 def test_config_check_knows_the_prepare_and_sid_keys(tmp_path):
     check_config(compose_config(raw_overrides(tmp_path)), pipeline.STAGES)
     with pytest.raises(ConfigError) as error:
         check_config(compose_config(raw_overrides(tmp_path, "data.prepare.split=random", "+data.sid.codebooks=[4]",
-                                                  "data.sid.codebook_sizes=[4,8]")), pipeline.STAGES)
+                                                  "data.sid.codebook_sizes=[4,8]", "data.sid.rq_vae.latent_dim=0",
+                                                  "data.sid.embedding.fields=[title,price]")), pipeline.STAGES)
     for message in ("data.prepare.split='random': expected one of", "data.sid.codebooks: unknown key",
+                    "data.sid.rq_vae.latent_dim=0: expected an integer >= 1",
+                    "data.sid.embedding.fields=['title', 'price']: expected a list of one of",
                     "decoding.gamma=3: expected 1 <= gamma <= L - 1 = 1 (L = 2 SID tokens per item)"):
         assert message in str(error.value)

@@ -19,6 +19,9 @@ Contract of ``build_sids`` (torch only; the same embeddings, settings and seed g
   collision-free unless some group outgrows C_last; groups without a collision keep their nearest codes (greedy
   gives each item its nearest code when those are distinct).
 
+``build_index`` with ``method`` ``rq_vae`` quantises with a trained RQ-VAE instead of k-means (``rq_vae.py``) and
+handles collisions the same way (``handle_collisions``), in the RQ-VAE's latent space.
+
 ``sid_report`` measures the codes: per level the codes used of the codebook, the collision rate
 ``(N - distinct SIDs) / N`` (LC-Rec's definition), items in a shared SID, and max / mean items per full SID and per
 (L-1)-prefix. ``load_embeddings`` reads a user's ``.npy`` file (with an item-id order file), a trained SASRec stage's
@@ -45,7 +48,7 @@ from atspeed_exp.data.text_embeddings import TEXT_FIELDS, folder_digest, text_em
 logger = logging.getLogger(__name__)
 
 COLLISION_MODES = ("none", "extra_level", "reassign_last")
-METHODS = ("rq_kmeans", "id_digits")
+METHODS = ("rq_kmeans", "rq_vae", "id_digits")
 EMBEDDING_SOURCES = ("file", "sasrec", "text")
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 INDEX_FORMAT_VERSION = 1  # bump when the same inputs and settings would give another index
@@ -156,29 +159,43 @@ def reassign_last_level(codes: torch.Tensor, residual: torch.Tensor, centroids: 
     return codes
 
 
-def build_sids(
-    embeddings: torch.Tensor, codebook_sizes: Sequence[int], collisions: str = "reassign_last", iters: int = 100,
-    seed: int = 0,
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Codes [N, L'] for the embedding rows (L' = L, or L + 1 with ``extra_level``) and the report (``sid_report``
-    of the k-means codes under ``before`` and of the final codes under ``after``)."""
+def check_sid_settings(embeddings: torch.Tensor, codebook_sizes: Sequence[int], collisions: str) -> None:
+    """ValueError for a collision mode, embedding shape or codebook list that ``build_sids`` cannot use."""
     if collisions not in COLLISION_MODES:
         raise ValueError(f"collisions must be one of {COLLISION_MODES}, got {collisions!r}")
     if embeddings.ndim != 2 or embeddings.shape[0] < 1:
         raise ValueError(f"embeddings must be [N, D] with N >= 1, got shape {tuple(embeddings.shape)}")
     if not codebook_sizes or min(codebook_sizes) < 1 or len(codebook_sizes) + (collisions == "extra_level") > 26:
         raise ValueError(f"codebook_sizes must be 1..26 positive sizes, got {list(codebook_sizes)}")
-    codes, codebooks, inputs = residual_kmeans(embeddings, codebook_sizes, iters, seed)
+
+
+def handle_collisions(
+    codes: torch.Tensor, last_input: torch.Tensor, last_codebook: torch.Tensor, codebook_sizes: Sequence[int],
+    collisions: str,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Apply ``collisions`` to the quantiser's codes [N, L] (module docstring); ``last_input`` [N, D'] and
+    ``last_codebook`` [C_L, D'] are the last level's input and codebook (``reassign_last`` re-assigns by distance
+    to them). Returns the final codes and the report (``sid_report`` under ``before`` and ``after``)."""
     sizes = [int(c) for c in codebook_sizes]
     before = sid_report(codes, sizes)
     if collisions == "extra_level":
         final, sizes = add_disambiguation_level(codes, sizes[-1]), sizes + [sizes[-1]]
     elif collisions == "reassign_last":
-        final = reassign_last_level(codes, inputs[-1], codebooks[-1])
+        final = reassign_last_level(codes, last_input, last_codebook)
     else:
         final = codes
-    after = sid_report(final, sizes)
-    return final, {"collisions": collisions, "before": before, "after": after}
+    return final, {"collisions": collisions, "before": before, "after": sid_report(final, sizes)}
+
+
+def build_sids(
+    embeddings: torch.Tensor, codebook_sizes: Sequence[int], collisions: str = "reassign_last", iters: int = 100,
+    seed: int = 0,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Codes [N, L'] for the embedding rows (L' = L, or L + 1 with ``extra_level``) and the report (``sid_report``
+    of the k-means codes under ``before`` and of the final codes under ``after``)."""
+    check_sid_settings(embeddings, codebook_sizes, collisions)
+    codes, codebooks, inputs = residual_kmeans(embeddings, codebook_sizes, iters, seed)
+    return handle_collisions(codes, inputs[-1], codebooks[-1], codebook_sizes, collisions)
 
 
 def sid_report(codes: torch.Tensor, codebook_sizes: Sequence[int]) -> dict[str, Any]:
@@ -344,10 +361,12 @@ def embedding_fingerprint(root: str | Path, embedding: dict[str, Any], key: str 
 def sid_inputs(
     root: str | Path, method: str, embedding: dict[str, Any], codebook_sizes: Sequence[int], collisions: str,
     iters: int, seed: int, embeddings: dict[str, Any] | None = None, key: str = "sid",
+    rq_vae: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What an index of the folder ``root`` is made from, recorded in its report under ``inputs``: the settings,
-    the dataset's items (their ids and ``item_map.json``) and the embeddings (``embedding_fingerprint``, or
-    ``embeddings`` when the caller names them otherwise). Two indexes with equal inputs are the same index."""
+    """What an index of the folder ``root`` is made from, recorded in its report under ``inputs``: the settings
+    (with ``method`` ``rq_vae`` every RQ-VAE setting, defaults filled in), the dataset's items (their ids and
+    ``item_map.json``) and the embeddings (``embedding_fingerprint``, or ``embeddings`` when the caller names them
+    otherwise). Two indexes with equal inputs are the same index."""
     if method not in METHODS:
         raise ValueError(f"{key}.method={method!r}: expected one of {list(METHODS)}")
     root = Path(root)
@@ -356,6 +375,10 @@ def sid_inputs(
     settings: dict[str, Any] = {"method": method, "codebook_sizes": [int(c) for c in codebook_sizes]}
     if method != "id_digits":
         settings.update(collisions=collisions, iters=int(iters), seed=int(seed))
+        if method == "rq_vae":
+            from atspeed_exp.data.rq_vae import RQVAESettings
+
+            settings["rq_vae"] = RQVAESettings.from_dict(rq_vae, f"{key}.rq_vae").as_dict()
         embeddings = embeddings if embeddings is not None else embedding_fingerprint(root, embedding, key)
     return {"format_version": INDEX_FORMAT_VERSION, "settings": settings,
             "items": {"ids": hashlib.sha256(ids).hexdigest(),
@@ -395,28 +418,36 @@ def index_differences(index: str | Path, inputs: dict[str, Any]) -> list[str]:
 def build_index(
     root: str | Path, name: str, embedding: dict[str, Any], codebook_sizes: Sequence[int],
     collisions: str = "reassign_last", iters: int = 100, seed: int = 0, index_file: str | None = None,
-    method: str = "rq_kmeans", inputs: dict[str, Any] | None = None,
+    method: str = "rq_kmeans", inputs: dict[str, Any] | None = None, rq_vae: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build and write the SID index of the dataset folder ``root``: ``{name}.LCRec-1e-3lr.json`` (or
     ``index_file``) and its report beside it (``<index stem>.report.json``, with ``sid_inputs`` under ``inputs``;
     pass ``inputs`` when already computed). ``embedding``: keyword arguments of ``load_embeddings`` less
-    ``item_ids`` (unused by ``method`` ``id_digits``). The old report is removed before the index is replaced and
-    the new one written last, so an index is never beside the report of another. Returns the report."""
+    ``item_ids`` (unused by ``method`` ``id_digits``); ``rq_vae``: ``RQVAESettings`` fields (``method`` ``rq_vae``).
+    The old report is removed before the index is replaced and the new one written last, so an index is never
+    beside the report of another. Returns the report."""
     root = Path(root)
     if inputs is None:
-        inputs = sid_inputs(root, method, embedding, codebook_sizes, collisions, iters, seed)
+        inputs = sid_inputs(root, method, embedding, codebook_sizes, collisions, iters, seed, rq_vae=rq_vae)
     item_ids = dataset_item_ids(root)
     if method == "id_digits":
         size = int(codebook_sizes[0])
         codes = id_digit_codes(max(item_ids) + 1, size, len(codebook_sizes))[torch.tensor(item_ids)]
         report: dict[str, Any] = {"method": method, "inputs": inputs,
                                   "after": sid_report(codes, [size] * len(codebook_sizes))}
-    elif method == "rq_kmeans":
+    elif method in ("rq_kmeans", "rq_vae"):
         item_map = root / "item_map.json"
         vectors, facts = load_embeddings(item_ids, item_map_file=item_map if item_map.is_file() else None,
                                          text_file=root / "item_text.json", cache_dir=root / "embeddings",
                                          **embedding)
-        codes, report = build_sids(vectors, codebook_sizes, collisions, iters, seed)
+        if method == "rq_kmeans":
+            codes, report = build_sids(vectors, codebook_sizes, collisions, iters, seed)
+        else:
+            from atspeed_exp.data.rq_vae import RQVAESettings, rq_vae_sids  # it imports this module
+
+            settings = RQVAESettings.from_dict(rq_vae)
+            codes, report = rq_vae_sids(vectors, codebook_sizes, collisions, settings, seed, iters)
+            report = {"rq_vae": settings.as_dict(), **report}
         report = {"method": method, "inputs": inputs, "embeddings": facts, "iters": iters, "seed": seed, **report}
     else:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
