@@ -19,13 +19,14 @@ Errors about inputs name the config key (``data.prepare.reviews=...``, ``sid.emb
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
 from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import atspeed_exp.project_paths  # noqa: F401  (registers ${project_root:...} before Hydra resolves conf/)
 
@@ -111,6 +112,14 @@ def prepare_for_run(cfg: DictConfig) -> None:
             ensure_split(data.prepare, root, data.name)
         if data.get("sid") is not None:
             ensure_sid(cfg, root)
+        else:
+            from atspeed_exp.data.atspeed_format import default_index_file
+
+            index = root / (data.get("index_file") or default_index_file(data.name))
+            if not index.is_file():
+                raise FileNotFoundError(f"{index} does not exist and data.sid is null: data.prepare writes the "
+                                        f"split files only; set data.sid (as in conf/data/synthetic_raw.yaml) to "
+                                        f"build the index, or put one there")
 
 
 def ensure_split(prepare: DictConfig, root: Path, name: str, key: str = "data.prepare") -> None:
@@ -164,11 +173,26 @@ def ensure_sid(cfg: DictConfig, root: Path, key: str = "data.sid") -> None:
     run_sid(sid, root, data.name, index.name, inputs=inputs, embedding=embedding)
 
 
+def split_files_digest(root: Path) -> str:
+    """sha256 over the three split files of ``root``."""
+    from atspeed_exp.artifacts import sha256_file
+    from atspeed_exp.data.atspeed_format import SPLIT_FILES
+
+    digest = hashlib.sha256()
+    for name in SPLIT_FILES.values():
+        digest.update(name.encode() + b"\0" + sha256_file(root / name).encode())
+    return digest.hexdigest()
+
+
 def sasrec_embedding_config(cfg: DictConfig) -> DictConfig:
-    """The run's config for the SASRec whose item embeddings make the SIDs: the placeholder index, no ``sid``."""
+    """The run's config for the SASRec whose item embeddings make the SIDs: the placeholder index, no ``sid``, and
+    the split files' sha256 under ``data.split_files_sha256``, so that its stage key (settings only) changes when
+    the split files do and a SASRec trained on other splits is never reused."""
     sub = copy.deepcopy(cfg)
-    sub.data.index_file = PLACEHOLDER_INDEX.format(name=cfg.data.name)
-    sub.data.sid = None
+    with open_dict(sub):
+        sub.data.index_file = PLACEHOLDER_INDEX.format(name=cfg.data.name)
+        sub.data.sid = None
+        sub.data.split_files_sha256 = split_files_digest(Path(cfg.data.root))
     return sub
 
 

@@ -127,6 +127,21 @@ def test_prepare_for_run_names_the_key_of_a_bad_input(tmp_path):
         prepare_for_run(compose_config(with_npy(tmp_path, "data.sid.embedding.path=null")))
 
 
+def test_automatic_sasrec_embeddings_are_keyed_by_the_split_files(tmp_path):
+    from atspeed_exp.baselines import sasrec_stage_dir
+    from atspeed_exp.prepare import sasrec_embedding_config
+
+    cfg = compose_config(raw_overrides(tmp_path, "data.sid=null"))
+    with pytest.raises(FileNotFoundError, match="data.sid is null"):
+        prepare_for_run(cfg)  # the split files are written, the index is not
+    first = sasrec_stage_dir(sasrec_embedding_config(cfg))
+    assert sasrec_stage_dir(sasrec_embedding_config(cfg)) == first
+    write_synthetic_reviews(tmp_path / "raw" / "reviews.json", num_users=120, num_items=60, seed=5)
+    with pytest.raises(FileNotFoundError, match="data.sid is null"):
+        prepare_for_run(cfg)  # new reviews, same settings: new split files
+    assert sasrec_stage_dir(sasrec_embedding_config(cfg)) != first  # so a SASRec trained on the old ones is not reused
+
+
 def test_prepare_for_run_with_an_rq_vae(tmp_path):
     tiny = ["data.sid.method=rq_vae", "data.sid.rq_vae.hidden_sizes=[16]", "data.sid.rq_vae.latent_dim=8",
             "data.sid.rq_vae.epochs=5"]
