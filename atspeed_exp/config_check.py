@@ -9,7 +9,8 @@ what is allowed:
   union), or be an argument of the group's ``_target_`` (e.g. any ``lightning.pytorch.Trainer`` argument under
   ``trainer``); a top-level key must be in ``config.yaml`` or an experiment file;
 - values: the ranges and names below (``RULES``), and the relations between decoding settings
-  (K <= N for every K, K <= M <= N, beam_size <= N).
+  (K <= N for every K, K <= M <= N, beam_size <= N, gamma <= L - 1 with L the SID levels: 4 in the shipped
+  datasets, or what ``data.sid`` builds).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import atspeed_exp.project_paths  # noqa: F401  (registers ${project_root:...}, 
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SKIPPED_GROUPS = ("hydra", "experiment")
-SID_LEVELS = 4  # tokens per item in every shipped dataset (the synthetic one included)  # Hydra's own settings; experiments only override other keys
+SID_LEVELS = 4  # tokens per item in every shipped dataset (the synthetic one included)
 
 
 class ConfigError(ValueError):
@@ -146,6 +147,9 @@ def _list_of(check_item: Callable[[Any], str | None], choices: str = "") -> Call
 
 
 def _rules() -> dict[str, Callable[[Any], str | None]]:
+    from atspeed_exp.data.prepare import ITEM_ORDERS, SPLITS, USER_ORDERS
+    from atspeed_exp.data.sid_build import COLLISION_MODES, EMBEDDING_SOURCES, METHODS
+    from atspeed_exp.data.text_embeddings import TEXT_FIELDS
     from atspeed_exp.decoding.beam_search import SCOPES
     from atspeed_exp.decoding.speculative import MODES
     from atspeed_exp.losses.alignment import ALIGNMENT_LOSSES, TEMPERATURE_FORMS
@@ -184,7 +188,43 @@ def _rules() -> dict[str, Callable[[Any], str | None]]:
         "eval.dtype": _one_of(("auto", *DTYPES)),
         "eval.backend": _one_of(BACKENDS),
         "eval.device": _one_of(("auto", "cpu", "cuda")),
+        "data.prepare.min_rating": _optional(_number_in(float("-inf"), float("inf"))),
+        "data.prepare.k_core": _int_at_least(0),
+        "data.prepare.split": _one_of(SPLITS),
+        "data.prepare.min_train_items": _int_at_least(1),
+        "data.prepare.user_order": _one_of(USER_ORDERS),
+        "data.prepare.item_order": _one_of(ITEM_ORDERS),
+        "data.prepare.seed": _int_at_least(0),
+        "data.sid.method": _one_of(METHODS),
+        "data.sid.codebook_sizes": _list_of(_int_at_least(1)),
+        "data.sid.collisions": _one_of(COLLISION_MODES),
+        "data.sid.iters": _int_at_least(1),
+        "data.sid.seed": _int_at_least(0),
+        "data.sid.embedding.source": _one_of(EMBEDDING_SOURCES),
+        "data.sid.embedding.id_kind": _one_of(("int", "original")),
+        "data.sid.embedding.fields": _list_of(_one_of(TEXT_FIELDS)),
+        "data.sid.embedding.max_length": _int_at_least(1),
+        "data.sid.embedding.batch_size": _int_at_least(1),
+        "data.sid.embedding.device": _one_of(("cpu", "cuda", "auto")),
+        "data.sid.rq_vae.hidden_sizes": _list_of(_int_at_least(1)),
+        "data.sid.rq_vae.latent_dim": _int_at_least(1),
+        "data.sid.rq_vae.epochs": _int_at_least(1),
+        "data.sid.rq_vae.batch_size": _int_at_least(1),
+        "data.sid.rq_vae.lr": _number_in(0.0, float("inf"), low_open=True),
+        "data.sid.rq_vae.weight_decay": _number_in(0.0, float("inf")),
+        "data.sid.rq_vae.beta": _number_in(0.0, float("inf")),
+        "data.sid.rq_vae.kmeans_init": _one_of((True, False)),
     }
+
+
+def sid_levels(cfg: DictConfig) -> int:
+    """SID tokens per item: what ``data.sid`` builds (one per codebook, one more with ``extra_level``), else the
+    shipped datasets' ``SID_LEVELS``."""
+    sid = OmegaConf.select(cfg, "data.sid")
+    if not isinstance(sid, DictConfig) or not isinstance(sid.get("codebook_sizes"), ListConfig):
+        return SID_LEVELS
+    extra = sid.get("method") != "id_digits" and sid.get("collisions") == "extra_level"
+    return len(sid.codebook_sizes) + int(extra)
 
 
 def value_problems(cfg: DictConfig, stages: tuple[str, ...]) -> list[str]:
@@ -217,9 +257,10 @@ def value_problems(cfg: DictConfig, stages: tuple[str, ...]) -> list[str]:
             problems.append(f"alignment.on_policy_ratio={alignment.on_policy_ratio} with alignment.objective="
                             f"{objective!r}: on-policy beams are for atspeed_s and atspeed_r")
     decoding = cfg.decoding
-    if decoding.gamma > SID_LEVELS - 1:
-        problems.append(f"decoding.gamma={decoding.gamma}: expected 1 <= gamma <= L - 1 = {SID_LEVELS - 1} "
-                        f"(L = {SID_LEVELS} SID tokens per item)")
+    levels = sid_levels(cfg)
+    if decoding.gamma > levels - 1:
+        problems.append(f"decoding.gamma={decoding.gamma}: expected 1 <= gamma <= L - 1 = {levels - 1} "
+                        f"(L = {levels} SID tokens per item)")
     n = decoding.draft_beams
     if max(decoding.ks) > n:
         problems.append(f"decoding.ks={list(decoding.ks)} with decoding.draft_beams={n}: every K must be <= N")

@@ -630,6 +630,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     A stage that trains or generates logs to a run of its own; a stage reused from the cache opens none, and the
     runs after it name it (``make_logger``'s ``reused``)."""
     check_config(cfg, STAGES)
+    from atspeed_exp.prepare import prepare_for_run  # it imports the sasrec stage, which imports this module
+
+    prepare_for_run(cfg)  # a data config with prepare / sid builds data.root and its index when missing or stale
     check_data_files(cfg)
     threads = cfg.get("threads")
     if threads:

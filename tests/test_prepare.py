@@ -239,3 +239,12 @@ def test_prepare_entry_composes_and_runs_both_steps(tmp_path):
     data = RecData.build(data_cfg.root, data_cfg.name, data_cfg.index_file, data_cfg.prompt_format,
                          data_cfg.max_history, data_cfg.sliding_window)
     assert data.sid_index.collisions() == {} and data.dataset.num_levels == 3
+
+
+def test_synthetic_raw_cli_writes_the_default_inputs(tmp_path):
+    from atspeed_exp.data.synthetic_raw import main
+
+    main([str(tmp_path / "raw"), "--num-users", "20", "--num-items", "15"])
+    manifest = prepare_dataset(tmp_path / "raw" / "reviews.json", tmp_path / "out", "x", PrepareSettings(k_core=0),
+                               metadata=tmp_path / "raw" / "meta.json")
+    assert manifest["inputs"]["reviews"][0]["file"] == "reviews.json" and manifest["item_text"]["items_with_text"] > 0

@@ -140,7 +140,7 @@ def test_load_embeddings_maps_original_ids_and_names_missing_items(prepared, tmp
     with pytest.raises(ValueError, match="no embedding for 1 of"):
         load_embeddings(items + [10_000], "file", tmp_path / "e.npy", tmp_path / "ids.txt", "original",
                         prepared / "item_map.json")
-    with pytest.raises(ValueError, match="not built yet"):
+    with pytest.raises(FileNotFoundError, match="needs the dataset's item_text.json"):
         load_embeddings(items, "text", tmp_path)
 
 

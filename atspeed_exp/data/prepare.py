@@ -394,6 +394,50 @@ def prepare_dataset(
     return manifest
 
 
+def dataset_differences(
+    output: str | Path,
+    reviews: str | Path | Sequence[str | Path],
+    name: str,
+    settings: PrepareSettings = PrepareSettings(),
+    metadata: str | Path | None = None,
+) -> list[str]:
+    """Why the folder ``output`` is not what ``prepare_dataset`` with these arguments writes; empty when it is.
+    Compared with its ``manifest.json``: the format version, the name, every setting, and the input files by content
+    (their sizes first, so a changed file is usually found without hashing; a renamed file with the same content is
+    the same input). A folder whose manifest or split files are missing is reported as such."""
+    output = Path(output)
+    manifest_path = output / MANIFEST_FILE
+    if not manifest_path.is_file():
+        return [f"{manifest_path} does not exist"]
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        return [f"{manifest_path} is not JSON ({error})"]
+    why = [f"{output / f} is missing" for f in (*SPLIT_FILES.values(), ITEM_MAP_FILE) if not (output / f).is_file()]
+    if manifest.get("format_version") != FORMAT_VERSION:
+        why.append(f"format version {manifest.get('format_version')} -> {FORMAT_VERSION}")
+    if manifest.get("name") != name:
+        why.append(f"name {manifest.get('name')!r} -> {name!r}")
+    recorded = manifest.get("settings") or {}
+    current = {**settings.__dict__, "ratios": list(settings.ratios)}
+    why += [f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in current.items() if recorded.get(key) != value]
+    inputs = manifest.get("inputs") or {}
+    paths = [Path(reviews)] if isinstance(reviews, (str, Path)) else [Path(p) for p in reviews]
+    old = inputs.get("reviews") or []
+    if len(old) != len(paths):
+        why.append(f"{len(old)} review files -> {len(paths)}")
+    else:
+        for path, entry in zip(paths, old):
+            if path.stat().st_size != entry.get("bytes") or sha256_file(path) != entry.get("sha256"):
+                why.append(f"review file {path} differs from the {entry.get('file')} it was made from")
+    old_meta = inputs.get("metadata")
+    if (metadata is None) != (old_meta is None):
+        why.append(f"metadata {'none' if old_meta is None else old_meta.get('file')} -> {metadata or 'none'}")
+    elif metadata is not None and sha256_file(metadata) != old_meta.get("sha256"):
+        why.append(f"metadata file {metadata} differs from the {old_meta.get('file')} it was made from")
+    return why
+
+
 def _counts(dicts: list[dict[int, list[int]]], num_items: int) -> dict[str, Any]:
     train, valid, test = dicts
     per_split = {s: sum(map(len, d.values())) for s, d in zip(("train", "valid", "test"), dicts)}

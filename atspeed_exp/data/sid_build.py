@@ -19,14 +19,18 @@ Contract of ``build_sids`` (torch only; the same embeddings, settings and seed g
   collision-free unless some group outgrows C_last; groups without a collision keep their nearest codes (greedy
   gives each item its nearest code when those are distinct).
 
+``build_index`` with ``method`` ``rq_vae`` quantises with a trained RQ-VAE instead of k-means (``rq_vae.py``) and
+handles collisions the same way (``handle_collisions``), in the RQ-VAE's latent space.
+
 ``sid_report`` measures the codes: per level the codes used of the codebook, the collision rate
 ``(N - distinct SIDs) / N`` (LC-Rec's definition), items in a shared SID, and max / mean items per full SID and per
-(L-1)-prefix. ``load_embeddings`` reads a user's ``.npy`` file (with an item-id order file) or a trained SASRec stage's
-item embedding matrix; text-encoder embeddings are not built here.
+(L-1)-prefix. ``load_embeddings`` reads a user's ``.npy`` file (with an item-id order file), a trained SASRec stage's
+item embedding matrix, or encodes the items' text with a local encoder (``text_embeddings``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -37,13 +41,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from atspeed_exp.artifacts import atomic_write
+from atspeed_exp.artifacts import atomic_write, sha256_file
 from atspeed_exp.data.atspeed_format import SPLIT_FILES, _load_split, default_index_file
+from atspeed_exp.data.text_embeddings import TEXT_FIELDS, folder_digest, text_embeddings
 
 logger = logging.getLogger(__name__)
 
 COLLISION_MODES = ("none", "extra_level", "reassign_last")
+METHODS = ("rq_kmeans", "rq_vae", "id_digits")
+EMBEDDING_SOURCES = ("file", "sasrec", "text")
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
+INDEX_FORMAT_VERSION = 1  # bump when the same inputs and settings would give another index
 
 
 # -- k-means ----------------------------------------------------------------------------------------------------
@@ -151,29 +159,43 @@ def reassign_last_level(codes: torch.Tensor, residual: torch.Tensor, centroids: 
     return codes
 
 
-def build_sids(
-    embeddings: torch.Tensor, codebook_sizes: Sequence[int], collisions: str = "reassign_last", iters: int = 100,
-    seed: int = 0,
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Codes [N, L'] for the embedding rows (L' = L, or L + 1 with ``extra_level``) and the report (``sid_report``
-    of the k-means codes under ``before`` and of the final codes under ``after``)."""
+def check_sid_settings(embeddings: torch.Tensor, codebook_sizes: Sequence[int], collisions: str) -> None:
+    """ValueError for a collision mode, embedding shape or codebook list that ``build_sids`` cannot use."""
     if collisions not in COLLISION_MODES:
         raise ValueError(f"collisions must be one of {COLLISION_MODES}, got {collisions!r}")
     if embeddings.ndim != 2 or embeddings.shape[0] < 1:
         raise ValueError(f"embeddings must be [N, D] with N >= 1, got shape {tuple(embeddings.shape)}")
     if not codebook_sizes or min(codebook_sizes) < 1 or len(codebook_sizes) + (collisions == "extra_level") > 26:
         raise ValueError(f"codebook_sizes must be 1..26 positive sizes, got {list(codebook_sizes)}")
-    codes, codebooks, inputs = residual_kmeans(embeddings, codebook_sizes, iters, seed)
+
+
+def handle_collisions(
+    codes: torch.Tensor, last_input: torch.Tensor, last_codebook: torch.Tensor, codebook_sizes: Sequence[int],
+    collisions: str,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Apply ``collisions`` to the quantiser's codes [N, L] (module docstring); ``last_input`` [N, D'] and
+    ``last_codebook`` [C_L, D'] are the last level's input and codebook (``reassign_last`` re-assigns by distance
+    to them). Returns the final codes and the report (``sid_report`` under ``before`` and ``after``)."""
     sizes = [int(c) for c in codebook_sizes]
     before = sid_report(codes, sizes)
     if collisions == "extra_level":
         final, sizes = add_disambiguation_level(codes, sizes[-1]), sizes + [sizes[-1]]
     elif collisions == "reassign_last":
-        final = reassign_last_level(codes, inputs[-1], codebooks[-1])
+        final = reassign_last_level(codes, last_input, last_codebook)
     else:
         final = codes
-    after = sid_report(final, sizes)
-    return final, {"collisions": collisions, "before": before, "after": after}
+    return final, {"collisions": collisions, "before": before, "after": sid_report(final, sizes)}
+
+
+def build_sids(
+    embeddings: torch.Tensor, codebook_sizes: Sequence[int], collisions: str = "reassign_last", iters: int = 100,
+    seed: int = 0,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Codes [N, L'] for the embedding rows (L' = L, or L + 1 with ``extra_level``) and the report (``sid_report``
+    of the k-means codes under ``before`` and of the final codes under ``after``)."""
+    check_sid_settings(embeddings, codebook_sizes, collisions)
+    codes, codebooks, inputs = residual_kmeans(embeddings, codebook_sizes, iters, seed)
+    return handle_collisions(codes, inputs[-1], codebooks[-1], codebook_sizes, collisions)
 
 
 def sid_report(codes: torch.Tensor, codebook_sizes: Sequence[int]) -> dict[str, Any]:
@@ -210,7 +232,9 @@ def dataset_item_ids(root: str | Path) -> list[int]:
 
 def load_embeddings(
     item_ids: Sequence[int], source: str, path: str | Path, ids_file: str | Path | None = None,
-    id_kind: str = "int", item_map_file: str | Path | None = None,
+    id_kind: str = "int", item_map_file: str | Path | None = None, text_file: str | Path | None = None,
+    fields: Sequence[str] = TEXT_FIELDS, max_length: int = 128, batch_size: int = 32, device: str = "cpu",
+    cache_dir: str | Path | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Embeddings [len(item_ids), D] float64, row r for ``item_ids[r]``, and facts for the report.
 
@@ -218,7 +242,9 @@ def load_embeddings(
     ``int``: the dataset's int ids; ``original``: original ids, mapped by ``item_map_file``); without ``ids_file``
     row m is item m. Rows of items not in the dataset are ignored (counted); a dataset item without a row is an
     error. source ``sasrec``: ``path`` is a finished SASRec stage folder; its ``model.pt`` item embedding row i is
-    item i (the padding row is dropped). source ``text``: not built here (ValueError saying so).
+    item i (the padding row is dropped). source ``text``: ``path`` is a local transformers encoder folder, the
+    texts come from ``text_file`` (the dataset's ``item_text.json``); ``fields``, ``max_length``, ``batch_size``,
+    ``device`` and ``cache_dir`` as in ``text_embeddings.text_embeddings``.
     """
     if source == "file":
         matrix = torch.from_numpy(np.load(path, allow_pickle=False)).to(torch.float64)
@@ -245,8 +271,12 @@ def load_embeddings(
         matrix = weight[:-1].to(torch.float64)  # the last row is the padding embedding
         row_ids = list(range(matrix.shape[0]))
     elif source == "text":
-        raise ValueError("embedding source 'text' (a local text encoder over item_text.json) is not built yet: "
-                         "encode the texts yourself and pass the .npy with source 'file'")
+        if text_file is None or not Path(text_file).is_file():
+            raise FileNotFoundError(f"embedding source 'text' needs the dataset's item_text.json (the split step "
+                                    f"writes it from prepare.metadata); got {text_file}")
+        matrix, text_facts = text_embeddings(text_file, item_ids, path, fields, max_length, batch_size, device,
+                                             cache_dir)
+        row_ids = list(item_ids)
     else:
         raise ValueError(f"embedding source must be 'file', 'sasrec' or 'text', got {source!r}")
 
@@ -261,6 +291,8 @@ def load_embeddings(
     rows = torch.tensor([row_of[i] for i in item_ids], dtype=torch.long)
     facts = {"source": source, "rows": int(matrix.shape[0]), "dim": int(matrix.shape[1]),
              "rows_not_in_dataset": int(matrix.shape[0]) - len(item_ids)}
+    if source == "text":
+        facts.update(text_facts)
     return matrix[rows], facts
 
 
@@ -285,30 +317,144 @@ def id_digit_codes(num_items: int, codebook_size: int, levels: int) -> torch.Ten
     return torch.stack([(ids // codebook_size ** (levels - 1 - l)) % codebook_size for l in range(levels)], dim=1)
 
 
+# -- what an index was made from ---------------------------------------------------------------------------------
+def report_path(index: str | Path) -> Path:
+    """The report beside an index file: ``<index stem>.report.json``."""
+    index = Path(index)
+    return index.with_name(index.stem + ".report.json")
+
+
+def embedding_fingerprint(root: str | Path, embedding: dict[str, Any], key: str = "sid") -> dict[str, Any]:
+    """The content of what ``load_embeddings`` would read for ``embedding`` (its config, ``key`` names it in
+    errors): sha256 of the ``.npy`` and ids files (source ``file``), of the SASRec stage's ``model.pt`` (``sasrec``),
+    of the encoder folder's files and ``item_text.json`` (``text``). A missing input is an error naming its key."""
+    source, path = embedding.get("source"), embedding.get("path")
+    if source not in EMBEDDING_SOURCES:
+        raise ValueError(f"{key}.embedding.source={source!r}: expected one of {list(EMBEDDING_SOURCES)}")
+    what = {"file": "an .npy file of item embeddings [N, D]", "sasrec": "a finished SASRec stage folder",
+            "text": "a local transformers encoder folder"}[source]
+    if path is None:
+        raise ValueError(f"{key}.embedding.path=null: source {source!r} needs {what}")
+    path = Path(path)
+    if source == "file":
+        if not path.is_file():
+            raise FileNotFoundError(f"{key}.embedding.path={str(path)!r}: no such file ({what})")
+        ids_file = embedding.get("ids_file")
+        if ids_file is not None and not Path(ids_file).is_file():
+            raise FileNotFoundError(f"{key}.embedding.ids_file={str(ids_file)!r}: no such file")
+        return {"source": source, "npy": sha256_file(path), "ids_file": ids_file and sha256_file(ids_file),
+                "id_kind": embedding.get("id_kind", "int")}
+    if source == "sasrec":
+        if not (path / "model.pt").is_file():
+            raise FileNotFoundError(f"{key}.embedding.path={str(path)!r}: no model.pt there ({what})")
+        return {"source": source, "model": sha256_file(path / "model.pt")}
+    if not path.is_dir():
+        raise FileNotFoundError(f"{key}.embedding.path={str(path)!r}: no such folder ({what})")
+    text = Path(root) / "item_text.json"
+    if not text.is_file():
+        raise FileNotFoundError(f"{text} does not exist: source 'text' encodes the item text that the split step "
+                                f"writes when given a metadata file (prepare.metadata)")
+    settings = {k: v for k, v in embedding.items() if k not in ("source", "path", "ids_file", "id_kind")}
+    return {"source": source, "encoder": folder_digest(path), "item_text": sha256_file(text), **settings}
+
+
+def sid_inputs(
+    root: str | Path, method: str, embedding: dict[str, Any], codebook_sizes: Sequence[int], collisions: str,
+    iters: int, seed: int, embeddings: dict[str, Any] | None = None, key: str = "sid",
+    rq_vae: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What an index of the folder ``root`` is made from, recorded in its report under ``inputs``: the settings
+    (with ``method`` ``rq_vae`` every RQ-VAE setting, defaults filled in), the dataset's items (their ids and
+    ``item_map.json``) and the embeddings (``embedding_fingerprint``, or ``embeddings`` when the caller names them
+    otherwise). Two indexes with equal inputs are the same index."""
+    if method not in METHODS:
+        raise ValueError(f"{key}.method={method!r}: expected one of {list(METHODS)}")
+    root = Path(root)
+    item_map = root / "item_map.json"
+    ids = json.dumps(dataset_item_ids(root)).encode()
+    settings: dict[str, Any] = {"method": method, "codebook_sizes": [int(c) for c in codebook_sizes]}
+    if method != "id_digits":
+        settings.update(collisions=collisions, iters=int(iters), seed=int(seed))
+        if method == "rq_vae":
+            from atspeed_exp.data.rq_vae import RQVAESettings
+
+            settings["rq_vae"] = RQVAESettings.from_dict(rq_vae, f"{key}.rq_vae").as_dict()
+        embeddings = embeddings if embeddings is not None else embedding_fingerprint(root, embedding, key)
+    return {"format_version": INDEX_FORMAT_VERSION, "settings": settings,
+            "items": {"ids": hashlib.sha256(ids).hexdigest(),
+                      "item_map": sha256_file(item_map) if item_map.is_file() else None},
+            "embeddings": embeddings if method != "id_digits" else None}
+
+
+def index_differences(index: str | Path, inputs: dict[str, Any]) -> list[str]:
+    """Why the index file ``index`` is not the one ``inputs`` make (empty when it is): the index or its report is
+    missing, or the report records other inputs (named by part)."""
+    index, report = Path(index), report_path(index)
+    if not index.is_file():
+        return [f"{index} does not exist"]
+    if not report.is_file():
+        return [f"{report} does not exist"]
+    try:
+        recorded = json.loads(report.read_text(encoding="utf-8")).get("inputs")
+    except ValueError as error:
+        return [f"{report} is not JSON ({error})"]
+    if not isinstance(recorded, dict):
+        return [f"{report} records no inputs"]
+    why = []
+    if recorded.get("format_version") != inputs["format_version"]:
+        why.append(f"format version {recorded.get('format_version')} -> {inputs['format_version']}")
+    old = recorded.get("settings") or {}
+    why += [f"{k} {old.get(k)!r} -> {v!r}" for k, v in inputs["settings"].items() if old.get(k) != v]
+    why += [f"{k} {old[k]!r} -> absent" for k in old if k not in inputs["settings"]]
+    if recorded.get("items") != inputs["items"]:
+        why.append("the dataset's items changed")
+    if recorded.get("embeddings") != inputs["embeddings"]:
+        changed = sorted(k for k in {*(recorded.get("embeddings") or {}), *(inputs["embeddings"] or {})}
+                         if (recorded.get("embeddings") or {}).get(k) != (inputs["embeddings"] or {}).get(k))
+        why.append(f"the embeddings changed ({', '.join(changed)})")
+    return why
+
+
 def build_index(
     root: str | Path, name: str, embedding: dict[str, Any], codebook_sizes: Sequence[int],
     collisions: str = "reassign_last", iters: int = 100, seed: int = 0, index_file: str | None = None,
-    method: str = "rq_kmeans",
+    method: str = "rq_kmeans", inputs: dict[str, Any] | None = None, rq_vae: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build and write the SID index of the dataset folder ``root``: ``{name}.LCRec-1e-3lr.json`` (or
-    ``index_file``) and its report beside it (``<index stem>.report.json``). ``embedding``: keyword arguments of
-    ``load_embeddings`` less ``item_ids`` (unused by ``method`` ``id_digits``). Returns the report."""
+    ``index_file``) and its report beside it (``<index stem>.report.json``, with ``sid_inputs`` under ``inputs``;
+    pass ``inputs`` when already computed). ``embedding``: keyword arguments of ``load_embeddings`` less
+    ``item_ids`` (unused by ``method`` ``id_digits``); ``rq_vae``: ``RQVAESettings`` fields (``method`` ``rq_vae``).
+    The old report is removed before the index is replaced and the new one written last, so an index is never
+    beside the report of another. Returns the report."""
     root = Path(root)
+    if inputs is None:
+        inputs = sid_inputs(root, method, embedding, codebook_sizes, collisions, iters, seed, rq_vae=rq_vae)
     item_ids = dataset_item_ids(root)
     if method == "id_digits":
         size = int(codebook_sizes[0])
         codes = id_digit_codes(max(item_ids) + 1, size, len(codebook_sizes))[torch.tensor(item_ids)]
-        report: dict[str, Any] = {"method": method, "after": sid_report(codes, [size] * len(codebook_sizes))}
-    elif method == "rq_kmeans":
+        report: dict[str, Any] = {"method": method, "inputs": inputs,
+                                  "after": sid_report(codes, [size] * len(codebook_sizes))}
+    elif method in ("rq_kmeans", "rq_vae"):
         item_map = root / "item_map.json"
-        vectors, facts = load_embeddings(item_ids, item_map_file=item_map if item_map.is_file() else None, **embedding)
-        codes, report = build_sids(vectors, codebook_sizes, collisions, iters, seed)
-        report = {"method": method, "embeddings": facts, "iters": iters, "seed": seed, **report}
+        vectors, facts = load_embeddings(item_ids, item_map_file=item_map if item_map.is_file() else None,
+                                         text_file=root / "item_text.json", cache_dir=root / "embeddings",
+                                         **embedding)
+        if method == "rq_kmeans":
+            codes, report = build_sids(vectors, codebook_sizes, collisions, iters, seed)
+        else:
+            from atspeed_exp.data.rq_vae import RQVAESettings, rq_vae_sids  # it imports this module
+
+            settings = RQVAESettings.from_dict(rq_vae)
+            codes, report = rq_vae_sids(vectors, codebook_sizes, collisions, settings, seed, iters)
+            report = {"rq_vae": settings.as_dict(), **report}
+        report = {"method": method, "inputs": inputs, "embeddings": facts, "iters": iters, "seed": seed, **report}
     else:
-        raise ValueError(f"method must be 'rq_kmeans' or 'id_digits', got {method!r}")
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     path = root / (index_file or default_index_file(name))
+    report_path(path).unlink(missing_ok=True)
     write_index(path, item_ids, codes)
-    atomic_write(path.with_name(path.stem + ".report.json"), lambda f: json.dump(report, f, indent=1))
+    atomic_write(report_path(path), lambda f: json.dump(report, f, indent=1))
     after = report["after"]
     logger.info("wrote %s: %d items, %d levels, collision rate %.4f (before handling: %s), codes used per level %s",
                 path, after["items"], codes.shape[1], after["collision_rate"],

@@ -2,12 +2,16 @@
 tests and for trying ``python -m atspeed_exp.prepare`` without downloading anything. The same arguments always
 give the same bytes.
 
+``python -m atspeed_exp.data.synthetic_raw FOLDER`` writes ``FOLDER/reviews.json`` and ``FOLDER/meta.json``, the
+default inputs of ``conf/data/synthetic_raw.yaml`` (with FOLDER ``data/raw/synthetic_raw``).
+
 Reviews: each user reviews 4..14 distinct items drawn by a Zipf-like popularity, on days (``unixReviewTime`` is a
 multiple of 86400 as in the real files, so same-day ties occur) spread over a few years; ratings are mostly 4-5.
 """
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 from pathlib import Path
@@ -75,3 +79,18 @@ def write_synthetic_metadata(path: str | Path, num_items: int = 120, schema: str
                                      "description": [f"About {item}", "more"],
                                      "category": ["Beauty", f"Group {item % 5}"]}))
     return atomic_write(path, lambda f: f.write("\n".join(lines) + "\n"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path, help="writes reviews.json and meta.json (2014 schema) here")
+    parser.add_argument("--num-users", type=int, default=300)
+    parser.add_argument("--num-items", type=int, default=120)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    write_synthetic_reviews(args.folder / "reviews.json", args.num_users, args.num_items, seed=args.seed)
+    write_synthetic_metadata(args.folder / "meta.json", args.num_items)
+
+
+if __name__ == "__main__":
+    main()
