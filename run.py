@@ -23,12 +23,14 @@ def main(cfg: DictConfig) -> None:
     from atspeed_exp.pipeline import format_summary, run
 
     route_library_logs()
+    # A target or draft training stopped by SIGTERM or SIGINT logs how to resume and exits with 128 + the signal's
+    # number by itself (TrainingStopped, a SystemExit: atspeed_exp/callbacks/resume.py); SASRec stops as Lightning does.
     try:
         summary = run(cfg)
     except SIGTERMException:  # Lightning stops training on SIGTERM with a SystemExit whose status is 0
         logging.getLogger("run").error(
             "stopped by SIGTERM before the run finished; nothing unfinished is trusted later: rerun the same command "
-            "to resume training from the last completed epoch (each stage's checkpoints/last.ckpt)")
+            "to resume training from its last checkpoint (each stage's checkpoints/last.ckpt)")
         sys.exit(128 + signal.SIGTERM)
     print(format_summary(summary, tuple(n for n in cfg.eval.cutoffs if n <= cfg.eval.num_beams)))
 

@@ -60,11 +60,13 @@ ALL_USERS_METRICS = ("target_calls_per_list", "acceptance_rate", "overlap")
 
 
 # config keys that do not change a run's all-users figures at a given mode and K: where it ran and logged, batch-1
-# timing settings, which modes and Ks were evaluated, and the draft seed itself (what runs of one group differ in)
+# timing settings, which modes and Ks were evaluated, how often training was checkpointed, and the draft seed itself
+# (what runs of one group differ in)
 NOT_GROUPED = ("paths", "hydra", "logger", "run_name", "threads", "stages", "eval.speculative_users",
                "eval.throughput_batch_size", "trainer.default_root_dir", "draft_training.seed", "draft.seed",
                "decoding.ks", "decoding.modes", "trainer.log_every_n_steps", "trainer.enable_progress_bar",
-               "trainer.enable_model_summary")
+               "trainer.enable_model_summary", "target_training.checkpoint_every_n_steps",
+               "draft_training.checkpoint_every_n_steps")
 
 
 def group_key(config: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
 
@@ -27,6 +29,7 @@ from atspeed_exp import artifacts, wandb_views
 from atspeed_exp.artifacts import load_checkpoint_state_dict, resume_checkpoint, stage_lock
 from atspeed_exp.callbacks.atomic_checkpoint import AtomicCheckpointIO
 from atspeed_exp.callbacks.progress import LogProgress
+from atspeed_exp.callbacks.resume import MidEpochCheckpoint, ResumeState, TrainingStopped
 from atspeed_exp.callbacks.speculative_eval import SpeculativeEvalCallback
 from atspeed_exp.config_check import check_config
 from atspeed_exp.data.datamodule import TargetDataModule
@@ -115,6 +118,41 @@ def latest_checkpoint(stage_dir: Path) -> pl.callbacks.ModelCheckpoint:
     return pl.callbacks.ModelCheckpoint(dirpath=stage_dir / "checkpoints", filename="last", enable_version_counter=False)
 
 
+def resume_callbacks(stage: str, stage_dir: Path, every_n_steps: int | None) -> list[pl.Callback]:
+    """What makes a target or draft fit resume exactly from any step, mid-epoch included: ``last.ckpt`` rewritten
+    every ``every_n_steps`` optimizer steps (``<stage>_training.checkpoint_every_n_steps``; None: at epoch ends
+    only) and saved on SIGTERM / SIGINT before stopping, and the random states in every checkpoint
+    (``atspeed_exp/callbacks/resume.py``). The sampler's position within the epoch is saved by Lightning from the
+    training DataLoader (``ResumableDataLoader``)."""
+    return [MidEpochCheckpoint(stage_dir / "checkpoints" / "last.ckpt", every_n_steps, stage), ResumeState()]
+
+
+# training keys that change when and where a fit is checkpointed, not what it trains: not in the stage keys
+RESUME_KEYS = ("checkpoint_every_n_steps",)
+
+
+def training_settings(training: DictConfig) -> dict:
+    """A stage's training settings without ``RESUME_KEYS``, for its stage key."""
+    settings = OmegaConf.to_container(training, resolve=True)
+    return {k: v for k, v in settings.items() if k not in RESUME_KEYS}
+
+
+def fit_resumable(trainer: pl.Trainer, module: pl.LightningModule, datamodule: pl.LightningDataModule, last: Path,
+                  stage: str) -> None:
+    """``trainer.fit``, resumed from ``last`` when it exists. A stop by SIGTERM or SIGINT raises ``TrainingStopped``
+    (exit status 128 + the signal's number) after saving ``last`` (``MidEpochCheckpoint``); Lightning's own SIGTERM
+    stop, a ``SystemExit`` with status 0, becomes one too, so the stage is never taken for finished."""
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(last))
+    except SIGTERMException:  # during validation or an epoch's last batch: last.ckpt is the last one written
+        where = f"resume from {last}" if last.exists() else "start it again (no checkpoint was written yet)"
+        message = f"{stage} stopped by SIGTERM; rerun the same command to {where}"
+        log.error(message)
+        raise TrainingStopped(signal.SIGTERM, message) from None
+    if trainer.interrupted:  # a stop Lightning returned from: the stage is not complete
+        raise RuntimeError(f"{stage} interrupted; rerun the same command to resume from {last}")
+
+
 def make_trainer(cfg: DictConfig, stage: str, callbacks: list, stage_dir: Path, **kwargs: Any) -> pl.Trainer:
     """``cfg.trainer`` with a stage's callbacks and its resume checkpoint (``latest_checkpoint``). On a terminal it
     shows Lightning's progress bar (if ``trainer.enable_progress_bar``); when the output goes to a file it logs
@@ -197,8 +235,8 @@ def trainer_key(cfg: DictConfig) -> tuple:
 
 
 def target_stage_dir(cfg: DictConfig) -> Path:
-    key = stage_key(data_settings(cfg), cfg.model, cfg.target_training, cfg.trainer.precision, cfg.seed,
-                    *trainer_key(cfg))
+    key = stage_key(data_settings(cfg), cfg.model, training_settings(cfg.target_training), cfg.trainer.precision,
+                    cfg.seed, *trainer_key(cfg))
     return Path(cfg.paths.artifacts_dir) / "target" / f"{cfg.data.name}-{key}"
 
 
@@ -252,17 +290,16 @@ def _train_target(cfg: DictConfig, logger: Any, extra_callbacks: list | None = N
         dirpath=stage_dir / "checkpoints", filename="best", monitor=monitor, mode="max",
         enable_version_counter=False,  # a resumed run overwrites best/last instead of writing best-v1
     )
-    callbacks = [checkpoint, *([pl.callbacks.LearningRateMonitor("step")] if logger else []), *(extra_callbacks or [])]
+    callbacks = [*resume_callbacks("target training", stage_dir, training.get("checkpoint_every_n_steps")), checkpoint,
+                 *([pl.callbacks.LearningRateMonitor("step")] if logger else []), *(extra_callbacks or [])]
     trainer = make_trainer(
         cfg, "target", callbacks, stage_dir,
         max_epochs=training.max_epochs, gradient_clip_val=training.gradient_clip_val, logger=logger,
     )
     last = stage_dir / "checkpoints" / "last.ckpt"
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(last))
+    fit_resumable(trainer, module, datamodule, last, "target training")
     train_seconds = time.perf_counter() - start
-    if trainer.interrupted:  # Lightning returns normally on Ctrl-C: the stage is not complete
-        raise RuntimeError(f"target training interrupted; rerun the same command to resume from {last}")
 
     best = checkpoint.best_model_path
     if best:
@@ -375,8 +412,8 @@ def _make_teacher(cfg: DictConfig, target_dir: Path, data: RecData) -> Path:
 
 # -- draft stage -------------------------------------------------------------------------------------------------
 def draft_stage_dir(cfg: DictConfig, teacher_dir: Path) -> Path:
-    key = stage_key(cfg.draft, cfg.alignment, cfg.draft_training, cfg.decoding.beam_size, cfg.seed,
-                    *trainer_key(cfg))
+    key = stage_key(cfg.draft, cfg.alignment, training_settings(cfg.draft_training), cfg.decoding.beam_size,
+                    cfg.seed, *trainer_key(cfg))
     label = cfg.alignment.get("name", cfg.alignment.objective)
     return Path(cfg.paths.artifacts_dir) / "draft" / f"{teacher_dir.name}-{label}-{key}"
 
@@ -391,13 +428,16 @@ def check_vocabulary_match(target_dir: Path, draft: torch.nn.Module, tokenizer: 
         )
 
 
-def train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: RecData, logger: Any) -> Path:
-    """Align a draft to the target on the teacher data (or keep it untrained for ``alignment=none``)."""
+def train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: RecData, logger: Any,
+                extra_callbacks: list | None = None) -> Path:
+    """Align a draft to the target on the teacher data (or keep it untrained for ``alignment=none``). An interrupted
+    run leaves ``checkpoints/last.ckpt``; the next run with the same settings resumes from it."""
     with stage_lock(draft_stage_dir(cfg, teacher_dir)):
-        return _train_draft(cfg, target_dir, teacher_dir, data, logger)
+        return _train_draft(cfg, target_dir, teacher_dir, data, logger, extra_callbacks)
 
 
-def _train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: RecData, logger: Any) -> Path:
+def _train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: RecData, logger: Any,
+                 extra_callbacks: list | None = None) -> Path:
     stage_dir = draft_stage_dir(cfg, teacher_dir)
     if reusable(stage_dir, {"target_id": target_id(target_dir), "teacher_id": teacher_id(teacher_dir)}):
         log.info("draft stage: reusing %s", stage_dir)
@@ -436,12 +476,12 @@ def _train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: Rec
             every_n_epochs=training.eval_every_n_epochs, ks=(cfg.decoding.beam_size,), backend=eval_backend(cfg),
             **decoding_settings(cfg),
         )
-        trainer = make_trainer(cfg, "draft", [callback], stage_dir, max_epochs=training.max_epochs,
-                               gradient_clip_val=training.gradient_clip_val, logger=logger)
+        resume = resume_callbacks("draft training", stage_dir, training.get("checkpoint_every_n_steps"))
+        trainer = make_trainer(cfg, "draft", [*resume, callback, *(extra_callbacks or [])], stage_dir,
+                               max_epochs=training.max_epochs, gradient_clip_val=training.gradient_clip_val,
+                               logger=logger)
         last = stage_dir / "checkpoints" / "last.ckpt"
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(last))
-        if trainer.interrupted:
-            raise RuntimeError(f"draft training interrupted; rerun the same command to resume from {last}")
+        fit_resumable(trainer, module, datamodule, last, "draft training")
         draft, history = module.model, callback.history
     save_model(draft, stage_dir / "model")
     write_json_atomic(stage_dir / STAGE_FILE, {

@@ -34,6 +34,9 @@ def test_check_config_accepts_every_alignment_form(alignment):
     (["alignment=atspeed_s", "alignment.full_vocab=true", "teacher.full_vocab_gt=true"], ["kl and tvd only"]),
     (["alignment=kl", "alignment.on_policy_ratio=0.5"], ["on-policy beams are for atspeed_s and atspeed_r"]),
     (["decoding.gamma=4"], ["decoding.gamma=4: expected 1 <= gamma <= L - 1 = 3"]),
+    (["target_training.checkpoint_every_n_steps=0", "draft_training.checkpoint_every_n_steps=two"],
+     ["target_training.checkpoint_every_n_steps=0: expected null or an integer >= 1",
+      "draft_training.checkpoint_every_n_steps='two': expected null or an integer >= 1"]),
 ])
 def test_check_config_names_every_problem(overrides, messages):
     with pytest.raises(ConfigError) as error:

@@ -44,6 +44,13 @@ class SpeculativeEvalCallback(pl.Callback):
         self.backend = backend
         self.history: list[dict[str, float]] = []
 
+    def state_dict(self) -> dict[str, Any]:
+        # in checkpoints (as plain floats: they are read weights-only), so a resumed fit keeps earlier measurements
+        return {"history": [{name: float(value) for name, value in metrics.items()} for metrics in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+
     def _measure(self, pl_module: pl.LightningModule) -> dict[str, float]:
         was_training = pl_module.training
         pl_module.eval()

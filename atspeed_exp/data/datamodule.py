@@ -41,7 +41,13 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
     A new order every epoch, a function of (``seed``, epoch) only: Lightning calls ``set_epoch`` with the trainer's
     epoch before each one (it looks for ``batch_sampler.sampler``, hence ``self.sampler = self``), so a run resumed
     from a checkpoint sees the same order in each epoch as an uninterrupted one. Without a trainer, each pass over
-    the sampler advances the epoch by one."""
+    the sampler advances the epoch by one.
+
+    Stateful within an epoch: ``state_dict`` is the epoch of the pass in progress and the batches it has yielded;
+    after ``load_state_dict``, the next pass over that same epoch skips those batches, so a run resumed from a
+    mid-epoch checkpoint continues with the batches an uninterrupted run would see next (a pass over another epoch
+    is whole). The count is of batches handed out, so it equals the batches trained only when nothing draws ahead of
+    training: ``ResumableDataLoader`` refuses worker processes."""
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, pool_batches: int = 50) -> None:
         self.lengths = lengths
@@ -50,23 +56,59 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
         self.pool = batch_size * pool_batches
         self.epoch = 0
         self.sampler = self  # where Lightning's per-epoch set_epoch looks for it
+        self._pass = {"epoch": 0, "batches_done": 0}  # the pass in progress (the last one when none is)
+        self._resume: dict[str, int] | None = None  # from load_state_dict, for the next pass
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self._pass)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = {"epoch": int(state["epoch"]), "batches_done": int(state["batches_done"])}
+        self._pass = dict(self._resume)
 
     def __len__(self) -> int:
         return (len(self.lengths) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self):
-        gen = torch.Generator().manual_seed(self.seed + self.epoch)
-        self.epoch += 1
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        resume, self._resume = self._resume, None
+        skip = resume["batches_done"] if resume is not None and resume["epoch"] == epoch else 0
+        self._pass = {"epoch": epoch, "batches_done": skip}
+        gen = torch.Generator().manual_seed(self.seed + epoch)
         order = torch.randperm(len(self.lengths), generator=gen).tolist()
         batches = []
         for start in range(0, len(order), self.pool):
             pool = sorted(order[start : start + self.pool], key=self.lengths.__getitem__)
             batches += [pool[i : i + self.batch_size] for i in range(0, len(pool), self.batch_size)]
-        for index in torch.randperm(len(batches), generator=gen).tolist():
+        for index in torch.randperm(len(batches), generator=gen).tolist()[skip:]:
+            self._pass["batches_done"] += 1
             yield batches[index]
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over a stateful batch sampler (``LengthBucketBatchSampler``) whose position within an epoch goes
+    into Lightning's checkpoints: Lightning 2.x saves ``state_dict()`` of every training DataLoader that has one
+    (``fit_loop.state_dict()["combined_loader"]``) and calls ``load_state_dict`` on resume, before the first batch
+    (``ResumeState`` makes sure it does).
+    The loader draws from its own generator (``seed``), not the global RNG, so iterating it does not shift the
+    random state that a checkpoint restores (``ResumeState``). Worker processes would draw batches ahead of training
+    and make the saved position wrong: ``num_workers`` must be 0."""
+
+    def __init__(self, dataset: Dataset, batch_sampler: LengthBucketBatchSampler, seed: int = 0, **kwargs) -> None:
+        if kwargs.get("num_workers", 0):
+            raise ValueError(f"{type(self).__name__} needs num_workers=0 (workers draw batches ahead of training, so "
+                             f"a checkpoint would skip batches never trained), got {kwargs['num_workers']}")
+        kwargs.setdefault("generator", torch.Generator().manual_seed(seed))
+        super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batch_sampler.load_state_dict(state)
 
 
 class TargetDataModule(pl.LightningDataModule):
@@ -88,9 +130,10 @@ class TargetDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         split = self.data.splits["train"]
         lengths = [len(p) + len(r) for p, r in zip(split.prompts, split.responses)]
-        return DataLoader(
+        return ResumableDataLoader(
             _TrainingExamples(split),
             batch_sampler=LengthBucketBatchSampler(lengths, self.batch_size, seed=self.seed),
+            seed=self.seed,
             collate_fn=self._collate,
             num_workers=self.num_workers,
         )

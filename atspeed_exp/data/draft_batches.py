@@ -47,7 +47,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from atspeed_exp.data.datamodule import LengthBucketBatchSampler
+from atspeed_exp.data.datamodule import LengthBucketBatchSampler, ResumableDataLoader
 from atspeed_exp.data.prompts import IGNORE_INDEX
 from atspeed_exp.data.recdata import EncodedSplit
 from atspeed_exp.data.teacher import TeacherData, TeacherDataError, load_teacher_data
@@ -257,7 +257,8 @@ class DraftDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         sampler = LengthBucketBatchSampler(self.train_set.packed_lengths(), self.batch_size, seed=self.seed)
-        return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=self.collate, num_workers=self.num_workers)
+        return ResumableDataLoader(self.train_set, batch_sampler=sampler, seed=self.seed, collate_fn=self.collate,
+                                   num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
