@@ -74,15 +74,18 @@ def stage_done(stage_dir: Path) -> bool:
     return (stage_dir / STAGE_FILE).exists()
 
 
-def reusable(stage_dir: Path, inputs: dict[str, str]) -> bool:
+def reusable(stage_dir: Path, inputs: dict[str, str], also_accepted: dict[str, str] | None = None) -> bool:
     """True when the stage is finished and was made from these ``inputs`` (fingerprints recorded in its stage.json
     under the same names). A finished stage made from other inputs (the dataset files changed in place, the target
     retrained or its weights replaced) is moved aside to ``<dir>.stale-<time>`` with a log line saying why, and the
-    stage is rebuilt. Fingerprints a stage.json does not record are not checked."""
+    stage is rebuilt. Fingerprints a stage.json does not record are not checked. ``also_accepted``: an older form
+    of a fingerprint that a stage made by an earlier version recorded, accepted as the same input."""
     if not stage_done(stage_dir):
         return False
     recorded = json.loads((stage_dir / STAGE_FILE).read_text())
-    changed = [name for name, value in inputs.items() if name in recorded and recorded[name] != value]
+    accepted = also_accepted or {}
+    changed = [name for name, value in inputs.items()
+               if name in recorded and recorded[name] != value and recorded[name] != accepted.get(name)]
     if not changed:
         return True
     stale = stage_dir.with_name(f"{stage_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -107,7 +110,21 @@ def dataset_fingerprint(cfg: DictConfig) -> str:
 
 
 def teacher_id(teacher_dir: Path) -> str:
-    """The teacher data's identity: its stage.json (target, settings, when it was made)."""
+    """The teacher data's identity: what it was made from and how (the target's id, the settings that change the
+    data, and each split's manifest: examples, prompts and responses hashes, beams), not when or how fast. A teacher
+    whose corrupt shard was regenerated keeps its id, so the drafts trained on it stay valid; a teacher made from
+    another target, other settings or other examples gets another."""
+    stage = json.loads((teacher_dir / STAGE_FILE).read_text())
+    settings = {k: v for k, v in stage.get("settings", {}).items() if k not in TEACHER_SPEED_KEYS}
+    manifests = {path.parent.name: json.loads(path.read_text())
+                 for path in sorted(teacher_dir.glob("*/manifest.json"))}
+    identity = {"target_id": stage.get("target_id"), "settings": settings, "manifests": manifests}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def legacy_teacher_id(teacher_dir: Path) -> str:
+    """The teacher id earlier versions recorded in a draft's stage.json (a hash of the teacher's whole stage.json,
+    timings included); still accepted for drafts made then, as long as that stage.json is unchanged."""
     return hashlib.sha256((teacher_dir / STAGE_FILE).read_bytes()).hexdigest()[:16]
 
 
@@ -439,7 +456,8 @@ def train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: RecD
 def _train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: RecData, logger: Any,
                  extra_callbacks: list | None = None) -> Path:
     stage_dir = draft_stage_dir(cfg, teacher_dir)
-    if reusable(stage_dir, {"target_id": target_id(target_dir), "teacher_id": teacher_id(teacher_dir)}):
+    if reusable(stage_dir, {"target_id": target_id(target_dir), "teacher_id": teacher_id(teacher_dir)},
+                also_accepted={"teacher_id": legacy_teacher_id(teacher_dir)}):
         log.info("draft stage: reusing %s", stage_dir)
         return stage_dir
     draft_seed = cfg.draft_training.get("seed", cfg.seed)

@@ -78,3 +78,46 @@ def test_changed_inputs_rebuild_the_stages_made_from_them(tmp_path, caplog):
         pipeline.run(compose_config(tiny_overrides(tmp_path) + ["stages=[target]"]))
     assert "dataset_sha changed" in caplog.text
     assert len(list((tmp_path / "artifacts" / "target").glob("*.stale-*"))) == 1
+
+
+def test_a_repaired_teacher_keeps_its_id_and_the_drafts_made_from_it(tmp_path, monkeypatch):
+    """A corrupt teacher shard removed and regenerated rewrites the teacher's stage.json (new timings), but the data
+    is made from the same target, settings and examples: the teacher id stays, and the draft is reused rather than
+    retrained. A draft recorded by an earlier version (the id was a hash of the whole teacher stage.json) is still
+    reused while that stage.json is unchanged; a teacher made with other settings gets another id."""
+    import json
+    from pathlib import Path
+
+    from atspeed_exp.data.teacher import remove_corrupt_shards
+
+    overrides = tiny_overrides(tmp_path) + ["stages=[target,teacher,draft]"]
+    first = pipeline.run(compose_config(overrides))
+    teacher_dir, draft_dir = Path(first["teacher_dir"]), Path(first["draft_dir"])
+    before = pipeline.teacher_id(teacher_dir)
+    draft_stage = json.loads((draft_dir / "stage.json").read_text())
+    assert draft_stage["teacher_id"] == before
+
+    # an earlier version's record: accepted as long as the teacher's stage.json is the one it hashed
+    legacy = dict(draft_stage, teacher_id=pipeline.legacy_teacher_id(teacher_dir))
+    (draft_dir / "stage.json").write_text(json.dumps(legacy))
+    assert pipeline.reusable(draft_dir, {"teacher_id": before},
+                             also_accepted={"teacher_id": pipeline.legacy_teacher_id(teacher_dir)})
+    (draft_dir / "stage.json").write_text(json.dumps(draft_stage))
+
+    shard = sorted((teacher_dir / "train").glob("shard-*.pt"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated
+    assert remove_corrupt_shards(teacher_dir / "train") and not (teacher_dir / "stage.json").exists()
+
+    def no_draft_training(*args, **kwargs):
+        raise AssertionError("the draft of a repaired teacher should have been reused")
+
+    monkeypatch.setattr(pipeline, "check_vocabulary_match", no_draft_training)  # called by draft training only
+    second = pipeline.run(compose_config(overrides))
+    assert (teacher_dir / "stage.json").exists() and Path(second["draft_dir"]) == draft_dir
+    assert pipeline.teacher_id(teacher_dir) == before
+    assert not list((tmp_path / "artifacts" / "draft").glob("*.stale-*"))
+
+    stage = json.loads((teacher_dir / "stage.json").read_text())
+    stage["settings"]["num_beams"] += 1  # as if made with other settings
+    (teacher_dir / "stage.json").write_text(json.dumps(stage))
+    assert pipeline.teacher_id(teacher_dir) != before
