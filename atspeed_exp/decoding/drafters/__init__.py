@@ -5,9 +5,14 @@ from __future__ import annotations
 
 from atspeed_exp.decoding.drafters.base import DraftSession, DraftSpec, Drafter, RoundResult, extend_level
 from atspeed_exp.decoding.drafters.model import ModelDrafter
+from atspeed_exp.decoding.drafters.retrieval import RetrievalDrafter, RetrievalPools, build_retrieval_pools
 
 DRAFTERS: dict[str, type[Drafter]] = {
     ModelDrafter.name: ModelDrafter,
+    RetrievalDrafter.name: RetrievalDrafter,
 }
 
-__all__ = ["DRAFTERS", "DraftSession", "DraftSpec", "Drafter", "ModelDrafter", "RoundResult", "extend_level"]
+__all__ = [
+    "DRAFTERS", "DraftSession", "DraftSpec", "Drafter", "ModelDrafter", "RetrievalDrafter", "RetrievalPools",
+    "RoundResult", "build_retrieval_pools", "extend_level",
+]
