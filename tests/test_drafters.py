@@ -122,7 +122,7 @@ def test_drafter_strict_batched_lists_equal_beam_search(name):
 
 
 @pytest.mark.parametrize("name", ["retrieval", "trie_uniform"])
-@pytest.mark.parametrize("mode", ["relaxed", "relaxed_exact", "relaxed_official"])
+@pytest.mark.parametrize("mode", ["relaxed", "relaxed_exact", "relaxed_official", "dare"])
 def test_drafter_without_a_model_runs_every_relaxed_rule(name, mode):
     trie, item_ids, tokens, vocab = make_trie(seed=6)
     target = ToyLM(vocab, seed=6)

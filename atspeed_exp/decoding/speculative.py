@@ -32,6 +32,11 @@ Contract (B users per call, each with its own tree, acceptance and depth; see "B
   log-probs per beam row, so P and Q, the draft's sampling and the target's own draws use only each row's top-k
   codes. The module docstring of ``verify/relaxed_official.py`` lists the edge cases where it departs from the
   public code.
+- ``mode="dare"`` (``verify/dare.py``): DARE's deterministic relaxed rule. The drafter drafts its top-N beams as in
+  strict mode; a drafted continuation of an accepted beam passes when it is among the target's top-k continuations
+  (``verify_options["dare_top_k"]``, k >= K, default 2K) and its target step probability is at least
+  ``verify_options["dare_threshold"]``; a depth is accepted with >= K passes, keeping the K best by target score,
+  otherwise the target's own top-K end the round. With k = K and threshold 0 it is strict verification.
 - Fidelity, measured on the tests' enumerable setup (3 levels of 3/3/2 codes, K = 2, N = 3, gamma alternating 1
   and 2, a softened ToyLM target and a noisy draft whose own beam-sampling law is 0.41 away): total variation of
   the final K-set's law from the target's exact beam-sampling law over 20000 lists each (Monte-Carlo noise about
@@ -41,7 +46,8 @@ Contract (B users per call, each with its own tree, acceptance and depth; see "B
   depth where all pass gives a uniform K-set), and the unrenormalised Q passes more candidates. With a top-2 warper
   (blocks of <= 3 codes leave the default 50 inert) relaxed_official is 0.042 from the equally warped target law
   (0.71), which is itself 0.028 from the unwarped one.
-- The relaxed modes need an explicit ``torch.Generator``; lists are ranked by target cumulative log-prob.
+- The sampling modes (relaxed, relaxed_exact, relaxed_official) need an explicit ``torch.Generator``; lists are
+  ranked by target cumulative log-prob.
 - Drafters: ``draft`` is a ``drafters.Drafter`` or a draft model (``DecoderLM``, drafted by ``drafters.ModelDrafter``).
   The engine knows the contract only (``drafters/base.py``): each round the drafter's session gets the current beams
   and returns the drafted tree (``tree.Level``s), then hears which beams the target kept. How a depth is selected
@@ -78,7 +84,8 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -109,6 +116,8 @@ from atspeed_exp.decoding.tree import (
 from atspeed_exp.decoding.trie import ItemTrie
 from atspeed_exp.decoding.verify import (  # the rules, importable from here as before
     RELAXED_RULES,
+    VERIFY_OPTIONS,
+    dare_select,
     relaxed_exact_select,
     relaxed_official_select,
     relaxed_select,
@@ -284,12 +293,14 @@ def _accept_phase(
     mode: str,
     generator: torch.Generator | None,
     top_k: int | None = None,
+    options: dict[str, Any] | None = None,
 ) -> list[_Step]:
     """Depth by depth l = 1..D+1, assuming depths < l were accepted: the target's K beams at depth l (strict: its
-    exact top-K; a relaxed mode: the ``select`` of its rule in ``verify.RELAXED_RULES``) and whether they are all
-    among the drafted level l (never for l > d_b). A ``warped`` rule's P uses the target's step log-probs after the
-    top-k warper (``top_k``), the target's own last step included. Later depths are discarded per user after its
-    first rejection; computing them costs only [K, S] tensor work and saves a host sync per depth."""
+    exact top-K; a relaxed mode: the ``select`` of its rule in ``verify.RELAXED_RULES``, given ``options``) and
+    whether they are all among the drafted level l (never for l > d_b). A ``warped`` rule's P uses the target's step
+    log-probs after the top-k warper (``top_k``), the target's own last step included. Later depths are discarded
+    per user after its first rejection; computing them costs only [K, S] tensor work and saves a host sync per
+    depth."""
     rule = RELAXED_RULES.get(mode)  # None: strict
     num_steps = len(levels) - 1
     batch, roots = levels[0].draft_scores.shape
@@ -324,9 +335,13 @@ def _accept_phase(
         if ref is None:
             ref = torch.arange(roots, device=device).expand(batch, roots)
         if not drafted:
-            # the target's own step past the drafted depths: with no candidate both verifications reduce to K
-            # draws without replacement from P, which is what beam sampling's step is (Gumbel-top-K)
-            new_scores, parent, codes = sample_top_k(scores, log_p, num_beams, generator)
+            # the target's own step past the drafted depths: with no candidate the sampling verifications reduce to
+            # K draws without replacement from P, which is what beam sampling's step is (Gumbel-top-K); the others
+            # to beam search's top-K
+            if rule.sampled:
+                new_scores, parent, codes = sample_top_k(scores, log_p, num_beams, generator)
+            else:
+                new_scores, parent, codes = select_top_k(scores, log_p, num_beams)
             out.append(_Step(take_beams(ref, parent), codes, new_scores, never))
             continue
         alive = torch.isfinite(scores)
@@ -349,7 +364,10 @@ def _accept_phase(
         q = q.masked_fill(~alive[:, :, None], NEG_INF).reshape(batch, -1)  # [B, MA*S]
         log_q = q - prev.draft_log_norm[:, None] if rule.full_q else q.log_softmax(1)
         log_q = torch.where(torch.isnan(log_q), NEG_INF, log_q)  # users with nothing drafted here
-        flat, alive_new, taken = rule.select(total.log_softmax(1), log_q, candidates, num_beams, generator)
+        extra = dict(options or {})
+        if rule.step_log_p:
+            extra["step_log_p"] = log_p.reshape(batch, -1)  # [B, MA*S], the order of ``total``
+        flat, alive_new, taken = rule.select(total.log_softmax(1), log_q, candidates, num_beams, generator, **extra)
         new_scores = total.gather(1, flat).masked_fill(~alive_new, NEG_INF)
         parent, codes = flat // size, flat % size
         match = flat[:, :, None] == candidates[:, None, :]
@@ -392,7 +410,7 @@ def _check_settings(
         raise ValueError(f"empty prompt at row {int((lengths == 0).nonzero()[0])}")
     if bool((prompt_mask.long().diff(dim=1) < 0).any()):
         raise ValueError("prompts must be left-padded (prompt_mask: False... then True...; see left_pad)")
-    if mode != "strict" and generator is None:
+    if mode != "strict" and RELAXED_RULES[mode].sampled and generator is None:
         raise ValueError(f"{mode} mode samples: pass an explicit torch.Generator")
 
 
@@ -406,7 +424,7 @@ def speculative_beam_search(
     num_beams: int,  # K
     draft_beams: int = 40,  # N >= K
     gamma: int = 3,  # drafted steps per round, 1..L-1
-    mode: str = "strict",  # one of MODES: "strict" | "relaxed" | "relaxed_exact" | "relaxed_official"
+    mode: str = "strict",  # one of MODES: "strict" | "relaxed" | "relaxed_exact" | "relaxed_official" | "dare"
     generator: torch.Generator | None = None,  # relaxed modes' randomness (draft sampling and verification)
     verify_beams: int | None = None,  # M, K <= M <= N: drafted beams per depth the target verifies (None: N)
     scope: str = "vocab",  # normaliser of level log-probs (beam_search.level_scores)
@@ -414,6 +432,8 @@ def speculative_beam_search(
     prune: bool = True,  # drop cache columns no live beam sees after each round (False: keep them, masked)
     record_logits: bool = False,  # strict: also the target's level logits at each final beam's prefixes (teacher)
     official_top_k: int | None = 50,  # relaxed_official only: the per-row top-k warper of both models (None: off)
+    verify_options: Mapping[str, Any] | None = None,  # settings of the relaxed rules (verify.VERIFY_OPTIONS), e.g.
+    #                                                   dare_top_k, dare_threshold; each rule takes its own
 ) -> SpeculativeOutput:
     """Top-K items of each of B prompts by speculative beam search (see module docstring)."""
     verify_beams = draft_beams if verify_beams is None else verify_beams
@@ -422,6 +442,9 @@ def speculative_beam_search(
     _check_settings(trie, prompt_ids, prompt_mask, num_beams, draft_beams, verify_beams, gamma, mode, generator, scope)
     if official_top_k is not None and official_top_k < 1:
         raise ValueError(f"official_top_k must be >= 1 or None (no warper), got {official_top_k}")
+    unknown = sorted(set(verify_options or {}) - set(VERIFY_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown verify_options {unknown}; expected some of {list(VERIFY_OPTIONS)}")
     start = time.perf_counter()
     stats = SpeculativeStats()
     timer = _Timer(stats, target.device, profile)
@@ -431,7 +454,8 @@ def speculative_beam_search(
 
     drafter = draft if isinstance(draft, Drafter) else ModelDrafter(draft)
     rule = RELAXED_RULES.get(mode)  # None: strict
-    spec = DraftSpec(draft_beams, sample=rule is not None, generator=generator,
+    options = {name: value for name, value in (verify_options or {}).items() if rule and name in rule.options}
+    spec = DraftSpec(draft_beams, sample=rule is not None and rule.sampled, generator=generator,
                      top_k=official_top_k if rule is not None and rule.warped else None,
                      full_q=rule is not None and rule.full_q)
 
@@ -489,7 +513,7 @@ def speculative_beam_search(
             )
             stats.target_calls += 1
         with timer.phase("accept"):
-            out = _accept_phase(levels, steps, num_beams, mode, generator, official_top_k)
+            out = _accept_phase(levels, steps, num_beams, mode, generator, official_top_k, options)
             if num_steps > 0:
                 flags = torch.stack([s.accepted for s in out[:num_steps]], 1)  # [B, D]
                 accepted = flags.long().cumprod(1).sum(1)  # [B] leading accepted depths
