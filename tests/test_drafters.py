@@ -32,7 +32,7 @@ class TrieUniformDrafter(Drafter):
     name = "trie_uniform"
     runs_model = False
 
-    def begin(self, prompt_ids, prompt_mask, trie, scope):
+    def begin(self, first, trie, scope):
         return TrieUniformSession()
 
 

@@ -11,6 +11,7 @@ from decoding_fixtures import make_trie
 
 from atspeed_exp.decoding.drafters import RetrievalDrafter, RetrievalPools, build_retrieval_pools
 from atspeed_exp.decoding.beam_search import left_pad
+from atspeed_exp.decoding.tree import View
 
 from test_drafters import history_prompts, random_histories  # noqa: I001
 from test_speculative import one_thread  # noqa: F401
@@ -147,7 +148,7 @@ def test_retrieval_drafter_refuses_pools_of_another_catalogue():
     other, _, tokens, _ = make_trie(num_items=50, seed=4)
     ids, mask = left_pad(history_prompts(tokens, 2, 4), pad_id=0)
     with pytest.raises(ValueError, match="another item catalogue"):
-        RetrievalDrafter(pools).begin(ids, mask, other, "vocab")
+        RetrievalDrafter(pools).begin(View.round_one(ids, mask), other, "vocab")
 
 
 def test_retrieval_pools_without_groups_or_known_items():

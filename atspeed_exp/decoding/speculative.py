@@ -83,7 +83,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -481,10 +481,8 @@ def speculative_beam_search(
     )
     # Round 1: one beam per user with an empty cache whose pending chain is the (left-padded) prompt, so the first
     # verify call is also the target's prefill.
-    empty = torch.zeros(batch, 1, 0, dtype=torch.bool, device=device)
-    first_position = (prompt_mask.long().sum(1) - prompt_width)[:, None]  # void padding slots get positions < 0
-    target_view = View(target.new_cache(), empty, prompt_ids[:, None], prompt_mask[:, None], first_position)
-    session = drafter.begin(prompt_ids, prompt_mask, trie, scope)
+    target_view = View.round_one(prompt_ids, prompt_mask, target.new_cache())
+    session = drafter.begin(replace(target_view, cache=None), trie, scope)
 
     # host (CPU) state of the working batch: no per-user Python, and no device sync to read it
     rows = torch.arange(batch)  # original row of each row of the working batch

@@ -177,6 +177,15 @@ class View:
     pending_valid: torch.Tensor  # [B, M, p] bool: False for void slots (left padding, dead beams)
     position: torch.Tensor  # [B, M] position id of the first pending slot (the last slot is always real)
 
+    @classmethod
+    def round_one(cls, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cache: Any = None) -> "View":
+        """Before the first call: one beam per user, nothing in ``cache``, the (left-padded) prompt ``[B, P]``
+        pending, so the first call is the prefill; void padding slots get positions < 0."""
+        batch, width = prompt_ids.shape
+        empty = torch.zeros(batch, 1, 0, dtype=torch.bool, device=prompt_ids.device)
+        position = (prompt_mask.long().sum(1) - width)[:, None]
+        return cls(cache, empty, prompt_ids[:, None], prompt_mask[:, None], position)
+
 
 @dataclass
 class Level:

@@ -25,7 +25,7 @@ import torch
 
 from atspeed_exp.decoding.beam_search import select_top_k
 from atspeed_exp.decoding.sampling import sample_top_k, top_k_warp
-from atspeed_exp.decoding.tree import Level, child_level, level_depth
+from atspeed_exp.decoding.tree import Level, View, child_level, level_depth
 from atspeed_exp.decoding.trie import ItemTrie
 
 
@@ -95,11 +95,11 @@ class Drafter(ABC):
     runs_model: ClassVar[bool]  # its draft calls are forward calls of a model (per-list draft calls are counted)
 
     @abstractmethod
-    def begin(
-        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, trie: ItemTrie, scope: str
-    ) -> DraftSession:
-        """A session for one engine call on prompts ``[B, P]`` (left-padded) and ``mask`` ``[B, P]``; ``scope`` is
-        the normaliser of level log-probs (``beam_search.level_scores``)."""
+    def begin(self, first: View, trie: ItemTrie, scope: str) -> DraftSession:
+        """A session for one engine call. ``first``: the round-1 beams, one per user, whose pending chain is the
+        user's left-padded prompt (``first.pending`` ``[B, 1, P]`` token ids, ``first.pending_valid`` its mask,
+        ``first.position`` ``[B, 1]`` the first slot's position, ``first.visible`` ``[B, 1, 0]``; no cache).
+        ``scope`` is the normaliser of level log-probs (``beam_search.level_scores``)."""
 
 
 def extend_level(

@@ -23,6 +23,7 @@ from atspeed_exp.decoding.protocol import DecoderLM
 from atspeed_exp.decoding.tree import (
     Level,
     TreeCall,
+    View,
     depths_at,
     pick,
     prune_cache,
@@ -42,26 +43,21 @@ class ModelDrafter(Drafter):
     def __init__(self, model: DecoderLM) -> None:
         self.model = model
 
-    def begin(
-        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, trie: ItemTrie, scope: str
-    ) -> "ModelSession":
-        return ModelSession(self.model, prompt_ids, prompt_mask, trie, scope)
+    def begin(self, first: View, trie: ItemTrie, scope: str) -> "ModelSession":
+        return ModelSession(self.model, first, trie, scope)
 
 
 class ModelSession(DraftSession):
     """The draft model's view of the current beams of one engine call (see the module docstring)."""
 
-    def __init__(
-        self, model: DecoderLM, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, trie: ItemTrie, scope: str
-    ) -> None:
+    def __init__(self, model: DecoderLM, first: View, trie: ItemTrie, scope: str) -> None:
         self.model, self.trie, self.scope = model, trie, scope
-        batch, prompt_width = prompt_ids.shape
         # round 1: one beam per user with an empty cache whose pending chain is the (left-padded) prompt
         self.cache: Any = model.new_cache()
-        self.visible = torch.zeros(batch, 1, 0, dtype=torch.bool, device=prompt_ids.device)  # [B, M, C]
-        self.pending = prompt_ids[:, None]  # [B, M, p] token ids not fed yet
-        self.pending_valid = prompt_mask[:, None]  # [B, M, p] False for void slots
-        self.position = (prompt_mask.long().sum(1) - prompt_width)[:, None]  # [B, M] of the first pending slot
+        self.visible = first.visible  # [B, M, C] bool over the cache columns
+        self.pending = first.pending  # [B, M, p] token ids not fed yet
+        self.pending_valid = first.pending_valid  # [B, M, p] False for void slots
+        self.position = first.position  # [B, M] position id of the first pending slot
         self.keep: torch.Tensor | None = None  # [B, C] cache columns a live beam sees (after ``advance``)
 
     def draft(

@@ -37,7 +37,7 @@ import torch
 
 from atspeed_exp.decoding.drafters.base import DraftSession, DraftSpec, Drafter, extend_level
 from atspeed_exp.decoding.sampling import NEG_INF
-from atspeed_exp.decoding.tree import Level
+from atspeed_exp.decoding.tree import Level, View
 from atspeed_exp.decoding.trie import ItemTrie
 
 FORMAT_VERSION = 1
@@ -148,12 +148,11 @@ class RetrievalDrafter(Drafter):
     def __init__(self, pools: RetrievalPools) -> None:
         self.pools = pools
 
-    def begin(
-        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, trie: ItemTrie, scope: str
-    ) -> "RetrievalSession":
+    def begin(self, first: View, trie: ItemTrie, scope: str) -> "RetrievalSession":
         if trie_signature(trie) != list(self.pools.signature):
             raise ValueError(f"retrieval pools built on another item catalogue (trie {list(self.pools.signature)}, "
                              f"this one {trie_signature(trie)}); rebuild them for this dataset")
+        prompt_ids, prompt_mask = first.pending[:, 0], first.pending_valid[:, 0]  # [B, P]
         if self.pools.offsets.device != prompt_ids.device:
             self.pools.to(prompt_ids.device)
         return RetrievalSession(self.pools, self.pools.route(prompt_ids, prompt_mask, trie))
