@@ -9,8 +9,8 @@ what is allowed:
   union), or be an argument of the group's ``_target_`` (e.g. any ``lightning.pytorch.Trainer`` argument under
   ``trainer``); a top-level key must be in ``config.yaml`` or an experiment file;
 - values: the ranges and names below (``RULES``), and the relations between decoding settings
-  (K <= N for every K, K <= M <= N, beam_size <= N, gamma <= L - 1 with L the SID levels: 4 in the shipped
-  datasets, or what ``data.sid`` builds).
+  (K <= N for every K, K <= M <= N, beam_size <= N, K <= dare_top_k, gamma <= L - 1 with L the SID levels: 4 in
+  the shipped datasets, or what ``data.sid`` builds).
 """
 
 from __future__ import annotations
@@ -151,6 +151,7 @@ def _rules() -> dict[str, Callable[[Any], str | None]]:
     from atspeed_exp.data.sid_build import COLLISION_MODES, EMBEDDING_SOURCES, METHODS
     from atspeed_exp.data.text_embeddings import TEXT_FIELDS
     from atspeed_exp.decoding.beam_search import SCOPES
+    from atspeed_exp.decoding.drafters import DRAFTERS
     from atspeed_exp.decoding.speculative import MODES
     from atspeed_exp.losses.alignment import ALIGNMENT_LOSSES, TEMPERATURE_FORMS
     from atspeed_exp.models.build import DTYPES
@@ -164,6 +165,14 @@ def _rules() -> dict[str, Callable[[Any], str | None]]:
         "decoding.draft_beams": _int_at_least(1),
         "decoding.gamma": _int_at_least(1),
         "decoding.modes": _list_of(_one_of(MODES)),
+        "decoding.drafter": _one_of(tuple(DRAFTERS)),
+        "decoding.dare_top_k": _optional(_int_at_least(1)),
+        "decoding.dare_threshold": _number_in(0.0, 1.0),
+        "decoding.retrieval.groups": _int_at_least(0),
+        "decoding.retrieval.top_n": _int_at_least(1),
+        "decoding.retrieval.dim": _int_at_least(1),
+        "decoding.retrieval.min_history": _int_at_least(1),
+        "decoding.retrieval.iterations": _int_at_least(0),
         "decoding.verify_beams": _optional(_int_at_least(1)),
         "decoding.scope": _one_of(SCOPES),
         "decoding.official_top_k": _optional(_int_at_least(1)),
@@ -272,6 +281,10 @@ def value_problems(cfg: DictConfig, stages: tuple[str, ...]) -> list[str]:
     if m is not None and not max(decoding.ks) <= m <= n:
         problems.append(f"decoding.verify_beams={m}: expected max(decoding.ks)={max(decoding.ks)} <= M <= "
                         f"decoding.draft_beams={n}")
+    k_dare = decoding.get("dare_top_k")
+    if k_dare is not None and "dare" in decoding.modes and k_dare < max(decoding.ks):
+        problems.append(f"decoding.dare_top_k={k_dare}: expected k >= max(decoding.ks)={max(decoding.ks)} (a depth "
+                        f"needs K passing continuations)")
     return problems
 
 

@@ -9,11 +9,14 @@ speculative run is compared with.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from atspeed_exp.decoding.beam_search import left_pad
+from atspeed_exp.decoding.drafters import Drafter
 from atspeed_exp.decoding.protocol import DecoderLM
 from atspeed_exp.decoding.speculative import speculative_beam_search
 from atspeed_exp.decoding.tree import tree_beam_search
@@ -44,7 +47,7 @@ def generate_lists(
     batch_size: int = 64,
     progress: bool = True,
     desc: str = "beam search",
-    draft: DecoderLM | None = None,
+    draft: DecoderLM | Drafter | None = None,
     draft_beams: int = 40,
     gamma: int = 3,
     verify_beams: int | None = None,
@@ -53,11 +56,13 @@ def generate_lists(
     mode: str = "strict",
     generator: torch.Generator | None = None,
     official_top_k: int | None = 50,
+    verify_options: Mapping[str, Any] | None = None,
 ) -> GeneratedLists:
-    """Top-K lists for every prompt, ``batch_size`` users per call: target-only beam search, or with ``draft``
-    batched speculative beam search in ``mode`` (strict: the same lists, fewer target calls; relaxed modes need
-    ``generator``); ``model_calls`` counts target calls per list summed over the lists, and speculative runs also
-    return each list's target calls, drafted and accepted steps."""
+    """Top-K lists for every prompt, ``batch_size`` users per call: target-only beam search, or with ``draft`` (a
+    draft model or any drafter) batched speculative beam search in ``mode`` (strict: the same lists, fewer target
+    calls; the sampling modes need ``generator``; ``verify_options``: the relaxed rules' settings);
+    ``model_calls`` counts target calls per list summed over the lists, and speculative runs also return each
+    list's target calls, drafted and accepted steps."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     items = torch.full((len(prompts), num_beams), -1, dtype=torch.long)
     scores = torch.full((len(prompts), num_beams), float("-inf"))
@@ -74,7 +79,8 @@ def generate_lists(
         else:
             out = speculative_beam_search(model, draft, ids, mask, trie, num_beams, draft_beams, gamma,
                                           verify_beams=verify_beams, scope=scope, prune=prune, mode=mode,
-                                          generator=generator, official_top_k=official_top_k)
+                                          generator=generator, official_top_k=official_top_k,
+                                          verify_options=verify_options)
             calls += sum(out.lists.target_calls)
             per_list[:, rows] = torch.tensor([out.lists.target_calls, out.lists.drafted_steps,
                                               out.lists.accepted_steps], dtype=torch.long)
@@ -97,7 +103,7 @@ def _sync(device: torch.device) -> None:
 
 def evaluate_speculative(
     target: DecoderLM,
-    draft: DecoderLM,
+    draft: DecoderLM | Drafter,
     prompts: list[list[int]],
     ground_truth: list[tuple[int, ...]],
     trie: ItemTrie,
@@ -116,8 +122,9 @@ def evaluate_speculative(
     pad_id: int = 0,
     prune: bool = True,
     official_top_k: int | None = 50,
+    verify_options: Mapping[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Speculative beam search with ``draft`` against our best target-only beam search (``tree_beam_search``), user
+    """Speculative beam search with ``draft`` (a draft model or any drafter) against our best target-only beam search (``tree_beam_search``), user
     by user (batch 1, as the paper measures), in the same call on the same users, so the speedup compares like with
     like.
 
@@ -127,7 +134,8 @@ def evaluate_speculative(
     ``speedup_mean_ratio`` (mean of per-list ratios, the paper's form), ``recall@n``/``ndcg@n`` (n <= K); and for
     the baseline ``{prefix}/beam/k{K}/walltime_s``, ``recall@n``, ``ndcg@n``. The first ``warmup`` users are decoded
     once untimed (first-call allocations and kernel selection). ``verify_beams`` (M) and ``scope`` go to both
-    decoders (``scope``) or SD (M); ``official_top_k`` to SD in mode relaxed_official (its top-k warper).
+    decoders (``scope``) or SD (M); ``official_top_k`` to SD in mode relaxed_official (its top-k warper) and
+    ``verify_options`` to the relaxed rules (dare_top_k, dare_threshold).
 
     With ``batch_size``: also the throughput of the same users decoded ``batch_size`` at a time, target-only beam
     search (``{prefix}/beam/k{K}/throughput_lists_per_s``) against batched strict SD
@@ -159,7 +167,7 @@ def evaluate_speculative(
                 out = speculative_beam_search(target, draft, ids, mask, trie, k, draft_beams=draft_beams,
                                               gamma=gamma, mode=mode, generator=generator,
                                               verify_beams=verify_beams, scope=scope, prune=prune,
-                                              official_top_k=official_top_k)
+                                              official_top_k=official_top_k, verify_options=verify_options)
                 _sync(device)
                 runs[mode] = (time.perf_counter() - start, out)
             if user < 0:
@@ -221,7 +229,7 @@ def _with_interval(metrics: dict[str, float], key: str, values: torch.Tensor, de
 
 def evaluate_all_users(
     target: DecoderLM,
-    draft: DecoderLM,
+    draft: DecoderLM | Drafter,
     prompts: list[list[int]],
     ground_truth: list[tuple[int, ...]],
     trie: ItemTrie,
@@ -240,6 +248,7 @@ def evaluate_all_users(
     progress: bool = True,
     prefix: str = "eval/all",
     official_top_k: int | None = 50,
+    verify_options: Mapping[str, Any] | None = None,
 ) -> dict[str, float]:
     """Hardware-independent figures on every given user, decoded ``batch_size`` users per call (the batched
     engine gives each list its own counts), with 95% bootstrap intervals over users (``resamples`` resamples;
@@ -251,7 +260,7 @@ def evaluate_all_users(
     ``ndcg@n`` and ``recall@n_change`` / ``ndcg@n_change`` (mean per-user difference to beam search: the accuracy a
     relaxed rule gives up or gains), and ``mismatches`` (lists that differ from beam search's as sets of items).
     Every figure carries ``_lo95`` / ``_hi95``. Relaxed modes draw from one generator seeded by ``seed``;
-    ``official_top_k`` is relaxed_official's warper.
+    ``official_top_k`` is relaxed_official's warper, ``verify_options`` the relaxed rules' settings.
     """
     truth = pad_ground_truth(ground_truth)
     has_truth = (truth >= 0).any(1)  # users that count for accuracy
@@ -267,7 +276,8 @@ def evaluate_all_users(
             generator = torch.Generator(device=target.device).manual_seed(seed * 1_000_003 + k)
             run = generate_lists(target, prompts, trie, k, pad_id, desc=f"all users {mode} K={k}", draft=draft,
                                  draft_beams=draft_beams, gamma=gamma, verify_beams=verify_beams, prune=prune,
-                                 mode=mode, generator=generator, official_top_k=official_top_k, **settings)
+                                 mode=mode, generator=generator, official_top_k=official_top_k,
+                                 verify_options=verify_options, **settings)
             key = f"{prefix}/{mode}/k{k}"
             _with_interval(metrics, f"{key}/target_calls_per_list", run.target_calls, None, resamples, seed)
             _with_interval(metrics, f"{key}/acceptance_rate", run.accepted_steps, run.drafted_steps, resamples, seed)

@@ -44,6 +44,7 @@ from atspeed_exp.data.teacher import (
     weights_fingerprint,
 )
 from atspeed_exp.data.tokenizer import save_tokenizer
+from atspeed_exp.decoding.drafters import Drafter, RetrievalDrafter, RetrievalPools, build_retrieval_pools
 from atspeed_exp.decoding.protocol import DecoderLM
 from atspeed_exp.evaluation import evaluate_all_users, evaluate_speculative, generate_lists
 from atspeed_exp.lit.draft_module import DraftAlignmentModule
@@ -517,6 +518,71 @@ def _train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: Rec
     return stage_dir
 
 
+# -- retrieval drafter stage -------------------------------------------------------------------------------------
+RETRIEVAL_POOLS_FILE = "pools.pt"
+
+
+def drafter_name(cfg: DictConfig) -> str:
+    """``decoding.drafter``: where drafts come from (model: the draft stage's model; retrieval: pools)."""
+    return cfg.decoding.get("drafter", "model")
+
+
+def retrieval_stage_dir(cfg: DictConfig) -> Path:
+    key = stage_key(data_settings(cfg), cfg.decoding.retrieval, cfg.seed)
+    return Path(cfg.paths.artifacts_dir) / "retrieval" / f"{cfg.data.name}-{key}"
+
+
+def training_sid_histories(data: RecData) -> list[torch.Tensor]:
+    """Per training user (ascending user id): the SIDs of their training items as token ids ``[n_u, L]``."""
+    row_of = {int(item): row for row, item in enumerate(data.sid_index.item_ids.tolist())}
+    tokens = data.sid_index.item_token_ids
+    return [tokens[[row_of[i] for i in items if i in row_of]] for _, items in sorted(data.dataset.train.items())]
+
+
+def build_retrieval(cfg: DictConfig, data: RecData) -> Path:
+    """The retrieval drafter's pools for this dataset and ``decoding.retrieval`` (or a finished build of the same
+    settings): ``pools.pt`` (``RetrievalPools``, written atomically) and ``stage.json``. Concurrent runs build it
+    once (``stage_lock``)."""
+    with stage_lock(retrieval_stage_dir(cfg)):
+        return _build_retrieval(cfg, data)
+
+
+def _build_retrieval(cfg: DictConfig, data: RecData) -> Path:
+    stage_dir = retrieval_stage_dir(cfg)
+    fingerprint = dataset_fingerprint(cfg)
+    if reusable(stage_dir, {"dataset_sha": fingerprint}):
+        log.info("retrieval pools: reusing %s", stage_dir)
+        return stage_dir
+    settings = OmegaConf.to_container(cfg.decoding.retrieval, resolve=True)
+    histories = training_sid_histories(data)
+    start = time.perf_counter()
+    pools = build_retrieval_pools(histories, data.trie(), seed=cfg.seed, **settings)
+    seconds = time.perf_counter() - start
+    path = artifacts.atomic_write(stage_dir / RETRIEVAL_POOLS_FILE, pools.save, mode="wb")
+    log.info("retrieval pools: %d groups of %s training users, %d continuations, built in %.1f s: %s",
+             pools.num_groups, pools.group_sizes.tolist(), pools.codes.numel(), seconds, path)
+    write_json_atomic(stage_dir / STAGE_FILE, {
+        "stage": "retrieval",
+        "dataset_sha": fingerprint,
+        "settings": {"data": data_settings(cfg), "retrieval": settings, "seed": cfg.seed},
+        "users": len(histories),
+        "grouped_users": int(pools.group_sizes.sum()),
+        "group_sizes": pools.group_sizes.tolist(),
+        "continuations": pools.codes.numel(),
+        "size_bytes": path.stat().st_size,
+        "build_seconds": seconds,
+    })
+    return stage_dir
+
+
+def load_drafter(cfg: DictConfig, draft_dir: Path, device: str, dtype: str, backend: str) -> DecoderLM | Drafter:
+    """The drafter ``decoding.drafter`` names, from its stage dir: the draft model (a ``DecoderLM``, which the
+    engine drafts with) or the retrieval drafter over the stage's pools."""
+    if drafter_name(cfg) == "retrieval":
+        return RetrievalDrafter(RetrievalPools.load(draft_dir / RETRIEVAL_POOLS_FILE).to(device))
+    return load_target(draft_dir, device, dtype, backend)
+
+
 # -- evaluation --------------------------------------------------------------------------------------------------
 def decoding_settings(cfg: DictConfig) -> dict[str, Any]:
     """The speculative-decoding settings shared by the training callback and the final evaluation."""
@@ -525,6 +591,8 @@ def decoding_settings(cfg: DictConfig) -> dict[str, Any]:
         "seed": cfg.seed, "verify_beams": cfg.decoding.get("verify_beams"),
         "scope": cfg.decoding.get("scope", "vocab"), "prune": cfg.decoding.get("prune_caches", True),
         "official_top_k": cfg.decoding.get("official_top_k", 50),
+        "verify_options": {"dare_top_k": cfg.decoding.get("dare_top_k"),
+                           "dare_threshold": cfg.decoding.get("dare_threshold", 0.0)},
     }
 
 
@@ -532,7 +600,8 @@ def evaluate_draft(cfg: DictConfig, target_dir: Path, draft_dir: Path, data: Rec
     """Final speculative evaluation on test users: every configured mode and K, against target-only beam search
     measured in the same call (``evaluate_speculative``)."""
     device, dtype, backend = eval_device(cfg), eval_dtype(cfg), eval_backend(cfg)
-    target, draft = load_target(target_dir, device, dtype, backend), load_target(draft_dir, device, dtype, backend)
+    target = load_target(target_dir, device, dtype, backend)
+    draft = load_drafter(cfg, draft_dir, device, dtype, backend)
     test = data.splits["test"]
     users = min(cfg.eval.speculative_users, len(test)) if cfg.eval.speculative_users else len(test)
     return evaluate_speculative(
@@ -546,7 +615,8 @@ def evaluate_draft_all_users(cfg: DictConfig, target_dir: Path, draft_dir: Path,
     """Calls, acceptance, overlap with beam search and accuracy on every test user (``eval.max_users`` caps it),
     batched, with 95% bootstrap intervals over users (``evaluate_all_users``)."""
     device, dtype, backend = eval_device(cfg), eval_dtype(cfg), eval_backend(cfg)
-    target, draft = load_target(target_dir, device, dtype, backend), load_target(draft_dir, device, dtype, backend)
+    target = load_target(target_dir, device, dtype, backend)
+    draft = load_drafter(cfg, draft_dir, device, dtype, backend)
     test = data.splits["test"]
     users = min(cfg.eval.max_users, len(test)) if cfg.eval.max_users else len(test)
     settings = decoding_settings(cfg)
@@ -556,6 +626,7 @@ def evaluate_draft_all_users(cfg: DictConfig, target_dir: Path, draft_dir: Path,
         batch_size=cfg.eval.batch_size, draft_beams=settings["draft_beams"], gamma=settings["gamma"],
         verify_beams=settings["verify_beams"], scope=settings["scope"], prune=settings["prune"], seed=cfg.seed,
         resamples=cfg.eval.get("bootstrap_resamples", 1000), official_top_k=settings["official_top_k"],
+        verify_options=settings["verify_options"],
     )
 
 
@@ -722,7 +793,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         summary["stage"] = json.loads((target_dir / STAGE_FILE).read_text())
 
         metrics.update(evaluate_target(cfg, target_dir, data))
-        if "teacher" in cfg.stages or "draft" in cfg.stages:
+        if drafter_name(cfg) == "retrieval":
+            run_retrieval_stages(cfg, target_dir, data, summary, metrics, reused)
+        elif "teacher" in cfg.stages or "draft" in cfg.stages:
             if stage_done(teacher_stage_dir(cfg, target_dir)):
                 reused["teacher"] = str(teacher_stage_dir(cfg, target_dir))
                 teacher_logger = False
@@ -766,6 +839,28 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     write_json_atomic(Path(cfg.paths.output_dir) / "summary.json",
                       {**summary, "config": OmegaConf.to_container(cfg, resolve=True)})
     return summary
+
+
+def run_retrieval_stages(cfg: DictConfig, target_dir: Path, data: RecData, summary: dict[str, Any],
+                         metrics: dict[str, float], reused: dict[str, str]) -> None:
+    """``decoding.drafter=retrieval``: the draft stage builds (or reuses) the retrieval pools instead of training a
+    draft, so the teacher stage, whose data only trains drafts, is skipped; eval then runs as with a draft model,
+    with the same metrics and tables. Fills ``summary`` and ``metrics`` in place."""
+    if "teacher" in cfg.stages:
+        log.info("teacher stage skipped: decoding.drafter=retrieval trains no draft model")
+    if "draft" not in cfg.stages:
+        return
+    if stage_done(retrieval_stage_dir(cfg)):
+        reused["retrieval"] = str(retrieval_stage_dir(cfg))
+    pools_dir = build_retrieval(cfg, data)
+    summary["draft_dir"] = str(pools_dir)
+    summary["drafter"] = "retrieval"
+    if "eval" in cfg.stages:
+        metrics.update(evaluate_draft(cfg, target_dir, pools_dir, data))
+        summary["table"] = speculative_table(metrics, tuple(cfg.decoding.modes), tuple(cfg.decoding.ks))
+        if cfg.eval.get("all_users", True):
+            metrics.update(evaluate_draft_all_users(cfg, target_dir, pools_dir, data))
+            summary["table_all_users"] = all_users_table(metrics, tuple(cfg.decoding.modes), tuple(cfg.decoding.ks))
 
 
 def format_summary(summary: dict[str, Any], cutoffs: tuple[int, ...] = (5, 10, 20)) -> str:

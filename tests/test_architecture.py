@@ -11,7 +11,8 @@ FORBIDDEN = ("lightning", "pytorch_lightning", "hydra", "omegaconf", "wandb", "t
 @pytest.mark.parametrize(
     "module",
     ["atspeed_exp.decoding.beam_search", "atspeed_exp.decoding.trie", "atspeed_exp.decoding.verify",
-     "atspeed_exp.metrics", "atspeed_exp.losses", "atspeed_exp.models.sasrec", "atspeed_exp.reporting"]
+     "atspeed_exp.decoding.drafters", "atspeed_exp.metrics", "atspeed_exp.losses", "atspeed_exp.models.sasrec",
+     "atspeed_exp.reporting"]
     + (["atspeed_exp.decoding.speculative"] if __import__("importlib").util.find_spec("atspeed_exp.decoding.speculative") else []),
 )
 def test_core_module_imports_no_framework(module):
@@ -22,3 +23,22 @@ def test_core_module_imports_no_framework(module):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"{module} pulls in {out.stdout.strip()}"
+
+
+# the decoding core's layers: shared tree state below drafters and verification rules, the engine above both
+LAYERS = {
+    "atspeed_exp.decoding.tree": ("atspeed_exp.decoding.drafters", "atspeed_exp.decoding.verify",
+                                  "atspeed_exp.decoding.speculative"),
+    "atspeed_exp.decoding.drafters": ("atspeed_exp.decoding.verify", "atspeed_exp.decoding.speculative"),
+    "atspeed_exp.decoding.verify": ("atspeed_exp.decoding.drafters", "atspeed_exp.decoding.speculative"),
+}
+
+
+@pytest.mark.parametrize("module", sorted(LAYERS))
+def test_decoding_layer_imports_only_the_layers_below(module):
+    code = (
+        f"import sys, {module}\n"
+        f"print(','.join(sorted(m for m in sys.modules if m.startswith({LAYERS[module]!r}))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"{module} imports {out.stdout.strip()}"

@@ -37,12 +37,24 @@ def test_check_config_accepts_every_alignment_form(alignment):
     (["target_training.checkpoint_every_n_steps=0", "draft_training.checkpoint_every_n_steps=two"],
      ["target_training.checkpoint_every_n_steps=0: expected null or an integer >= 1",
       "draft_training.checkpoint_every_n_steps='two': expected null or an integer >= 1"]),
+    (["decoding.drafter=ngram"], ["decoding.drafter='ngram': expected one of ['model', 'retrieval']"]),
+    (["decoding.modes=[strict,dare]", "decoding.dare_top_k=10"],
+     ["decoding.dare_top_k=10: expected k >= max(decoding.ks)=20"]),
+    (["decoding.dare_threshold=1.5", "decoding.retrieval.top_n=0", "decoding.retrieval.min_history=0"],
+     ["decoding.dare_threshold=1.5: expected a number in [0.0, 1.0]",
+      "decoding.retrieval.top_n=0: expected an integer >= 1", "decoding.retrieval.min_history=0: expected"]),
+    (["+decoding.retrieval.group=4"], ["decoding.retrieval.group: unknown key"]),
 ])
 def test_check_config_names_every_problem(overrides, messages):
     with pytest.raises(ConfigError) as error:
         check_config(compose_config(overrides), pipeline.STAGES)
     for message in messages:
         assert message in str(error.value)
+
+
+def test_check_config_accepts_the_retrieval_drafter_and_dare():
+    check_config(compose_config(["decoding.drafter=retrieval", "decoding.modes=[strict,dare]",
+                                 "decoding.dare_top_k=20", "decoding.dare_threshold=0.1"]), pipeline.STAGES)
 
 
 def test_check_config_allows_arguments_of_a_groups_target():

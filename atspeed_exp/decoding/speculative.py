@@ -1,5 +1,5 @@
-"""Speculative beam search (docs/method.md section 6): a draft model runs d = min(gamma, L - t - 1) steps ahead of the K current
-beams, the target scores every drafted token of every depth in ONE call with tree attention, then accepts depth by
+"""Speculative beam search (docs/method.md section 6): a drafter (a draft model, a retrieval pool: ``drafters/``) runs
+d = min(gamma, L - t - 1) steps ahead of the K current beams, the target scores every drafted token of every depth in ONE call with tree attention, then accepts depth by
 depth and produces the next depth from the logits it already has, so a round advances >= 1 token and a list costs
 1..L target calls (1 when everything is accepted: the first round's verify call also prefills the prompt).
 
@@ -32,6 +32,11 @@ Contract (B users per call, each with its own tree, acceptance and depth; see "B
   log-probs per beam row, so P and Q, the draft's sampling and the target's own draws use only each row's top-k
   codes. The module docstring of ``verify/relaxed_official.py`` lists the edge cases where it departs from the
   public code.
+- ``mode="dare"`` (``verify/dare.py``): DARE's deterministic relaxed rule. The drafter drafts its top-N beams as in
+  strict mode; a drafted continuation of an accepted beam passes when it is among the target's top-k continuations
+  (``verify_options["dare_top_k"]``, k >= K, default 2K) and its target step probability is at least
+  ``verify_options["dare_threshold"]``; a depth is accepted with >= K passes, keeping the K best by target score,
+  otherwise the target's own top-K end the round. With k = K and threshold 0 it is strict verification.
 - Fidelity, measured on the tests' enumerable setup (3 levels of 3/3/2 codes, K = 2, N = 3, gamma alternating 1
   and 2, a softened ToyLM target and a noisy draft whose own beam-sampling law is 0.41 away): total variation of
   the final K-set's law from the target's exact beam-sampling law over 20000 lists each (Monte-Carlo noise about
@@ -41,11 +46,18 @@ Contract (B users per call, each with its own tree, acceptance and depth; see "B
   depth where all pass gives a uniform K-set), and the unrenormalised Q passes more candidates. With a top-2 warper
   (blocks of <= 3 codes leave the default 50 inert) relaxed_official is 0.042 from the equally warped target law
   (0.71), which is itself 0.028 from the unwarped one.
-- The relaxed modes need an explicit ``torch.Generator``; lists are ranked by target cumulative log-prob.
-- Each model keeps ONE cache row per user holding the prompt and a token tree. A beam is a bool visibility vector over
-  that row (prompt + its own fed ancestors), its pending (not yet fed) tokens and the position id of the first one;
-  every call appends tokens whose mask rows come from those vectors (``tree.TreeCall``: the tree mask), so nothing is copied
-  while drafting; after a round both caches are pruned with ``gather_cache`` to the kept beams' paths.
+- The sampling modes (relaxed, relaxed_exact, relaxed_official) need an explicit ``torch.Generator``; lists are
+  ranked by target cumulative log-prob.
+- Drafters: ``draft`` is a ``drafters.Drafter`` or a draft model (``DecoderLM``, drafted by ``drafters.ModelDrafter``).
+  The engine knows the contract only (``drafters/base.py``): each round the drafter's session gets the current beams
+  and returns the drafted tree (``tree.Level``s), then hears which beams the target kept. How a depth is selected
+  (top-N beam search in strict mode, N draws for the sampling rules) is the rule's, passed as a ``DraftSpec``, so
+  strict verification is lossless and the relaxed rules see the Q they expect with every drafter.
+- The target keeps ONE cache row per user holding the prompt and a token tree (a draft model does the same). A beam is
+  a bool visibility vector over that row (prompt + its own fed ancestors), its pending (not yet fed) tokens and the
+  position id of the first one; every call appends tokens whose mask rows come from those vectors (``tree.TreeCall``:
+  the tree mask), so nothing is copied while drafting; after a round the caches are pruned with ``gather_cache`` to
+  the kept beams' paths.
 
 - ``verify_beams`` M (K <= M <= N): the target verifies only the draft's first M beams per depth (best first in
   strict mode, draw order in relaxed modes) among those whose parent it verifies: fewer tokens per verification call,
@@ -56,14 +68,14 @@ Contract (B users per call, each with its own tree, acceptance and depth; see "B
   scope.
 
 Batches (ragged progress): user b is at depth t_b and drafts d_b = min(gamma, L - t_b - 1) steps; a round makes
-D = max d_b draft calls and one target call for all users. Trie nodes live in one global id space that carries each
+D = max d_b draft-model calls and one target call for all users. Trie nodes live in one global id space that carries each
 node's depth, so rows at different depths are gathered and masked by the same tensor ops; levels a user does not
 need, dead beams and left padding are *void* tokens (fed, seen by nobody, not counted). Each round ends with ONE host
 sync (accepted depths and the cache columns to keep); users that reach depth L leave the batch, and both caches are
 pruned per user to the columns their live beams see (padded to the longest). Per-list counters: ``ListStats``.
 
-Phases of a round: ``_draft_phase`` -> ``_verified_levels`` (top-M) -> ``_verify_phase`` (tree mask + one target
-call) -> ``_accept_phase``, then pruning. Beams are matched across draft and target by their full prefix (parent +
+Phases of a round: the drafter's ``draft`` -> ``_verified_levels`` (top-M) -> ``_verify_phase`` (tree mask + one target
+call) -> ``_accept_phase``, then the drafter's ``advance`` and pruning. Beams are matched across draft and target by their full prefix (parent +
 code), never by position.
 """
 
@@ -71,27 +83,41 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Iterator
+from dataclasses import dataclass, replace
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 
 from atspeed_exp.decoding.beam_search import (
     SCOPES,
     BeamSearchOutput,
-    additive,
     beam_search,
     check_beam_settings,
     expand_items,
     level_scores,
     select_top_k,
 )
+from atspeed_exp.decoding.drafters import DraftSpec, Drafter, ModelDrafter, RoundResult
 from atspeed_exp.decoding.protocol import DecoderLM
 from atspeed_exp.decoding.sampling import NEG_INF, sample_top_k, top_k_warp
-from atspeed_exp.decoding.tree import TreeCall, take_beams, widen
+from atspeed_exp.decoding.tree import (
+    Level,
+    TreeCall,
+    View,
+    child_level,
+    depths_at,
+    level_depth,
+    pick,
+    prune_cache,
+    take_beams,
+    uniform,
+)
 from atspeed_exp.decoding.trie import ItemTrie
 from atspeed_exp.decoding.verify import (  # the rules, importable from here as before
     RELAXED_RULES,
+    VERIFY_OPTIONS,
+    dare_select,
     relaxed_exact_select,
     relaxed_official_select,
     relaxed_select,
@@ -159,38 +185,6 @@ class _Beams:
     nodes: torch.Tensor  # [B, M] global trie nodes
 
 
-@dataclass
-class _View:
-    """One model's view of the current beams."""
-
-    cache: Any
-    visible: torch.Tensor  # [B, M, C] bool over the C cache columns: prompt + the beam's fed ancestors
-    pending: torch.Tensor  # [B, M, p] token ids not fed to this model yet (round 1: the prompt)
-    pending_valid: torch.Tensor  # [B, M, p] bool: False for void slots (left padding, dead beams)
-    position: torch.Tensor  # [B, M] position id of the first pending slot (the last slot is always real)
-
-
-@dataclass
-class _Level:
-    """One depth of a round's token tree: level 0 = the current beams, level l = the l-th drafted step."""
-
-    sequences: torch.Tensor  # [B, M, L]
-    nodes: torch.Tensor  # [B, M] global trie nodes (dead for placeholders and void levels)
-    draft_scores: torch.Tensor  # [B, M] cumulative score the draft ranks / samples with (-inf: dead)
-    position: torch.Tensor  # [B, M] position id of the next token after this node
-    token: torch.Tensor | None = None  # [B, M] this node's token id (drafted levels)
-    parent: torch.Tensor | None = None  # [B, M] index into the previous level
-    codes: torch.Tensor | None = None  # [B, M] local code of this node's token
-    draft_visible: torch.Tensor | None = None  # [B, M, C_d] once fed to the draft
-    draft_log_probs: torch.Tensor | None = None  # [B, M, S] the draft's next-level log-probs (fed levels only;
-    #                                               after the top-k warper in relaxed_official mode)
-    draft_log_norm: torch.Tensor | None = None  # [B] log-normaliser of the draft's sampling distribution over the
-    #                                             continuations of ALL this level's beams (relaxed_official only)
-    target_visible: torch.Tensor | None = None  # [B, M, C_t] after the verify call
-    target_log_probs: torch.Tensor | None = None  # [B, M, S] the target's next-level log-probs at this node
-    target_record: tuple[torch.Tensor, torch.Tensor] | None = None  # (raw level logits [B, M, S], normaliser [B, M])
-
-
 class _Timer:
     def __init__(self, stats: SpeculativeStats, device: torch.device, profile: bool) -> None:
         self.stats, self.sync = stats, profile and device.type == "cuda"
@@ -209,169 +203,7 @@ class _Timer:
             setattr(self.stats, field, getattr(self.stats, field) + time.perf_counter() - start)
 
 
-# -- helpers over the levels of a round ----------------------------------------------------------------------------
-def _uniform(host: list[int]) -> int | None:
-    """The index every user picks, if they all pick the same one (always at B = 1), else None; ``host`` is read
-    from the host, so deciding costs no device sync. Decided once per round for all the ``_pick`` calls that share
-    it."""
-    return host[0] if len(set(host)) == 1 else None
-
-
-def _pick(tensors: list[torch.Tensor], index: torch.Tensor, same: int | None) -> torch.Tensor:
-    """Per user b, ``tensors[index[b]][b]``; ``same``: ``_uniform`` of the same indices on the host. Bool
-    visibilities ``[B, M, C_i]`` are widened to the longest C. When every user picks the same level that level is
-    returned as is (widened); otherwise the tensors are padded to a common M and stacked, and the result is
-    ``[B, max M, ...]``."""
-    widen_to = max(t.shape[2] for t in tensors) if tensors[0].dtype == torch.bool and tensors[0].dim() == 3 else None
-    if same is not None:
-        return tensors[same] if widen_to is None else widen(tensors[same], widen_to)
-    if widen_to is not None:
-        tensors = [widen(t, widen_to) for t in tensors]
-    width = max(t.shape[1] for t in tensors)
-    padded = []
-    for t in tensors:
-        if t.shape[1] < width:
-            t = torch.cat([t, t.new_zeros(t.shape[0], width - t.shape[1], *t.shape[2:])], dim=1)
-        padded.append(t)
-    stacked = torch.stack(padded, 1)  # [B, n, W, ...]
-    view = index.reshape(-1, 1, *([1] * (stacked.dim() - 2))).expand(-1, 1, *stacked.shape[2:])
-    return stacked.gather(1, view).squeeze(1)
-
-
-def _uniform_draft_view(
-    levels: list[_Level],
-    ref: torch.Tensor,
-    new: _Level,
-    alive: torch.Tensor,
-    accepted: int,
-    steps: int,
-    depth: int,
-    num_levels: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The draft's view of the new beams when every user accepted ``accepted`` of ``steps`` drafted depths and the
-    new beams' parents are at trie depth ``depth`` (the general case, per user, is in the engine's loop; same
-    result, a third of the ops). Returns (visible, columns some live beam sees, pending tokens, their validity,
-    position of the first pending one)."""
-    short = accepted < steps  # the kept level was fed to the draft: only the new token is pending
-    fed = accepted if short else steps - 1  # else level d was never fed: its token and the new one are pending
-    fed_ref = ref if short else take_beams(levels[accepted].parent, ref)
-    widest = max(level.draft_visible.shape[2] for level in levels[:steps])
-    visible = take_beams(widen(levels[fed].draft_visible, widest), fed_ref)
-    keep = (visible & alive[:, :, None]).any(1)
-    columns = [min(max(depth - 1, 0), num_levels - 1), min(depth, num_levels - 1)]  # tokens at depths d - 1, d
-    pending = new.sequences[:, :, columns]  # [B, K, 2]
-    pending_valid = torch.stack([alive & (not short), alive], 2)
-    position = take_beams(levels[fed].position, fed_ref) - int(short)
-    return visible, keep, pending, pending_valid, position
-
-
-def _child(
-    prev: _Level,
-    scores: torch.Tensor,
-    parent: torch.Tensor,
-    codes: torch.Tensor,
-    trie: ItemTrie,
-    depth: torch.Tensor | int,
-    valid: torch.Tensor | None = None,
-) -> _Level:
-    """The level reached from ``prev`` (whose nodes are at trie depth ``depth``: ``[B]``, or an int when every user
-    is at the same depth, which saves the per-user lookups) by (parent, code) ``[B, n]``; users with ``valid``
-    False get a void (dead) level."""
-    num_levels = trie.num_levels
-    alive = torch.isfinite(scores) if valid is None else torch.isfinite(scores) & valid[:, None]
-    nodes = trie.global_advance(take_beams(prev.nodes, parent), codes)
-    sequences = take_beams(prev.sequences, parent)
-    if isinstance(depth, int):
-        nodes = torch.where(alive, nodes, trie.global_dead_ids[min(depth + 1, num_levels + 1)])
-        start = trie.level_blocks[min(depth, num_levels - 1)][0]
-        tokens = torch.where(alive, codes, 0) + start  # a dead beam's code can lie past a short block's end
-        if depth < num_levels:
-            sequences[:, :, depth] = tokens  # a fresh tensor (the gather above)
-    else:
-        nodes = torch.where(alive, nodes, trie.global_dead[(depth + 1).clamp(max=num_levels + 1)][:, None])
-        start = trie.block_starts[depth.clamp(max=num_levels - 1)][:, None]
-        tokens = torch.where(alive, codes + start, start)  # a dead beam's code can lie past a short block's end
-        column = torch.arange(num_levels, device=depth.device) == depth[:, None]  # [B, L]
-        sequences = torch.where(column[:, None, :], tokens[:, :, None], sequences)
-    return _Level(
-        sequences=sequences,
-        nodes=nodes,
-        draft_scores=torch.where(alive, scores, NEG_INF),
-        position=take_beams(prev.position, parent) + 1,
-        token=tokens,
-        parent=parent,
-        codes=codes,
-    )
-
-
-def _depths(host: list[tuple[int, int]], ell: int, offset: int = 0) -> list[int]:
-    """Distinct trie depths t_b + ell + offset over the users whose round reaches level ``ell`` (ell <= d_b), from
-    the round's distinct (t_b, d_b) pairs read on the host: the only projections a call needs."""
-    return [t + ell + offset for t, steps in host if steps >= ell]
-
-
-def _level_depth(host: list[tuple[int, int]], ell: int) -> int | None:
-    """The trie depth of level ``ell``'s nodes if every user is at the same depth (always at B = 1), else None."""
-    return host[0][0] + ell if len(host) == 1 else None
-
-
-# -- phases ---------------------------------------------------------------------------------------------------------
-def _draft_phase(
-    draft: DecoderLM,
-    view: _View,
-    root: _Level,
-    trie: ItemTrie,
-    t: torch.Tensor,
-    steps: torch.Tensor,
-    host: list[tuple[int, int]],
-    width: int,
-    mode: str,
-    generator: torch.Generator | None,
-    scope: str,
-    draft_tokens: torch.Tensor,
-    top_k: int | None = None,
-) -> tuple[list[_Level], Any, int]:
-    """d_b = ``steps[b]`` steps of N = ``width`` beams on the draft from the current beams: D = max d_b draft calls
-    for the batch (pending tokens of the current beams, then drafted levels 1..D-1; a user's level d_b is never
-    fed). Strict mode runs beam search, the relaxed modes beam sampling; a mode whose rule is ``warped`` samples
-    from the step log-probs after the top-k warper (``top_k``), and one with ``full_q`` keeps each level's sampling
-    normaliser for Q. Returns the tree levels 0..D, the draft cache and the calls made."""
-    rule = RELAXED_RULES.get(mode)
-    num_steps = max(steps for _, steps in host)
-    levels, cache = [root], view.cache
-    call = TreeCall(view.visible.shape[2], view.visible.device)
-    root.draft_visible, last = call.add(
-        view.visible, view.pending, view.position, view.pending_valid & (steps >= 1)[:, None, None]
-    )
-    for ell in range(1, num_steps + 1):
-        prev = levels[-1]
-        hidden, cache = call.hidden(draft, cache)
-        draft_tokens += call.valid_counts()
-        depths = _depths(host, ell, offset=-1)  # level ell - 1's nodes, for users drafting level ell
-        prev.draft_log_probs, _ = level_scores(draft, hidden[:, last], trie, prev.nodes, depths, scope,
-                                               same_depth=len(host) == 1)
-        if rule is None:  # strict
-            scores, parent, codes = select_top_k(prev.draft_scores, prev.draft_log_probs, width)
-        else:
-            if rule.warped:
-                prev.draft_log_probs = top_k_warp(prev.draft_log_probs, top_k)
-            if rule.full_q:  # [B]: what the draft samples from is exp(score + step log-prob - norm) over all rows
-                total = prev.draft_scores[:, :, None] + prev.draft_log_probs
-                prev.draft_log_norm = torch.logsumexp(total.flatten(1), dim=1)
-            scores, parent, codes = sample_top_k(prev.draft_scores, prev.draft_log_probs, width, generator)
-        depth = _level_depth(host, ell - 1)
-        level = _child(prev, scores, parent, codes, trie, t + ell - 1 if depth is None else depth, valid=steps >= ell)
-        levels.append(level)
-        if ell < num_steps:  # feed level ell to get the next level's distribution
-            call = TreeCall(call.width, view.visible.device)
-            fed = torch.isfinite(level.draft_scores) & (steps > ell)[:, None]
-            level.draft_visible, last = call.add(
-                take_beams(prev.draft_visible, parent), level.token[:, :, None], take_beams(prev.position, parent), fed[:, :, None]
-            )
-    return levels, cache, num_steps
-
-
-def _verified_levels(levels: list[_Level], trie: ItemTrie, t: torch.Tensor, limit: int) -> list[_Level]:
+def _verified_levels(levels: list[Level], trie: ItemTrie, t: torch.Tensor, limit: int) -> list[Level]:
     """Top-M verification: keep, per drafted depth, the first ``limit`` drafted beams (the draft's order: best first
     in strict mode, draw order in relaxed modes) among those whose parent was kept, so the verified tree stays closed
     under ancestors; the rest become dead placeholders and are never fed to the target."""
@@ -389,7 +221,7 @@ def _verified_levels(levels: list[_Level], trie: ItemTrie, t: torch.Tensor, limi
         if position_prev is not None:
             parent = position_prev.gather(1, parent)
         dead = trie.global_dead[(t + ell).clamp(max=trie.num_levels + 1)][:, None]
-        out.append(_Level(
+        out.append(Level(
             sequences=take_beams(level.sequences, order),
             nodes=torch.where(alive, take_beams(level.nodes, order), dead),
             draft_scores=take_beams(level.draft_scores, order).masked_fill(~alive, NEG_INF),
@@ -411,8 +243,8 @@ def _verified_levels(levels: list[_Level], trie: ItemTrie, t: torch.Tensor, limi
 
 def _verify_phase(
     target: DecoderLM,
-    view: _View,
-    levels: list[_Level],
+    view: View,
+    levels: list[Level],
     trie: ItemTrie,
     steps: torch.Tensor,
     host: list[tuple[int, int]],
@@ -437,7 +269,7 @@ def _verify_phase(
     hidden, cache = call.hidden(target, view.cache)
     target_tokens += call.valid_counts()
     for ell, (level, last) in enumerate(zip(levels, lasts)):
-        depths = _depths(host, ell)
+        depths = depths_at(host, ell)
         level.target_log_probs, level.target_record = level_scores(
             target, hidden[:, last], trie, level.nodes, depths, scope, record, same_depth=len(host) == 1
         )
@@ -455,18 +287,20 @@ class _Step:
 
 
 def _accept_phase(
-    levels: list[_Level],
+    levels: list[Level],
     steps: torch.Tensor,
     num_beams: int,
     mode: str,
     generator: torch.Generator | None,
     top_k: int | None = None,
+    options: dict[str, Any] | None = None,
 ) -> list[_Step]:
     """Depth by depth l = 1..D+1, assuming depths < l were accepted: the target's K beams at depth l (strict: its
-    exact top-K; a relaxed mode: the ``select`` of its rule in ``verify.RELAXED_RULES``) and whether they are all
-    among the drafted level l (never for l > d_b). A ``warped`` rule's P uses the target's step log-probs after the
-    top-k warper (``top_k``), the target's own last step included. Later depths are discarded per user after its
-    first rejection; computing them costs only [K, S] tensor work and saves a host sync per depth."""
+    exact top-K; a relaxed mode: the ``select`` of its rule in ``verify.RELAXED_RULES``, given ``options``) and
+    whether they are all among the drafted level l (never for l > d_b). A ``warped`` rule's P uses the target's step
+    log-probs after the top-k warper (``top_k``), the target's own last step included. Later depths are discarded
+    per user after its first rejection; computing them costs only [K, S] tensor work and saves a host sync per
+    depth."""
     rule = RELAXED_RULES.get(mode)  # None: strict
     num_steps = len(levels) - 1
     batch, roots = levels[0].draft_scores.shape
@@ -501,9 +335,13 @@ def _accept_phase(
         if ref is None:
             ref = torch.arange(roots, device=device).expand(batch, roots)
         if not drafted:
-            # the target's own step past the drafted depths: with no candidate both verifications reduce to K
-            # draws without replacement from P, which is what beam sampling's step is (Gumbel-top-K)
-            new_scores, parent, codes = sample_top_k(scores, log_p, num_beams, generator)
+            # the target's own step past the drafted depths: with no candidate the sampling verifications reduce to
+            # K draws without replacement from P, which is what beam sampling's step is (Gumbel-top-K); the others
+            # to beam search's top-K
+            if rule.sampled:
+                new_scores, parent, codes = sample_top_k(scores, log_p, num_beams, generator)
+            else:
+                new_scores, parent, codes = select_top_k(scores, log_p, num_beams)
             out.append(_Step(take_beams(ref, parent), codes, new_scores, never))
             continue
         alive = torch.isfinite(scores)
@@ -526,7 +364,10 @@ def _accept_phase(
         q = q.masked_fill(~alive[:, :, None], NEG_INF).reshape(batch, -1)  # [B, MA*S]
         log_q = q - prev.draft_log_norm[:, None] if rule.full_q else q.log_softmax(1)
         log_q = torch.where(torch.isnan(log_q), NEG_INF, log_q)  # users with nothing drafted here
-        flat, alive_new, taken = rule.select(total.log_softmax(1), log_q, candidates, num_beams, generator)
+        extra = dict(options or {})
+        if rule.step_log_p:
+            extra["step_log_p"] = log_p.reshape(batch, -1)  # [B, MA*S], the order of ``total``
+        flat, alive_new, taken = rule.select(total.log_softmax(1), log_q, candidates, num_beams, generator, **extra)
         new_scores = total.gather(1, flat).masked_fill(~alive_new, NEG_INF)
         parent, codes = flat // size, flat % size
         match = flat[:, :, None] == candidates[:, None, :]
@@ -569,21 +410,21 @@ def _check_settings(
         raise ValueError(f"empty prompt at row {int((lengths == 0).nonzero()[0])}")
     if bool((prompt_mask.long().diff(dim=1) < 0).any()):
         raise ValueError("prompts must be left-padded (prompt_mask: False... then True...; see left_pad)")
-    if mode != "strict" and generator is None:
+    if mode != "strict" and RELAXED_RULES[mode].sampled and generator is None:
         raise ValueError(f"{mode} mode samples: pass an explicit torch.Generator")
 
 
 @torch.inference_mode()
 def speculative_beam_search(
     target: DecoderLM,
-    draft: DecoderLM,
+    draft: DecoderLM | Drafter,  # a draft model (drafted by ``drafters.ModelDrafter``) or any drafter
     prompt_ids: torch.Tensor,  # [B, P] left-padded
     prompt_mask: torch.Tensor,  # [B, P] bool
     trie: ItemTrie,
     num_beams: int,  # K
     draft_beams: int = 40,  # N >= K
     gamma: int = 3,  # drafted steps per round, 1..L-1
-    mode: str = "strict",  # one of MODES: "strict" | "relaxed" | "relaxed_exact" | "relaxed_official"
+    mode: str = "strict",  # one of MODES: "strict" | "relaxed" | "relaxed_exact" | "relaxed_official" | "dare"
     generator: torch.Generator | None = None,  # relaxed modes' randomness (draft sampling and verification)
     verify_beams: int | None = None,  # M, K <= M <= N: drafted beams per depth the target verifies (None: N)
     scope: str = "vocab",  # normaliser of level log-probs (beam_search.level_scores)
@@ -591,6 +432,8 @@ def speculative_beam_search(
     prune: bool = True,  # drop cache columns no live beam sees after each round (False: keep them, masked)
     record_logits: bool = False,  # strict: also the target's level logits at each final beam's prefixes (teacher)
     official_top_k: int | None = 50,  # relaxed_official only: the per-row top-k warper of both models (None: off)
+    verify_options: Mapping[str, Any] | None = None,  # settings of the relaxed rules (verify.VERIFY_OPTIONS), e.g.
+    #                                                   dare_top_k, dare_threshold; each rule takes its own
 ) -> SpeculativeOutput:
     """Top-K items of each of B prompts by speculative beam search (see module docstring)."""
     verify_beams = draft_beams if verify_beams is None else verify_beams
@@ -599,6 +442,9 @@ def speculative_beam_search(
     _check_settings(trie, prompt_ids, prompt_mask, num_beams, draft_beams, verify_beams, gamma, mode, generator, scope)
     if official_top_k is not None and official_top_k < 1:
         raise ValueError(f"official_top_k must be >= 1 or None (no warper), got {official_top_k}")
+    unknown = sorted(set(verify_options or {}) - set(VERIFY_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown verify_options {unknown}; expected some of {list(VERIFY_OPTIONS)}")
     start = time.perf_counter()
     stats = SpeculativeStats()
     timer = _Timer(stats, target.device, profile)
@@ -606,9 +452,16 @@ def speculative_beam_search(
     num_levels = trie.num_levels
     batch, prompt_width = prompt_ids.shape
 
+    drafter = draft if isinstance(draft, Drafter) else ModelDrafter(draft)
+    rule = RELAXED_RULES.get(mode)  # None: strict
+    options = {name: value for name, value in (verify_options or {}).items() if rule and name in rule.options}
+    spec = DraftSpec(draft_beams, sample=rule is not None and rule.sampled, generator=generator,
+                     top_k=official_top_k if rule is not None and rule.warped else None,
+                     full_q=rule is not None and rule.full_q)
+
     # per list, by original row: host counters (known after each round's sync) and device token counters
     rounds = torch.zeros(batch, dtype=torch.long)  # = target calls per list
-    drafted = torch.zeros(batch, dtype=torch.long)  # = draft calls per list
+    drafted = torch.zeros(batch, dtype=torch.long)  # = draft-model calls per list when the drafter runs a model
     accepted_steps = torch.zeros(batch, dtype=torch.long)
     target_tokens = torch.zeros(batch, dtype=torch.long, device=device)
     draft_tokens = torch.zeros(batch, dtype=torch.long, device=device)
@@ -626,12 +479,10 @@ def speculative_beam_search(
         scores=torch.zeros(batch, 1, device=device),
         nodes=torch.zeros(batch, 1, dtype=torch.long, device=device),
     )
-    # Round 1: one beam per user with empty caches whose pending chain is the (left-padded) prompt, so the first
+    # Round 1: one beam per user with an empty cache whose pending chain is the (left-padded) prompt, so the first
     # verify call is also the target's prefill.
-    empty = torch.zeros(batch, 1, 0, dtype=torch.bool, device=device)
-    first_position = (prompt_mask.long().sum(1) - prompt_width)[:, None]  # void padding slots get positions < 0
-    target_view = _View(target.new_cache(), empty, prompt_ids[:, None], prompt_mask[:, None], first_position)
-    draft_view = _View(draft.new_cache(), empty, prompt_ids[:, None], prompt_mask[:, None], first_position)
+    target_view = View.round_one(prompt_ids, prompt_mask, target.new_cache())
+    session = drafter.begin(replace(target_view, cache=None), trie, scope)
 
     # host (CPU) state of the working batch: no per-user Python, and no device sync to read it
     rows = torch.arange(batch)  # original row of each row of the working batch
@@ -645,13 +496,10 @@ def speculative_beam_search(
         work_target_tokens = torch.zeros(len(rows), dtype=torch.long, device=device)
         work_draft_tokens = torch.zeros(len(rows), dtype=torch.long, device=device)
         stats.rounds += 1
-        root = _Level(beams.sequences, beams.nodes, beams.scores, target_view.position + target_view.pending.shape[2])
+        root = Level(beams.sequences, beams.nodes, beams.scores, target_view.position + target_view.pending.shape[2])
         with timer.phase("draft"):
             if num_steps > 0:
-                levels, draft_cache, calls = _draft_phase(
-                    draft, draft_view, root, trie, t, steps, host, draft_beams, mode, generator,
-                    scope, work_draft_tokens, official_top_k,
-                )
+                levels, calls = session.draft(root, trie, t, steps, host, spec, work_draft_tokens)
                 stats.draft_calls += calls
                 levels = _verified_levels(levels, trie, t, verify_beams)
             else:  # the last SID token of every user: the target alone
@@ -663,7 +511,7 @@ def speculative_beam_search(
             )
             stats.target_calls += 1
         with timer.phase("accept"):
-            out = _accept_phase(levels, steps, num_beams, mode, generator, official_top_k)
+            out = _accept_phase(levels, steps, num_beams, mode, generator, official_top_k, options)
             if num_steps > 0:
                 flags = torch.stack([s.accepted for s in out[:num_steps]], 1)  # [B, D]
                 accepted = flags.long().cumprod(1).sum(1)  # [B] leading accepted depths
@@ -672,46 +520,25 @@ def speculative_beam_search(
                 accepted = torch.zeros(len(rows), dtype=torch.long, device=device)
                 host_accepted = torch.zeros(len(rows), dtype=torch.long)
             # the target's beams at depth t + accepted + 1, from logits it already has
-            same = _uniform(host_accepted.tolist())
-            ref = _pick([s.ref for s in out], accepted, same)
-            codes = _pick([s.codes for s in out], accepted, same)
-            new_scores = _pick([s.scores for s in out], accepted, same)
-            base = _Level(  # the level their parents are in
-                sequences=_pick([lv.sequences for lv in levels], accepted, same),
-                nodes=_pick([lv.nodes for lv in levels], accepted, same),
+            same = uniform(host_accepted.tolist())
+            ref = pick([s.ref for s in out], accepted, same)
+            codes = pick([s.codes for s in out], accepted, same)
+            new_scores = pick([s.scores for s in out], accepted, same)
+            base = Level(  # the level their parents are in
+                sequences=pick([lv.sequences for lv in levels], accepted, same),
+                nodes=pick([lv.nodes for lv in levels], accepted, same),
                 draft_scores=new_scores,
-                position=_pick([lv.position for lv in levels], accepted, same),
+                position=pick([lv.position for lv in levels], accepted, same),
             )
-            depth = _level_depth(host, same) if same is not None else None
-            new = _child(base, new_scores, ref, codes, trie, t + accepted if depth is None else depth)
+            depth = level_depth(host, same) if same is not None else None
+            new = child_level(base, new_scores, ref, codes, trie, t + accepted if depth is None else depth)
             alive = torch.isfinite(new_scores)
             if record_logits:
                 history = _extend_history(history, levels, ref, accepted, t, num_steps)
-            target_visible = take_beams(_pick([lv.target_visible for lv in levels], accepted, same), ref)
+            target_visible = take_beams(pick([lv.target_visible for lv in levels], accepted, same), ref)
             keep_target = (target_visible & alive[:, :, None]).any(1)  # [B, C_t] columns a live beam sees
-            if num_steps > 0 and depth is not None:  # every user at the same depth, same acceptance (B = 1)
-                draft_visible, keep_draft, draft_pending, draft_pending_valid, draft_position = _uniform_draft_view(
-                    levels, ref, new, alive, same, host[0][1], depth, num_levels
-                )
-            elif num_steps > 0:
-                # Draft view. accepted < d_b: the kept level was fed to the draft; only the new token is pending.
-                # accepted == d_b: level d_b was never fed, so its token and the new one are pending.
-                short = accepted < steps  # [B]
-                host_fed = torch.where(host_accepted < host_steps, host_accepted, (host_steps - 1).clamp(min=0))
-                fed_index = torch.where(short, accepted, steps - 1).clamp(min=0)
-                parents = _pick([lv.parent if lv.parent is not None else torch.zeros_like(lv.nodes)
-                                 for lv in levels], accepted, same)
-                fed_ref = torch.where(short[:, None], ref, take_beams(parents, ref))
-                same_fed = _uniform(host_fed.tolist())
-                fed_visible = _pick([lv.draft_visible for lv in levels[:num_steps]], fed_index, same_fed)
-                fed_position = _pick([lv.position for lv in levels[:num_steps]], fed_index, same_fed)
-                draft_visible = take_beams(fed_visible, fed_ref)
-                keep_draft = (draft_visible & alive[:, :, None]).any(1)
-                new_t = t + accepted + 1
-                columns = torch.stack([(new_t - 2).clamp(min=0), new_t - 1], 1).clamp(max=num_levels - 1)  # [B, 2]
-                draft_pending = new.sequences.gather(2, columns[:, None, :].expand(-1, num_beams, -1))  # [B, K, 2]
-                draft_pending_valid = torch.stack([~short[:, None].expand_as(alive), alive], 2) & alive[:, :, None]
-                draft_position = take_beams(fed_position, fed_ref) - short[:, None].long()
+            session.advance(RoundResult(levels, new, ref, alive, accepted, host_accepted, steps, host_steps, t, host,
+                                        same, depth, num_steps))
 
             # bookkeeping per list; lists that reached depth L leave the working batch
             target_tokens.index_add_(0, row_index, work_target_tokens)
@@ -736,14 +563,11 @@ def speculative_beam_search(
             if bool(finished.any()):  # shrink the working batch
                 index = stay.to(device)
                 target_cache = target.reorder_cache(target_cache, index)
-                draft_cache = draft.reorder_cache(draft_cache, index)
-                new = _Level(new.sequences[index], new.nodes[index], new.draft_scores[index], new.position[index],
+                session.keep_rows(index)
+                new = Level(new.sequences[index], new.nodes[index], new.draft_scores[index], new.position[index],
                              token=new.token[index])
                 alive, new_scores, base_position = alive[index], new_scores[index], take_beams(base.position, ref)[index]
                 target_visible, keep_target = target_visible[index], keep_target[index]
-                draft_visible, keep_draft = draft_visible[index], keep_draft[index]
-                draft_pending, draft_pending_valid = draft_pending[index], draft_pending_valid[index]
-                draft_position = draft_position[index]
                 if record_logits:
                     history = (history[0][index], history[1][index])
             else:
@@ -757,19 +581,18 @@ def speculative_beam_search(
             # later calls attend over more columns, but a round saves a gather per layer.
             if prune:
                 bound = prompt_width + num_beams * (int(host_t.max()) - 1)
-                target_cache, target_visible = _prune(target, target_cache, target_visible, keep_target,
-                                                      min(bound, target_visible.shape[2]))
-                draft_cache, draft_visible = _prune(draft, draft_cache, draft_visible, keep_draft,
-                                                    min(bound, draft_visible.shape[2]))
-            target_view = _View(target_cache, target_visible, new.token[:, :, None], alive[:, :, None], base_position)
-            draft_view = _View(draft_cache, draft_visible, draft_pending, draft_pending_valid, draft_position)
+                target_cache, target_visible = prune_cache(target, target_cache, target_visible, keep_target,
+                                                           min(bound, target_visible.shape[2]))
+                session.prune(bound)
+            target_view = View(target_cache, target_visible, new.token[:, :, None], alive[:, :, None], base_position)
 
     order = final_scores.argsort(dim=1, descending=True, stable=True)  # relaxed draws come unordered
     scores, sequences = final_scores.gather(1, order), take_beams(final_sequences, order)
     leaves = trie.global_leaves_to_local(final_nodes.gather(1, order))
     items, item_scores = expand_items(trie, leaves, scores, num_beams)
     lists = ListStats(
-        target_calls=rounds.tolist(), draft_calls=drafted.tolist(), rounds=rounds.tolist(),
+        target_calls=rounds.tolist(), draft_calls=drafted.tolist() if drafter.runs_model else [0] * batch,
+        rounds=rounds.tolist(),
         drafted_steps=drafted.tolist(), accepted_steps=accepted_steps.tolist(),
         target_tokens=target_tokens.cpu().tolist(), draft_tokens=draft_tokens.cpu().tolist(),
     )
@@ -787,7 +610,7 @@ def speculative_beam_search(
 
 def _extend_history(
     history: tuple[torch.Tensor, torch.Tensor],
-    levels: list[_Level],
+    levels: list[Level],
     ref: torch.Tensor,
     accepted: torch.Tensor,
     t: torch.Tensor,
@@ -817,17 +640,6 @@ def _extend_history(
     return raw, norm
 
 
-def _prune(
-    model: DecoderLM, cache: Any, visible: torch.Tensor, keep: torch.Tensor, width: int
-) -> tuple[Any, torch.Tensor]:
-    """Keep, per user, the cache columns in ``keep`` ``[B, C]`` (``width`` >= the most any user keeps; shorter rows
-    are padded with columns nobody sees) and compact the visibilities ``[B, K, C]`` to them."""
-    columns = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]  # kept columns first, in order
-    visible = visible.gather(2, columns[:, None, :].expand(-1, visible.shape[1], -1))
-    return model.gather_cache(cache, columns), visible
-
-
-@torch.inference_mode()
 def beam_sample(
     model: DecoderLM,
     prompt_ids: torch.Tensor,  # [B, P] left-padded

@@ -1,0 +1,18 @@
+"""Drafters of speculative beam search, one per file (torch only): the contract is ``base.Drafter``; they are
+registered here by the name the ``decoding.drafter`` setting selects, and the engine takes any of them."""
+
+from __future__ import annotations
+
+from atspeed_exp.decoding.drafters.base import DraftSession, DraftSpec, Drafter, RoundResult, extend_level
+from atspeed_exp.decoding.drafters.model import ModelDrafter
+from atspeed_exp.decoding.drafters.retrieval import RetrievalDrafter, RetrievalPools, build_retrieval_pools
+
+DRAFTERS: dict[str, type[Drafter]] = {
+    ModelDrafter.name: ModelDrafter,
+    RetrievalDrafter.name: RetrievalDrafter,
+}
+
+__all__ = [
+    "DRAFTERS", "DraftSession", "DraftSpec", "Drafter", "ModelDrafter", "RetrievalDrafter", "RetrievalPools",
+    "RoundResult", "build_retrieval_pools", "extend_level",
+]
