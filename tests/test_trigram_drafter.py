@@ -18,6 +18,7 @@ from atspeed_exp.decoding.drafters import TrigramCounts, TrigramDrafter, build_t
 from atspeed_exp.decoding.drafters.trigram import history_context, puct_select
 from atspeed_exp.decoding.speculative import speculative_beam_search
 from atspeed_exp.decoding.tree import Level, View
+from atspeed_exp.evaluation import evaluate_all_users, evaluate_speculative
 
 from test_drafters import history_prompts, random_histories  # noqa: I001
 from test_speculative import one_thread, same_list  # noqa: F401
@@ -335,3 +336,22 @@ def test_trigram_strict_lists_equal_beam_search_while_learning(adapt, tree):
         learned = drafter.learned
         assert (learned.hits <= learned.drafted + 1e-6).all() and learned.hits.sum() > 0
         assert learned.counts.unigram.sum() > 0
+
+
+def test_evaluation_gives_every_pass_a_drafter_that_learned_nothing():
+    trie, item_ids, tokens, vocab, histories = catalogue(seed=7)
+    target = ToyLM(vocab, seed=7)
+    drafter = TrigramDrafter(build_trigram_counts(histories, trie), adapt="evaluation", update_weight=50.0)
+    prompts = [p.tolist() for p in history_prompts(tokens, 5, 7)]
+    truth = [(int(item_ids[u]),) for u in range(5)]
+    settings = dict(ks=(5,), draft_beams=10, progress=False, batch_size=2, warmup=2)
+    both = evaluate_speculative(target, drafter, prompts, truth, trie, modes=("dare", "strict"), **settings)
+    alone = evaluate_speculative(target, drafter, prompts, truth, trie, modes=("strict",), **settings)
+    assert drafter.learned is None  # the drafter given is never the one that learns
+    # strict after dare on the same users drafts as strict alone: no pass sees another's (or the warm-up's) lists
+    for name in ("acceptance_rate", "target_calls_per_list", "recall@5"):
+        assert both[f"eval/strict/k5/{name}"] == alone[f"eval/strict/k5/{name}"]
+    assert both["eval/strict/k5/batched_mismatches"] == 0
+    all_users = evaluate_all_users(target, drafter, prompts, truth, trie, 0, modes=("strict",), ks=(5,),
+                                   batch_size=2, draft_beams=10, resamples=0, progress=False)
+    assert all_users["eval/all/strict/k5/mismatches"] == 0 and drafter.learned is None
