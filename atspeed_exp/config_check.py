@@ -152,6 +152,7 @@ def _rules() -> dict[str, Callable[[Any], str | None]]:
     from atspeed_exp.data.text_embeddings import TEXT_FIELDS
     from atspeed_exp.decoding.beam_search import SCOPES
     from atspeed_exp.decoding.drafters import DRAFTERS
+    from atspeed_exp.decoding.drafters.trigram import ADAPT_SCOPES, TREES
     from atspeed_exp.decoding.speculative import MODES
     from atspeed_exp.losses.alignment import ALIGNMENT_LOSSES, TEMPERATURE_FORMS
     from atspeed_exp.models.build import DTYPES
@@ -173,6 +174,12 @@ def _rules() -> dict[str, Callable[[Any], str | None]]:
         "decoding.retrieval.dim": _int_at_least(1),
         "decoding.retrieval.min_history": _int_at_least(1),
         "decoding.retrieval.iterations": _int_at_least(0),
+        "decoding.trigram.smoothing": _number_in(0.0, float("inf")),
+        "decoding.trigram.adapt": _one_of(ADAPT_SCOPES),
+        "decoding.trigram.update_weight": _number_in(0.0, float("inf"), low_open=True),
+        "decoding.trigram.tree": _one_of(TREES),
+        "decoding.trigram.puct_c": _number_in(0.0, float("inf")),
+        "decoding.trigram.value_decay": _number_in(0.0, 1.0),
         "decoding.verify_beams": _optional(_int_at_least(1)),
         "decoding.scope": _one_of(SCOPES),
         "decoding.official_top_k": _optional(_int_at_least(1)),

@@ -92,6 +92,12 @@ def generate_lists(
     return GeneratedLists(items, scores, calls, elapsed, *per_list)
 
 
+def fresh(draft: DecoderLM | Drafter) -> DecoderLM | Drafter:
+    """A drafter that has learned nothing from earlier lists (``Drafter.fresh``; a draft model as it is): every
+    pass of an evaluation (a mode at a K) starts from one, so no pass drafts from what another saw of its users."""
+    return draft.fresh() if isinstance(draft, Drafter) else draft
+
+
 def accuracy(items: torch.Tensor, ground_truth: list[tuple[int, ...]], cutoffs: tuple[int, ...]) -> dict[str, float]:
     return recall_ndcg(items, pad_ground_truth(ground_truth), cutoffs)
 
@@ -151,8 +157,11 @@ def evaluate_speculative(
         base_items: list[torch.Tensor] = []
         sd = {m: {"times": [], "items": [], "stats": []} for m in modes}
         users = range(-min(warmup, len(prompts)), len(prompts))
+        drafters = {mode: fresh(draft) for mode in modes}
         for user in bar(users, desc=f"speculative eval K={k}", enabled=progress, unit="user"):
             index = user if user >= 0 else user + min(warmup, len(prompts))  # warm-up re-uses the first users
+            if user == 0:  # the measured lists start from drafters that learned nothing in the warm-up
+                drafters = {mode: fresh(draft) for mode in modes}
             ids, mask = tensors[index], masks[index]
             _sync(device)
             start = time.perf_counter()
@@ -164,7 +173,7 @@ def evaluate_speculative(
                 # on the decoding device: random numbers made where they are used need no host round trip
                 generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
                 start = time.perf_counter()
-                out = speculative_beam_search(target, draft, ids, mask, trie, k, draft_beams=draft_beams,
+                out = speculative_beam_search(target, drafters[mode], ids, mask, trie, k, draft_beams=draft_beams,
                                               gamma=gamma, mode=mode, generator=generator,
                                               verify_beams=verify_beams, scope=scope, prune=prune,
                                               official_top_k=official_top_k, verify_options=verify_options)
@@ -200,7 +209,7 @@ def evaluate_speculative(
                 metrics[f"{key}/{name}"] = value
         if batch_size and "strict" in modes:  # batched throughput is measured for strict SD only
             runs = {}
-            for name, with_draft in (("beam", None), ("strict", draft)):
+            for name, with_draft in (("beam", None), ("strict", fresh(draft))):
                 _sync(device)
                 runs[name] = generate_lists(target, prompts, trie, k, pad_id, batch_size, progress=False,
                                             draft=with_draft, draft_beams=draft_beams, gamma=gamma,
@@ -274,7 +283,7 @@ def evaluate_all_users(
             _with_interval(metrics, f"{prefix}/beam/k{k}/{name}", values, None, resamples, seed)
         for mode in modes:
             generator = torch.Generator(device=target.device).manual_seed(seed * 1_000_003 + k)
-            run = generate_lists(target, prompts, trie, k, pad_id, desc=f"all users {mode} K={k}", draft=draft,
+            run = generate_lists(target, prompts, trie, k, pad_id, desc=f"all users {mode} K={k}", draft=fresh(draft),
                                  draft_beams=draft_beams, gamma=gamma, verify_beams=verify_beams, prune=prune,
                                  mode=mode, generator=generator, official_top_k=official_top_k,
                                  verify_options=verify_options, **settings)

@@ -44,7 +44,16 @@ from atspeed_exp.data.teacher import (
     weights_fingerprint,
 )
 from atspeed_exp.data.tokenizer import save_tokenizer
-from atspeed_exp.decoding.drafters import Drafter, RetrievalDrafter, RetrievalPools, build_retrieval_pools
+from atspeed_exp.decoding.drafters import (
+    Drafter,
+    RetrievalDrafter,
+    RetrievalPools,
+    TrigramCounts,
+    TrigramDrafter,
+    build_retrieval_pools,
+    build_trigram_counts,
+)
+from atspeed_exp.decoding.drafters.trigram import FORMAT_VERSION as TRIGRAM_FORMAT
 from atspeed_exp.decoding.protocol import DecoderLM
 from atspeed_exp.evaluation import evaluate_all_users, evaluate_speculative, generate_lists
 from atspeed_exp.lit.draft_module import DraftAlignmentModule
@@ -522,8 +531,12 @@ def _train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: Rec
 RETRIEVAL_POOLS_FILE = "pools.pt"
 
 
+MODEL_FREE_DRAFTERS = ("retrieval", "trigram")  # built from the training split: no teacher data, no draft training
+
+
 def drafter_name(cfg: DictConfig) -> str:
-    """``decoding.drafter``: where drafts come from (model: the draft stage's model; retrieval: pools)."""
+    """``decoding.drafter``: where drafts come from (model: the draft stage's model; retrieval: pools; trigram:
+    tri-gram counts)."""
     return cfg.decoding.get("drafter", "model")
 
 
@@ -575,11 +588,63 @@ def _build_retrieval(cfg: DictConfig, data: RecData) -> Path:
     return stage_dir
 
 
+# -- tri-gram drafter stage ----------------------------------------------------------------------------------------
+TRIGRAM_COUNTS_FILE = "counts.pt"
+
+
+def trigram_stage_dir(cfg: DictConfig) -> Path:
+    """The counts depend on the dataset alone (``decoding.trigram`` only changes how they are used)."""
+    key = stage_key(data_settings(cfg), {"trigram_format": TRIGRAM_FORMAT})
+    return Path(cfg.paths.artifacts_dir) / "trigram" / f"{cfg.data.name}-{key}"
+
+
+def build_trigram(cfg: DictConfig, data: RecData) -> Path:
+    """The tri-gram drafter's counts of this dataset's training split (or a finished build of them): ``counts.pt``
+    (``TrigramCounts``, written atomically) and ``stage.json``. Concurrent runs build it once (``stage_lock``)."""
+    with stage_lock(trigram_stage_dir(cfg)):
+        return _build_trigram(cfg, data)
+
+
+def _build_trigram(cfg: DictConfig, data: RecData) -> Path:
+    stage_dir = trigram_stage_dir(cfg)
+    fingerprint = dataset_fingerprint(cfg)
+    if reusable(stage_dir, {"dataset_sha": fingerprint}):
+        log.info("tri-gram counts: reusing %s", stage_dir)
+        return stage_dir
+    histories = training_sid_histories(data)
+    start = time.perf_counter()
+    counts = build_trigram_counts(histories, data.trie())
+    seconds = time.perf_counter() - start
+    path = artifacts.atomic_write(stage_dir / TRIGRAM_COUNTS_FILE, counts.save, mode="wb")
+    state = counts.state()
+    log.info("tri-gram counts: %d contexts, %d tri-grams, built in %.1f s: %s", counts.used,
+             state["trigram_keys"].numel(), seconds, path)
+    write_json_atomic(stage_dir / STAGE_FILE, {
+        "stage": "trigram",
+        "dataset_sha": fingerprint,
+        "settings": {"data": data_settings(cfg), "trigram_format": TRIGRAM_FORMAT},
+        "users": len(histories),
+        "tokens": int(counts.unigram.sum()),
+        "contexts": counts.used,
+        "trigrams": state["trigram_keys"].numel(),
+        "size_bytes": path.stat().st_size,
+        "build_seconds": seconds,
+    })
+    return stage_dir
+
+
+def trigram_settings(cfg: DictConfig) -> dict[str, Any]:
+    """``decoding.trigram``: how the drafter uses its counts (``TrigramDrafter``'s arguments)."""
+    return OmegaConf.to_container(cfg.decoding.trigram, resolve=True)
+
+
 def load_drafter(cfg: DictConfig, draft_dir: Path, device: str, dtype: str, backend: str) -> DecoderLM | Drafter:
     """The drafter ``decoding.drafter`` names, from its stage dir: the draft model (a ``DecoderLM``, which the
-    engine drafts with) or the retrieval drafter over the stage's pools."""
+    engine drafts with), the retrieval drafter over the stage's pools or the tri-gram drafter over its counts."""
     if drafter_name(cfg) == "retrieval":
         return RetrievalDrafter(RetrievalPools.load(draft_dir / RETRIEVAL_POOLS_FILE).to(device))
+    if drafter_name(cfg) == "trigram":
+        return TrigramDrafter(TrigramCounts.load(draft_dir / TRIGRAM_COUNTS_FILE).to(device), **trigram_settings(cfg))
     return load_target(draft_dir, device, dtype, backend)
 
 
@@ -793,8 +858,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         summary["stage"] = json.loads((target_dir / STAGE_FILE).read_text())
 
         metrics.update(evaluate_target(cfg, target_dir, data))
-        if drafter_name(cfg) == "retrieval":
-            run_retrieval_stages(cfg, target_dir, data, summary, metrics, reused)
+        if drafter_name(cfg) in MODEL_FREE_DRAFTERS:
+            run_model_free_stages(cfg, target_dir, data, summary, metrics, reused)
         elif "teacher" in cfg.stages or "draft" in cfg.stages:
             if stage_done(teacher_stage_dir(cfg, target_dir)):
                 reused["teacher"] = str(teacher_stage_dir(cfg, target_dir))
@@ -841,25 +906,29 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def run_retrieval_stages(cfg: DictConfig, target_dir: Path, data: RecData, summary: dict[str, Any],
-                         metrics: dict[str, float], reused: dict[str, str]) -> None:
-    """``decoding.drafter=retrieval``: the draft stage builds (or reuses) the retrieval pools instead of training a
-    draft, so the teacher stage, whose data only trains drafts, is skipped; eval then runs as with a draft model,
-    with the same metrics and tables. Fills ``summary`` and ``metrics`` in place."""
+def run_model_free_stages(cfg: DictConfig, target_dir: Path, data: RecData, summary: dict[str, Any],
+                          metrics: dict[str, float], reused: dict[str, str]) -> None:
+    """``decoding.drafter=retrieval`` or ``trigram``: the draft stage builds (or reuses) the retrieval pools or the
+    tri-gram counts instead of training a draft, so the teacher stage, whose data only trains drafts, is skipped;
+    eval then runs as with a draft model, with the same metrics and tables. Fills ``summary`` and ``metrics`` in
+    place."""
+    name = drafter_name(cfg)
     if "teacher" in cfg.stages:
-        log.info("teacher stage skipped: decoding.drafter=retrieval trains no draft model")
+        log.info("teacher stage skipped: decoding.drafter=%s trains no draft model", name)
     if "draft" not in cfg.stages:
         return
-    if stage_done(retrieval_stage_dir(cfg)):
-        reused["retrieval"] = str(retrieval_stage_dir(cfg))
-    pools_dir = build_retrieval(cfg, data)
-    summary["draft_dir"] = str(pools_dir)
-    summary["drafter"] = "retrieval"
+    stage_dir, build = ((retrieval_stage_dir(cfg), build_retrieval) if name == "retrieval"
+                        else (trigram_stage_dir(cfg), build_trigram))
+    if stage_done(stage_dir):
+        reused[name] = str(stage_dir)
+    built_dir = build(cfg, data)
+    summary["draft_dir"] = str(built_dir)
+    summary["drafter"] = name
     if "eval" in cfg.stages:
-        metrics.update(evaluate_draft(cfg, target_dir, pools_dir, data))
+        metrics.update(evaluate_draft(cfg, target_dir, built_dir, data))
         summary["table"] = speculative_table(metrics, tuple(cfg.decoding.modes), tuple(cfg.decoding.ks))
         if cfg.eval.get("all_users", True):
-            metrics.update(evaluate_draft_all_users(cfg, target_dir, pools_dir, data))
+            metrics.update(evaluate_draft_all_users(cfg, target_dir, built_dir, data))
             summary["table_all_users"] = all_users_table(metrics, tuple(cfg.decoding.modes), tuple(cfg.decoding.ks))
 
 

@@ -4,9 +4,16 @@
   with the K beams' tokens appended under tree attention: no cache copies); the baseline of every speedup;
 - ``beam``: the same search keeping K reordered cache rows per user (the classic layout, as transformers does);
 - ``hf_generate``: transformers ``generate(num_beams=K)`` with the trie as ``prefix_allowed_tokens_fn``;
-- ``sd_strict`` / ``sd_relaxed`` / ``sd_relaxed_exact`` / ``sd_relaxed_official``: speculative beam search (draft N
-  beams, gamma steps; strict, the project's relaxed, the exact draw-by-draw relaxed verification, or the public code's
-  relaxed form with its default top-k = 50 warper).
+- ``sd_strict`` / ``sd_relaxed`` / ``sd_relaxed_exact`` / ``sd_relaxed_official`` / ``sd_dare``: speculative beam
+  search (draft N beams, gamma steps; strict, the project's relaxed, the exact draw-by-draw relaxed verification, the
+  public code's relaxed form with its default top-k = 50 warper, or DARE's top-k and threshold rule).
+
+Drafters (``--drafter``, comma-separated): ``model`` (the draft model of ``--draft*``), and the model-free
+``retrieval`` (pools) and ``trigram`` / ``trigram_puct`` (tri-gram counts; plain top-N or PUCT tree), built from the
+dataset's training split before anything is timed, with the settings of conf/decoding/default.yaml (the tri-gram's
+overridable by ``--trigram-*``). Every SD method runs with every drafter; rows of a drafter other than ``model`` carry
+its name (``sd_strict_trigram``). A drafter that learns from the target (``trigram``, ``adapt`` not ``none``) starts
+each method's pass at each K, after the warm-up lists, with nothing learned.
 
 For each K, each user runs the methods back to back (user u: beam, beam_tree, hf_generate, sd_*; then user
 u + 1), so slow drifts of a shared machine hit every method alike. ``--warmup`` lists per K run first and are not
@@ -43,18 +50,30 @@ from peft import PeftModel
 from atspeed_exp.data.recdata import RecData
 from atspeed_exp.data.synthetic import ensure_synthetic_dataset
 from atspeed_exp.decoding.beam_search import beam_search, left_pad
+from atspeed_exp.decoding.drafters import (
+    Drafter,
+    RetrievalDrafter,
+    TrigramDrafter,
+    build_retrieval_pools,
+    build_trigram_counts,
+)
+from atspeed_exp.decoding.drafters.trigram import ADAPT_SCOPES
 from atspeed_exp.decoding.speculative import speculative_beam_search
 from atspeed_exp.decoding.tree import tree_beam_search
 from atspeed_exp.decoding.trie import ItemTrie
 from atspeed_exp.models.adapter import HFDecoderLM
 from atspeed_exp.models.lean import BACKENDS, LeanLlamaLM, decoder_for
 from atspeed_exp.models.build import DTYPES, count_parameters, load_model, merge_lora
-from atspeed_exp.pipeline import write_json_atomic
+from atspeed_exp.evaluation import fresh
+from atspeed_exp.pipeline import training_sid_histories, write_json_atomic
 
 log = logging.getLogger("bench_decoding")
 
-METHODS = ("beam", "beam_tree", "hf_generate", "sd_strict", "sd_relaxed", "sd_relaxed_exact", "sd_relaxed_official")
+METHODS = ("beam", "beam_tree", "hf_generate", "sd_strict", "sd_relaxed", "sd_relaxed_exact", "sd_relaxed_official",
+           "sd_dare")
 BASELINE = "beam_tree"  # our best target-only beam search (one cache row per user, tree attention)
+DRAFTERS = ("model", "retrieval", "trigram", "trigram_puct")
+DECODING_CONF = Path(__file__).resolve().parents[1] / "conf" / "decoding" / "default.yaml"  # model-free defaults
 COLUMNS = (
     "method", "lists", "median_ms", "p90_ms", "speedup_tot", "speedup_mean", "tgt_calls", "drf_calls",
     "tgt_tokens", "drf_tokens", "accept_rate", "acc_steps/round", "draft_ms", "verify_ms", "accept_ms", "other_ms",
@@ -81,6 +100,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--draft-seed", type=int, default=1, help="init seed of a --draft-config model")
     m.add_argument("--tokenizer-dir", help="tokenizer to encode the data with (default: the saved model's "
                    "DIR/../tokenizer or DIR; for random models a tokenizer is built for the dataset)")
+    m.add_argument("--drafter", default="model", help=f"comma-separated subset of {','.join(DRAFTERS)}: where the "
+                   "SD methods' drafts come from (model: the --draft* model; the others are built from the "
+                   "training split, untimed)")
+    m.add_argument("--trigram-adapt", choices=list(ADAPT_SCOPES), help="tri-gram drafters: online updates "
+                   "(None: conf/decoding/default.yaml's, as for the other --trigram-* flags)")
+    m.add_argument("--trigram-update-weight", type=float, help="tri-gram drafters: count per updated node")
+    m.add_argument("--trigram-smoothing", type=float, help="tri-gram drafters: weight of the lower orders")
+    m.add_argument("--trigram-puct-c", type=float, help="trigram_puct: PUCT's exploration constant")
 
     d = p.add_argument_group("data")
     d.add_argument("--data-root", help="dataset folder (default: the target run's data root, else "
@@ -112,7 +139,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--backend", default="auto", choices=list(BACKENDS), help="forward pass of both models: lean "
                    "(plain torch LLaMA), hf (transformers' module), auto (lean where it can run the model)")
     r.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
-    r.add_argument("--seed", type=int, default=0, help="seeds sd_relaxed's per-user generators")
+    r.add_argument("--dare-top-k", type=int, help="sd_dare: a drafted continuation must be among the target's "
+                   "top-k (None: 2K)")
+    r.add_argument("--dare-threshold", type=float, default=0.0, help="sd_dare: ... with a target step probability "
+                   ">= this")
+    r.add_argument("--seed", type=int, default=0, help="seeds sd_relaxed's per-user generators (and the retrieval "
+                   "pools' build)")
     r.add_argument("--repeats", type=int, default=1, help="runs of each list; the median is kept")
     r.add_argument("--warmup", type=int, default=3, help="lists per K run first and not recorded")
     r.add_argument("--json-out", help="also write the header, the summaries and every per-list measurement here")
@@ -133,8 +165,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if BASELINE not in args.methods:
         args.methods.insert(0, BASELINE)  # every speedup and check is against it
     args.methods = [x for x in METHODS if x in args.methods]  # fixed order within a user
+    args.drafters = [x.strip() for x in str(args.drafter).split(",") if x.strip()]
+    unknown = sorted(set(args.drafters) - set(DRAFTERS))
+    if unknown or not args.drafters:
+        p.error(f"--drafter {args.drafter!r}: choose from {list(DRAFTERS)}")
+    args.drafters = [x for x in DRAFTERS if x in args.drafters]
     drafts = [x for x in (args.draft, args.draft_dir, args.draft_config) if x]
-    needs_draft = any(x.startswith("sd_") for x in args.methods)
+    needs_draft = any(x.startswith("sd_") for x in args.methods) and "model" in args.drafters
     if len(drafts) > 1:
         p.error("give at most one of --draft same / --draft-dir / --draft-config")
     if needs_draft and not drafts:
@@ -146,10 +183,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is not available")
     args.hf_users = args.users if args.hf_users is None else args.hf_users
-    # SD rows: one per (mode, M); named after the mode, with _m{M} when M < N
-    args.variants = [(name if m == args.draft_beams else f"{name}_m{m}", name[3:], m)
-                     for name in args.methods if name.startswith("sd_") for m in args.verify_beams]
-    args.rows = [x for x in args.methods if not x.startswith("sd_")] + [label for label, _, _ in args.variants]
+    # SD rows: one per (mode, M, drafter); named after the mode, with _m{M} when M < N and the drafter unless model
+    args.variants = [(f"{name}{'' if m == args.draft_beams else f'_m{m}'}{'' if d == 'model' else f'_{d}'}",
+                      name[3:], m, d)
+                     for name in args.methods if name.startswith("sd_") for d in args.drafters
+                     for m in args.verify_beams]
+    args.rows = [x for x in args.methods if not x.startswith("sd_")] + [label for label, *_ in args.variants]
     return args
 
 
@@ -223,7 +262,9 @@ def saved_or_random(model_dir: Path | None, config: str | None, seed: int, data:
 @dataclass
 class Setup:
     target: HFDecoderLM | LeanLlamaLM
-    draft: HFDecoderLM | LeanLlamaLM | None
+    draft: HFDecoderLM | LeanLlamaLM | None  # the draft model (drafter "model")
+    drafters: dict[str, HFDecoderLM | LeanLlamaLM | Drafter]  # by --drafter name
+    drafter_info: dict[str, dict[str, Any]]  # by name: settings and build statistics of the model-free ones
     target_model: torch.nn.Module  # the transformers module (hf_generate runs it)
     target_info: ModelInfo
     draft_info: ModelInfo | None
@@ -292,8 +333,41 @@ def build_setup(args: argparse.Namespace, tmp: Path) -> Setup:
         for t in range(len(row)):
             prefixes.setdefault(tuple(row[:t]), set()).add(row[t])
     prompts = [torch.tensor(p, dtype=torch.long) for p in test.prompts[: args.users]]
-    return Setup(target, draft, target_model, target_info, draft_info, data, root, data.trie().to(device),
-                 {k: sorted(v) for k, v in prefixes.items()}, prompts)
+    drafters, drafter_info = model_free_drafters(args, data, device)
+    if "model" in args.drafters and draft is not None:
+        drafters["model"] = draft
+    return Setup(target, draft, drafters, drafter_info, target_model, target_info, draft_info, data, root,
+                 data.trie().to(device), {k: sorted(v) for k, v in prefixes.items()}, prompts)
+
+
+def model_free_drafters(args: argparse.Namespace, data: RecData, device: torch.device
+                        ) -> tuple[dict[str, Drafter], dict[str, dict[str, Any]]]:
+    """The retrieval / tri-gram drafters ``--drafter`` names, built from the training split (conf/decoding's
+    settings, ``--trigram-*`` over them), with what their build took."""
+    wanted = [name for name in args.drafters if name != "model"]
+    if not wanted:
+        return {}, {}
+    conf = OmegaConf.to_container(OmegaConf.load(DECODING_CONF), resolve=True)
+    histories, trie = training_sid_histories(data), data.trie()
+    drafters: dict[str, Drafter] = {}
+    info: dict[str, dict[str, Any]] = {}
+    counts = None
+    for name in wanted:
+        start = time.perf_counter()
+        if name == "retrieval":
+            settings = conf["retrieval"]
+            drafters[name] = RetrievalDrafter(build_retrieval_pools(histories, trie, seed=args.seed, **settings)
+                                              .to(device))
+        else:
+            if counts is None:
+                counts = build_trigram_counts(histories, trie).to(device)
+            settings = dict(conf["trigram"], tree="puct" if name == "trigram_puct" else "beam")
+            overrides = {"adapt": args.trigram_adapt, "update_weight": args.trigram_update_weight,
+                         "smoothing": args.trigram_smoothing, "puct_c": args.trigram_puct_c}
+            settings.update({k: v for k, v in overrides.items() if v is not None})
+            drafters[name] = TrigramDrafter(counts, **settings)
+        info[name] = {"settings": settings, "build_s": time.perf_counter() - start}
+    return drafters, info
 
 
 # -- one list per method ---------------------------------------------------------------------------------------------
@@ -357,7 +431,7 @@ def make_runners(
 ) -> tuple[dict[str, Callable[[int], ListResult]], dict[str, Callable[[int], ListResult]]]:
     """Per method, a function of the user index that decodes that user's list of K items; and, on CUDA, per SD
     method the same list decoded with synchronised phase timers (untimed: its phases only; empty on the CPU)."""
-    target, draft, trie, pad = setup.target, setup.draft, setup.trie, setup.data.pad_id
+    target, trie, pad = setup.target, setup.trie, setup.data.pad_id
     device = torch.device(args.device)
     eos = setup.data.tokenizer.eos_token_id
     inputs = {}
@@ -395,14 +469,17 @@ def make_runners(
             )
         return ListResult(None, out.sequences[:, width:], counter.calls, counter.tokens)
 
-    def speculative(mode: str, verify_beams: int, profile: bool) -> Callable[[int], ListResult]:
+    def speculative(mode: str, verify_beams: int, drafter: str, profile: bool) -> Callable[[int], ListResult]:
+        state = {"draft": fresh(setup.drafters[drafter])}
+
         def run(user: int) -> ListResult:
             generator = None
-            if mode != "strict":  # seeded per user: every repeat of a list samples the same way
+            if mode not in ("strict", "dare"):  # seeded per user: every repeat of a list samples the same way
                 generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + user)
             out = speculative_beam_search(
-                target, draft, *prompt(user), trie, k, args.draft_beams, args.gamma, mode, generator,
+                target, state["draft"], *prompt(user), trie, k, args.draft_beams, args.gamma, mode, generator,
                 verify_beams=verify_beams, scope=args.scope, profile=profile, prune=not args.no_prune,
+                verify_options=verify_options(args),
             )
             s = out.stats
             phases = {"draft": s.draft_time_s, "verify": s.verify_time_s, "accept": s.accept_time_s,
@@ -410,6 +487,7 @@ def make_runners(
             return ListResult(out.items[0], out.sequences[0], s.target_calls, s.target_tokens, s.draft_calls,
                               s.draft_tokens, s.rounds, s.drafted_steps, s.accepted_steps, phases)
 
+        run.reset = lambda: state.update(draft=fresh(setup.drafters[drafter]))  # nothing learned (Drafter.fresh)
         return run
 
     # On CUDA the phase profile synchronises at every phase boundary, which a timed list must not pay (beam search
@@ -417,9 +495,14 @@ def make_runners(
     # (the second dict). On the CPU nothing is asynchronous, so the timed run's phases are exact.
     profile = device.type != "cuda"
     runners = {"beam": beam, "beam_tree": beam_tree, "hf_generate": hf_generate}
-    runners.update({label: speculative(mode, m, profile) for label, mode, m in args.variants})
-    profiled = {} if profile else {label: speculative(mode, m, True) for label, mode, m in args.variants}
+    runners.update({label: speculative(mode, m, d, profile) for label, mode, m, d in args.variants})
+    profiled = {} if profile else {label: speculative(mode, m, d, True) for label, mode, m, d in args.variants}
     return {name: runners[name] for name in args.rows}, profiled
+
+
+def verify_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The relaxed rules' settings (only sd_dare's are flags)."""
+    return {"dare_top_k": args.dare_top_k, "dare_threshold": args.dare_threshold}
 
 
 def timed(fn: Callable[[int], ListResult], user: int, cuda: bool) -> tuple[float, ListResult]:
@@ -449,6 +532,8 @@ def run_benchmark(setup: Setup, args: argparse.Namespace) -> list[Measurement]:
             for name, fn in [*runners.items(), *profiled.items()]:
                 if name != "hf_generate" or user < args.hf_users:
                     fn(user)
+        for fn in [*runners.values(), *profiled.values()]:  # drafters that learn start the measured lists anew
+            getattr(fn, "reset", lambda: None)()
         for user in range(len(setup.prompts)):
             times: dict[str, list[float]] = {name: [] for name in runners}
             last: dict[str, ListResult] = {}
@@ -491,8 +576,10 @@ def run_throughput(setup: Setup, args: argparse.Namespace) -> list[dict[str, Any
                       for b in batches]
             reference: list[torch.Tensor] = []
             baselines = [BASELINE] + (["beam"] if "beam" in args.methods else [])
-            for method in baselines + [label for label, _, _ in args.variants]:
-                mode, verify = next(((m, v) for label, m, v in args.variants if label == method), (method, 0))
+            for method in baselines + [label for label, *_ in args.variants]:
+                mode, verify, drafter = next(((m, v, d) for label, m, v, d in args.variants if label == method),
+                                             (method, 0, None))
+                draft = fresh(setup.drafters[drafter]) if drafter else None
                 generator = torch.Generator(device=device).manual_seed(args.seed)
 
                 def decode(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -503,9 +590,9 @@ def run_throughput(setup: Setup, args: argparse.Namespace) -> list[dict[str, Any
                         return out.items, {"target_calls": out.model_calls * n, "target_tokens": out.tokens_processed,
                                            "batch_target_calls": out.model_calls, "draft_calls": 0}
                     out = speculative_beam_search(
-                        setup.target, setup.draft, ids, mask, setup.trie, k, args.draft_beams, args.gamma, mode,
-                        None if mode == "strict" else generator, verify_beams=verify, scope=args.scope,
-                        prune=not args.no_prune,
+                        setup.target, draft, ids, mask, setup.trie, k, args.draft_beams, args.gamma, mode,
+                        None if mode in ("strict", "dare") else generator, verify_beams=verify, scope=args.scope,
+                        prune=not args.no_prune, verify_options=verify_options(args),
                     )
                     return out.items, {"target_calls": sum(out.lists.target_calls),
                                        "target_tokens": out.stats.target_tokens,
@@ -639,6 +726,9 @@ def header(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
                     "draft": type(setup.draft).__name__ if setup.draft is not None else None},
         "target": asdict(setup.target_info),
         "draft": asdict(setup.draft_info) if setup.draft_info else None,
+        "drafters": args.drafters,
+        "model_free": setup.drafter_info,
+        "dare": verify_options(args) if "sd_dare" in args.methods else None,
         "data": {"name": setup.data.dataset.name,
                  "root": str(setup.data_root), "items": setup.data.sid_index.num_items, "test_users": len(test),
                  "prompt_format": setup.data.formatter.name,
@@ -668,6 +758,8 @@ def format_header(h: dict[str, Any]) -> str:
         f"forward: {h.get('backend', {}).get('target', 'HFDecoderLM')}",
         f"target: {ModelInfo(**h['target']).describe()}",
         f"draft:  {draft}",
+        *[f"drafter {name}: {info['settings']} (built from the training split in {info['build_s']:.1f} s)"
+          for name, info in h.get("model_free", {}).items()],
         f"data: {d['name']} ({d['root']}): {d['items']} items, {d['test_users']} test users, {d['prompt_format']} "
         f"prompts of {d['mean_prompt_tokens']:.1f} tokens on average",
         f"users: {h['users']} (hf_generate: {h['hf_users']}) | K: {','.join(map(str, h['ks']))} | N (draft beams): "

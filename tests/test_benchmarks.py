@@ -228,3 +228,27 @@ def test_run_gpu_perf_script_skips_optional_steps_past_its_deadline(tmp_path):
     assert "== strict_g3: skipped" in result.stdout
     names = {p.name for p in (tmp_path / "results").iterdir()}
     assert "summary_strict.json" in names and "strict_g3.json" not in names
+
+
+def test_bench_decoding_runs_model_free_drafters_and_dare(tmp_path, capsys):
+    bench = load_script("bench_decoding")
+    report = bench.main([
+        "--target-config", str(REPO / "conf" / "model" / "llama_tiny.yaml"),
+        "--data-name", "synthetic", "--data-root", str(tmp_path / "synthetic"),
+        "--users", "3", "--ks", "5", "--warmup", "1", "--threads", "1", "--methods", "beam_tree,sd_strict,sd_dare",
+        "--drafter", "retrieval,trigram,trigram_puct", "--draft-beams", "10", "--batch-sizes", "2",
+        "--dare-top-k", "6", "--trigram-update-weight", "2",
+    ])
+    out = capsys.readouterr().out
+    summary = report["summary"]["5"]
+    rows = {f"sd_{mode}_{drafter}" for mode in ("strict", "dare") for drafter in ("retrieval", "trigram", "trigram_puct")}
+    assert set(summary) == {"beam_tree"} | rows
+    for name in rows:
+        assert summary[name]["draft_calls"] == 0 and 1 <= summary[name]["target_calls"] <= 4
+        if name.startswith("sd_strict"):
+            assert summary[name]["mismatches"] == 0  # lossless with every drafter, learning or not
+    assert report["header"]["model_free"]["trigram_puct"]["settings"]["tree"] == "puct"
+    assert report["header"]["model_free"]["trigram"]["settings"]["update_weight"] == 2
+    assert report["header"]["dare"] == {"dare_top_k": 6, "dare_threshold": 0.0}
+    assert "drafter trigram_puct:" in out and "sd_dare_trigram " in out
+    assert all(r["mismatches"] == 0 for r in report["throughput"] if r["method"].startswith("sd_strict"))

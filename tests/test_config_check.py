@@ -37,13 +37,21 @@ def test_check_config_accepts_every_alignment_form(alignment):
     (["target_training.checkpoint_every_n_steps=0", "draft_training.checkpoint_every_n_steps=two"],
      ["target_training.checkpoint_every_n_steps=0: expected null or an integer >= 1",
       "draft_training.checkpoint_every_n_steps='two': expected null or an integer >= 1"]),
-    (["decoding.drafter=ngram"], ["decoding.drafter='ngram': expected one of ['model', 'retrieval']"]),
+    (["decoding.drafter=ngram"], ["decoding.drafter='ngram': expected one of ['model', 'retrieval', 'trigram']"]),
     (["decoding.modes=[strict,dare]", "decoding.dare_top_k=10"],
      ["decoding.dare_top_k=10: expected k >= max(decoding.ks)=20"]),
     (["decoding.dare_threshold=1.5", "decoding.retrieval.top_n=0", "decoding.retrieval.min_history=0"],
      ["decoding.dare_threshold=1.5: expected a number in [0.0, 1.0]",
       "decoding.retrieval.top_n=0: expected an integer >= 1", "decoding.retrieval.min_history=0: expected"]),
     (["+decoding.retrieval.group=4"], ["decoding.retrieval.group: unknown key"]),
+    (["decoding.trigram.adapt=always", "decoding.trigram.tree=mcts", "decoding.trigram.update_weight=0",
+      "decoding.trigram.value_decay=1.5", "decoding.trigram.smoothing=-1"],
+     ["decoding.trigram.adapt='always': expected one of ['none', 'call', 'evaluation']",
+      "decoding.trigram.tree='mcts': expected one of ['beam', 'puct']",
+      "decoding.trigram.update_weight=0: expected a number in (0.0, inf]",
+      "decoding.trigram.value_decay=1.5: expected a number in [0.0, 1.0]",
+      "decoding.trigram.smoothing=-1: expected a number in [0.0, inf]"]),
+    (["+decoding.trigram.c=2"], ["decoding.trigram.c: unknown key"]),
 ])
 def test_check_config_names_every_problem(overrides, messages):
     with pytest.raises(ConfigError) as error:
@@ -55,6 +63,11 @@ def test_check_config_names_every_problem(overrides, messages):
 def test_check_config_accepts_the_retrieval_drafter_and_dare():
     check_config(compose_config(["decoding.drafter=retrieval", "decoding.modes=[strict,dare]",
                                  "decoding.dare_top_k=20", "decoding.dare_threshold=0.1"]), pipeline.STAGES)
+
+
+def test_check_config_accepts_the_trigram_drafter_with_puct():
+    check_config(compose_config(["decoding.drafter=trigram", "decoding.trigram.tree=puct",
+                                 "decoding.trigram.adapt=call", "decoding.trigram.smoothing=0"]), pipeline.STAGES)
 
 
 def test_check_config_allows_arguments_of_a_groups_target():

@@ -16,7 +16,9 @@ from atspeed_exp.decoding.drafters import (
     Drafter,
     ModelDrafter,
     RetrievalDrafter,
+    TrigramDrafter,
     build_retrieval_pools,
+    build_trigram_counts,
     extend_level,
 )
 from atspeed_exp.decoding.speculative import speculative_beam_search
@@ -65,6 +67,8 @@ def make_drafter(name: str, target: ToyLM, vocab: int, seed: int, trie=None, tok
         pools = build_retrieval_pools(random_histories(tokens, 40, 500 + seed), trie, groups=3, top_n=4, dim=4,
                                       seed=seed)
         return RetrievalDrafter(pools)
+    if name == "trigram":  # nothing learned across calls: a list's counts do not depend on the lists before it
+        return TrigramDrafter(build_trigram_counts(random_histories(tokens, 40, 500 + seed), trie), adapt="none")
     if name == "trie_uniform":
         return TrieUniformDrafter()
     raise AssertionError(name)
@@ -121,7 +125,7 @@ def test_drafter_strict_batched_lists_equal_beam_search(name):
                 assert getattr(out.lists, field)[row] == getattr(single.stats, field), (name, field, row)
 
 
-@pytest.mark.parametrize("name", ["retrieval", "trie_uniform"])
+@pytest.mark.parametrize("name", ["retrieval", "trigram", "trie_uniform"])
 @pytest.mark.parametrize("mode", ["relaxed", "relaxed_exact", "relaxed_official", "dare"])
 def test_drafter_without_a_model_runs_every_relaxed_rule(name, mode):
     trie, item_ids, tokens, vocab = make_trie(seed=6)

@@ -1,7 +1,8 @@
-"""Speculative beam search (docs/method.md section 6): a drafter (a draft model, a retrieval pool: ``drafters/``) runs
-d = min(gamma, L - t - 1) steps ahead of the K current beams, the target scores every drafted token of every depth in ONE call with tree attention, then accepts depth by
-depth and produces the next depth from the logits it already has, so a round advances >= 1 token and a list costs
-1..L target calls (1 when everything is accepted: the first round's verify call also prefills the prompt).
+"""Speculative beam search (docs/method.md section 6): a drafter (a draft model, retrieval pools, tri-gram counts:
+``drafters/``) runs d = min(gamma, L - t - 1) steps ahead of the K current beams, the target scores every drafted
+token of every depth in ONE call with tree attention, then accepts depth by depth and produces the next depth from
+the logits it already has, so a round advances >= 1 token and a list costs 1..L target calls (1 when everything is
+accepted: the first round's verify call also prefills the prompt).
 
 Contract (B users per call, each with its own tree, acceptance and depth; see "Batches" below):
 - ``mode="strict"``: the draft runs N-beam search; a depth is accepted iff the target's exact top-K continuations of

@@ -128,6 +128,21 @@ class ItemTrie:
         """Nodes at depth + 1 reached from ``nodes`` (depth ``depth``) by local ``codes`` (same shape)."""
         return self.child[depth][nodes, codes]
 
+    def find_items(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Where token sequences spell whole items: ``ids`` ``[B, P]`` with ``mask`` ``[B, P]`` (False: padding)
+        -> ``[B, max(P - L + 1, 0)]`` the leaf id of the item spelled by the L real tokens starting at each position
+        (a run that walks the trie from the root to a leaf), else the dead leaf (``num_leaves``). A prompt's history
+        items are the windows that hit a leaf, in prompt order."""
+        batch, width = ids.shape
+        windows = max(width - self.num_levels + 1, 0)
+        node = torch.zeros(batch, windows, dtype=torch.long, device=ids.device)  # the root, per window
+        whole = torch.ones(batch, windows, dtype=torch.bool, device=ids.device)
+        for level, (start, end) in enumerate(self.level_blocks):
+            code = ids[:, level : level + windows] - start
+            whole &= mask[:, level : level + windows] & (code >= 0) & (code < end - start)
+            node = self.global_advance(node, code.clamp(0, self.max_block - 1))
+        return torch.where(whole, self.global_leaves_to_local(node), self.num_leaves)
+
     def items_of_leaves(self, leaves: torch.Tensor) -> torch.Tensor:
         """``[*leaves.shape, max_collisions]`` item ids per leaf, -1 padded."""
         return self.leaf_items[leaves]

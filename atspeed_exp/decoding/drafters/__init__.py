@@ -6,13 +6,15 @@ from __future__ import annotations
 from atspeed_exp.decoding.drafters.base import DraftSession, DraftSpec, Drafter, RoundResult, extend_level
 from atspeed_exp.decoding.drafters.model import ModelDrafter
 from atspeed_exp.decoding.drafters.retrieval import RetrievalDrafter, RetrievalPools, build_retrieval_pools
+from atspeed_exp.decoding.drafters.trigram import TrigramCounts, TrigramDrafter, build_trigram_counts
 
 DRAFTERS: dict[str, type[Drafter]] = {
     ModelDrafter.name: ModelDrafter,
     RetrievalDrafter.name: RetrievalDrafter,
+    TrigramDrafter.name: TrigramDrafter,
 }
 
 __all__ = [
     "DRAFTERS", "DraftSession", "DraftSpec", "Drafter", "ModelDrafter", "RetrievalDrafter", "RetrievalPools",
-    "RoundResult", "build_retrieval_pools", "extend_level",
+    "RoundResult", "TrigramCounts", "TrigramDrafter", "build_retrieval_pools", "build_trigram_counts", "extend_level",
 ]

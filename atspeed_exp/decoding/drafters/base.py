@@ -7,7 +7,9 @@ draft) and returns the drafted tree for up to gamma depths as ``tree.Level``s: p
 level before, its code, its cumulative draft score, and at each expanded node the drafter's next-level log-probs
 (Q's rows, which the relaxed rules need). After the target has verified the tree the engine tells the session which
 beams were kept (``advance``), which users left the batch (``keep_rows``) and when caches may shrink (``prune``);
-a drafter without state across rounds ignores all three.
+a drafter without state across rounds ignores all three. A drafter that learns from the target's outputs across
+calls (the tri-gram drafter's online counts) gives, with ``fresh``, a copy that has learned nothing yet, so each
+pass of an evaluation starts from the same state; other drafters return themselves.
 
 The engine never asks which drafter runs. How a drafted depth is selected depends on the verification rule, not on
 the drafter: ``DraftSpec`` carries it (top-N beam search, or N draws without replacement for the sampling rules,
@@ -18,6 +20,7 @@ drafts the way each rule expects.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -101,6 +104,10 @@ class Drafter(ABC):
         ``first.position`` ``[B, 1]`` the first slot's position, ``first.visible`` ``[B, 1, 0]``; no cache).
         ``scope`` is the normaliser of level log-probs (``beam_search.level_scores``)."""
 
+    def fresh(self) -> "Drafter":
+        """This drafter without what it learned from earlier calls (the same object when it learns nothing)."""
+        return self
+
 
 def extend_level(
     levels: list[Level],
@@ -110,16 +117,18 @@ def extend_level(
     steps: torch.Tensor,
     host: list[tuple[int, int]],
     spec: DraftSpec,
+    select: Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
 ) -> Level:
     """The next drafted level below ``levels[-1]`` (level ell - 1) from the drafter's log-probs at its nodes: the
-    top N continuations by cumulative draft score (``select_top_k``), or N draws without replacement from the
-    softmax of all of them (``sample_top_k``) after the top-k warper when ``spec`` asks for it. Stores the
-    (warped) log-probs on the parent level as Q's rows and, with ``full_q``, their sampling normaliser; users with
-    d_b < ell get a void level."""
+    top N continuations by cumulative draft score (``select_top_k``, or the drafter's own ``select`` with the same
+    arguments and returns, which may rank them another way), or N draws without replacement from the softmax of all
+    of them (``sample_top_k``) after the top-k warper when ``spec`` asks for it. Stores the (warped) log-probs on
+    the parent level as Q's rows and, with ``full_q``, their sampling normaliser; users with d_b < ell get a void
+    level."""
     prev, ell = levels[-1], len(levels)
     prev.draft_log_probs = log_probs
     if not spec.sample:
-        scores, parent, codes = select_top_k(prev.draft_scores, prev.draft_log_probs, spec.width)
+        scores, parent, codes = (select or select_top_k)(prev.draft_scores, prev.draft_log_probs, spec.width)
     else:
         if spec.top_k is not None:
             prev.draft_log_probs = top_k_warp(prev.draft_log_probs, spec.top_k)

@@ -18,10 +18,11 @@ are, not by who consumes them together; co-occurrence counts without the SVD wou
 similar histories look unrelated.
 
 Router. At decoding time a user's history is read off the prompt: every run of L tokens that walks the trie from the
-root to a leaf is a history item. Their mean embedding picks the nearest group centroid; a user with fewer than
-``min_history`` recognised items (a cold user) drafts from the global pool. A prefix the group's pool never saw
-backs off to the global pool's row, and a prefix no training interaction reached to a uniform distribution over the
-trie's allowed codes, so every live beam has a proper next-code distribution (Q for the relaxed rules).
+root to a leaf is a history item (``ItemTrie.find_items``). Their mean embedding picks the nearest group centroid; a
+user with fewer than ``min_history`` recognised items (a cold user) drafts from the global pool. A prefix the group's
+pool never saw backs off to the global pool's row, and a prefix no training interaction reached to a uniform
+distribution over the trie's allowed codes, so every live beam has a proper next-code distribution (Q for the relaxed
+rules).
 
 Drafting is tensor lookups only: the pools are stored as one CSR table over (pool, global trie node), and a drafted
 depth gathers at most ``top_n`` entries per beam and scatters them into a ``[B, M, S]`` row of log-probs; the
@@ -101,17 +102,10 @@ class RetrievalPools:
         embedding of the history items found in the prompt, or the global pool (G) for users showing fewer than
         ``min_history`` of them."""
         batch, width = prompt_ids.shape
-        num_levels, num_leaves = trie.num_levels, trie.num_leaves
-        windows = width - num_levels + 1
-        if windows < 1 or self.num_groups == 0:
+        num_leaves = trie.num_leaves
+        if width < trie.num_levels or self.num_groups == 0:
             return torch.full((batch,), self.num_groups, dtype=torch.long, device=prompt_ids.device)
-        node = torch.zeros(batch, windows, dtype=torch.long, device=prompt_ids.device)  # the root, per window
-        whole = torch.ones(batch, windows, dtype=torch.bool, device=prompt_ids.device)
-        for level, (start, end) in enumerate(trie.level_blocks):
-            code = prompt_ids[:, level : level + windows] - start
-            whole &= prompt_mask[:, level : level + windows] & (code >= 0) & (code < end - start)
-            node = trie.global_advance(node, code.clamp(0, trie.max_block - 1))
-        leaf = torch.where(whole, trie.global_leaves_to_local(node), num_leaves)  # [B, W]; dead leaf: not an item
+        leaf = trie.find_items(prompt_ids, prompt_mask)  # [B, W]; dead leaf: not an item
         found = (leaf < num_leaves).sum(1)  # [B]
         user = self.leaf_embeddings[leaf].sum(1) / found.clamp(min=1)[:, None]  # [B, dim]
         group = torch.nn.functional.normalize(user, dim=1).matmul(self.centroids.T).argmax(1)
