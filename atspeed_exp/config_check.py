@@ -203,6 +203,7 @@ def _rules() -> dict[str, Callable[[Any], str | None]]:
         "eval.speculative_users": _optional(_int_at_least(1)),
         "eval.max_users": _optional(_int_at_least(1)),
         "eval.bootstrap_resamples": _int_at_least(0),
+        "eval.batch1_users": _int_at_least(0),
         "eval.dtype": _one_of(("auto", *DTYPES)),
         "eval.backend": _one_of(BACKENDS),
         "eval.device": _one_of(("auto", "cpu", "cuda")),

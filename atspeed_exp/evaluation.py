@@ -258,6 +258,7 @@ def evaluate_all_users(
     prefix: str = "eval/all",
     official_top_k: int | None = 50,
     verify_options: Mapping[str, Any] | None = None,
+    batch1_users: int = 0,
 ) -> dict[str, float]:
     """Hardware-independent figures on every given user, decoded ``batch_size`` users per call (the batched
     engine gives each list its own counts), with 95% bootstrap intervals over users (``resamples`` resamples;
@@ -270,6 +271,11 @@ def evaluate_all_users(
     relaxed rule gives up or gains), and ``mismatches`` (lists that differ from beam search's as sets of items).
     Every figure carries ``_lo95`` / ``_hi95``. Relaxed modes draw from one generator seeded by ``seed``;
     ``official_top_k`` is relaxed_official's warper, ``verify_options`` the relaxed rules' settings.
+
+    Batch invariance: a batched list can differ from the same user's batch-1 list where two items' scores tie to
+    floating-point precision (padding changes the order of the sums). With ``batch1_users`` = n > 0 the first n
+    users' target beam search is also run one user per call, and ``{prefix}/beam/k{K}/batch1_mismatches`` counts
+    the users whose batched list differs from it (as an ordered list), out of ``{prefix}/beam/k{K}/batch1_users``.
     """
     truth = pad_ground_truth(ground_truth)
     has_truth = (truth >= 0).any(1)  # users that count for accuracy
@@ -281,6 +287,12 @@ def evaluate_all_users(
         beam_acc = recall_ndcg_per_user(beam.items, truth, ks_cutoffs)
         for name, values in beam_acc.items():
             _with_interval(metrics, f"{prefix}/beam/k{k}/{name}", values, None, resamples, seed)
+        if batch1_users > 0:
+            single = generate_lists(target, prompts[:batch1_users], trie, k, pad_id, batch_size=1, progress=progress,
+                                    desc=f"batch-1 beam K={k}", scope=scope)
+            differ = (single.items != beam.items[: len(single.items)]).any(1)
+            metrics[f"{prefix}/beam/k{k}/batch1_mismatches"] = float(differ.sum())
+            metrics[f"{prefix}/beam/k{k}/batch1_users"] = float(len(single.items))
         for mode in modes:
             generator = torch.Generator(device=target.device).manual_seed(seed * 1_000_003 + k)
             run = generate_lists(target, prompts, trie, k, pad_id, desc=f"all users {mode} K={k}", draft=fresh(draft),

@@ -691,7 +691,7 @@ def evaluate_draft_all_users(cfg: DictConfig, target_dir: Path, draft_dir: Path,
         batch_size=cfg.eval.batch_size, draft_beams=settings["draft_beams"], gamma=settings["gamma"],
         verify_beams=settings["verify_beams"], scope=settings["scope"], prune=settings["prune"], seed=cfg.seed,
         resamples=cfg.eval.get("bootstrap_resamples", 1000), official_top_k=settings["official_top_k"],
-        verify_options=settings["verify_options"],
+        verify_options=settings["verify_options"], batch1_users=min(users, cfg.eval.get("batch1_users") or 0),
     )
 
 
@@ -711,6 +711,9 @@ def all_users_table(metrics: dict[str, float], modes: tuple[str, ...], ks: tuple
                 row[name] = metrics.get(f"{key}/{name}", float("nan"))
                 row[f"{name}_lo95"] = metrics.get(f"{key}/{name}_lo95", float("nan"))
                 row[f"{name}_hi95"] = metrics.get(f"{key}/{name}_hi95", float("nan"))
+            if mode == "beam" and f"{key}/batch1_users" in metrics:  # batch invariance of the beam lists
+                row["batch1_mismatches"] = metrics[f"{key}/batch1_mismatches"]
+                row["batch1_users"] = metrics[f"{key}/batch1_users"]
             rows.append(row)
     return rows
 
@@ -989,5 +992,10 @@ def format_summary(summary: dict[str, Any], cutoffs: tuple[int, ...] = (5, 10, 2
             lines.append(f"{row['mode']:>14s} {k:3d} {cell(row, 'target_calls_per_list', 2):>19s} "
                          f"{cell(row, 'acceptance_rate', 3):>19s} {overlap:>7s} "
                          f"{cell(row, f'recall@{k}', 4):>25s} {change:>10s}")
+        invariance = [row for row in summary["table_all_users"] if "batch1_users" in row]
+        if invariance:
+            lines.append("beam lists that batching changes (float near-ties; batched against one user per call): "
+                         + ", ".join(f"K={row['k']}: {row['batch1_mismatches']:.0f} of {row['batch1_users']:.0f}"
+                                     for row in invariance))
     lines.append(f"logs: {summary['log_dir']}")
     return "\n".join(line.rstrip() for line in lines)

@@ -89,3 +89,30 @@ def test_evaluate_speculative_speedup_is_beam_time_over_sd_time():
     # both walltimes are means over the same users, so their ratio is the ratio of totals
     assert metrics["eval/strict/k5/speedup"] == pytest.approx(
         metrics["eval/beam/k5/walltime_s"] / metrics["eval/strict/k5/walltime_s"])
+
+
+class _BatchSensitiveLM(ToyLM):
+    """A ToyLM whose hidden states shift with the batch size: batched lists differ from batch-1 ones, as float
+    near-ties make them differ for a few users of a real model."""
+
+    def hidden(self, input_ids, position_ids, attention_mask, cache):
+        hidden, cache = super().hidden(input_ids, position_ids, attention_mask, cache)
+        return hidden + 0.3 * (input_ids.shape[0] - 1), cache
+
+
+@pytest.mark.parametrize("model_class, expect_some", [(ToyLM, False), (_BatchSensitiveLM, True)])
+def test_evaluate_all_users_counts_the_lists_batching_changes(model_class, expect_some):
+    from atspeed_exp.evaluation import generate_lists
+
+    trie, item_ids, _, vocab = make_trie(num_items=60, num_collisions=2, seed=14)
+    target, draft = model_class(vocab, seed=14), ToyLM(vocab, seed=15)
+    prompts = [p.tolist() for p in random_prompts(9, vocab, seed=14)]
+    truth = [(int(item_ids[i]),) for i in range(9)]
+    metrics = evaluate_all_users(target, draft, prompts, truth, trie, pad_id=0, ks=(5,), cutoffs=(5,),
+                                 batch_size=4, draft_beams=10, gamma=3, resamples=0, progress=False, batch1_users=7)
+    batched = generate_lists(target, prompts, trie, 5, 0, batch_size=4, progress=False).items[:7]
+    single = generate_lists(target, prompts[:7], trie, 5, 0, batch_size=1, progress=False).items
+    naive = sum(1 for a, b in zip(batched.tolist(), single.tolist()) if a != b)
+    assert metrics["eval/all/beam/k5/batch1_users"] == 7
+    assert metrics["eval/all/beam/k5/batch1_mismatches"] == naive
+    assert (naive > 0) == expect_some
