@@ -11,12 +11,13 @@ search reuses them: it must make exactly the same choices as this function to be
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from atspeed_exp.decoding.processors.base import ScoreProcessor, apply_processors, begin_all
 from atspeed_exp.decoding.protocol import DecoderLM, mask_value
 from atspeed_exp.decoding.trie import ItemTrie
 
@@ -84,6 +85,8 @@ def level_scores(
     scope: str = "vocab",
     record: bool = False,
     same_depth: bool = False,
+    processors: Sequence[ScoreProcessor] = (),
+    rows: torch.Tensor | None = None,  # [B] each row's user in the call (processors only; None: row b is user b)
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Log-probabilities ``[..., max_block]`` of each row's next SID code, -inf where the trie forbids it (and past
     the row's block), from the output projection of these rows only.
@@ -96,6 +99,8 @@ def level_scores(
     With ``record``: also (raw block logits ``[..., max_block]``, log-normaliser ``[...]``) for teacher data.
     ``same_depth``: the caller guarantees that every row's node is at ``depths[0]`` or dead (dead nodes and leaves
     allow nothing), as in beam search and single-depth speculative rounds, so the per-row depth check is skipped.
+    ``processors`` (``processors/``, begun for the call) then map the masked log-probs ``[B, M, S]`` (``nodes``
+    ``[B, M]``) to the step scores every decoder ranks by; the record stays the model's own.
     """
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
@@ -110,7 +115,8 @@ def level_scores(
         here = trie.global_allowed[nodes]
         if not same_depth:  # a live node of another depth (a ragged batch) must not read this block
             here = here & (trie.node_depth[nodes] == depths[0])[..., None]
-        return torch.where(here, log_probs, float("-inf")), None
+        log_probs = torch.where(here, log_probs, float("-inf"))
+        return apply_processors(processors, log_probs, nodes, trie, rows), None
     row_depth = trie.node_depth[nodes]
     out = torch.full((*nodes.shape, width), float("-inf"), device=hidden.device)
     raw = torch.full_like(out, float("-inf")) if record else None
@@ -133,7 +139,7 @@ def level_scores(
             raw = torch.where(here, block, raw)
             norm = torch.where(here[..., 0], lse, norm)
     out = out.masked_fill(~trie.global_allowed[nodes], float("-inf"))
-    return out, ((raw, norm) if record else None)
+    return apply_processors(processors, out, nodes, trie, rows), ((raw, norm) if record else None)
 
 
 def _pad_block(block: torch.Tensor, width: int) -> torch.Tensor:
@@ -199,16 +205,20 @@ def beam_search(
     record_logits: bool = False,
     select: Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = select_top_k,
     scope: str = "vocab",
+    processors: Sequence[ScoreProcessor] = (),
 ) -> BeamSearchOutput:
     """Trie-constrained beam search with ``num_beams`` beams for each of B prompts (see module docstring).
     ``record_logits`` also returns, per final beam, the level logits at each of its positions (no extra calls:
     a final beam's prefixes were all beams when their logits were computed). ``select`` picks each depth's beams
     (``select_top_k``: beam search; a sampler with the same signature gives beam sampling). ``scope``: the
-    normaliser of the level log-probs (``level_scores``); logits are computed only for the rows selection uses."""
+    normaliser of the level log-probs (``level_scores``); logits are computed only for the rows selection uses.
+    ``processors``: score processors (``processors/``) applied to every step's log-probs; beams, scores and items
+    then follow the processed scores."""
     check_beam_settings(trie, num_beams)
     batch, prompt_width = prompt_ids.shape
     device = prompt_ids.device
     num_levels = trie.num_levels
+    processors = begin_all(processors, prompt_ids, prompt_mask, trie)
 
     hidden, cache = model.hidden(
         prompt_ids, prompt_positions(prompt_mask), causal_prefill_mask(prompt_mask, model.dtype), model.new_cache()
@@ -219,7 +229,7 @@ def beam_search(
     nodes = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the root
     beam_scores = torch.zeros(batch, 1, device=device)
     step_logp, record = level_scores(model, hidden[:, -1:], trie, nodes, [0], scope, record_logits,
-                                     same_depth=True)  # [B, 1, S]
+                                     same_depth=True, processors=processors)  # [B, 1, S]
     if record is not None:
         recorded.append(_level_record(record, trie, 0))
     beam_scores, parent, codes = select(beam_scores, step_logp, num_beams)
@@ -243,7 +253,7 @@ def beam_search(
         calls, tokens = calls + 1, tokens + batch * num_beams
         step_hidden = hidden[:, -1].view(batch, num_beams, -1)  # [B, K, H]
         step_logp, record = level_scores(model, step_hidden, trie, nodes, [depth], scope, record_logits,
-                                         same_depth=True)
+                                         same_depth=True, processors=processors)
         if record is not None:
             recorded.append(_level_record(record, trie, depth))
         beam_scores, parent, codes = select(beam_scores, step_logp, num_beams)

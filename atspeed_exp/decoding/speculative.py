@@ -67,6 +67,9 @@ Contract (B users per call, each with its own tree, acceptance and depth; see "B
   SID block ("level": the output projection covers that block only); logits are computed only for the rows that
   selection uses (each drafted node's last token), never for prompt rows. Strict SD equals beam search with the same
   scope.
+- ``processors`` (``processors/``): score processors applied to the target's step log-probs in the verify call, at
+  the same nodes and in the same way as beam search applies them, so strict SD equals beam search with the same
+  processors. The drafter drafts from its own, unprocessed scores (lossless all the same; acceptance may drop).
 
 Batches (ragged progress): user b is at depth t_b and drafts d_b = min(gamma, L - t_b - 1) steps; a round makes
 D = max d_b draft-model calls and one target call for all users. Trie nodes live in one global id space that carries each
@@ -85,7 +88,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -100,6 +103,7 @@ from atspeed_exp.decoding.beam_search import (
     select_top_k,
 )
 from atspeed_exp.decoding.drafters import DraftSpec, Drafter, ModelDrafter, RoundResult
+from atspeed_exp.decoding.processors.base import ScoreProcessor, begin_all
 from atspeed_exp.decoding.protocol import DecoderLM
 from atspeed_exp.decoding.sampling import NEG_INF, sample_top_k, top_k_warp
 from atspeed_exp.decoding.tree import (
@@ -252,10 +256,13 @@ def _verify_phase(
     scope: str,
     target_tokens: torch.Tensor,
     record: bool = False,
+    processors: Sequence[ScoreProcessor] = (),
+    rows: torch.Tensor | None = None,
 ) -> Any:
     """ONE target call over the current beams' pending tokens and every drafted level, with tree attention
     (each token sees the prompt and its own ancestors) and position = parent position + 1; the target's
-    next-level log-probs at every node, from the output projection of those rows only."""
+    next-level log-probs at every node, from the output projection of those rows only, after the score
+    ``processors`` (``rows``: each working row's user)."""
     call = TreeCall(view.visible.shape[2], view.visible.device)
     lasts = []
     levels[0].target_visible, last = call.add(view.visible, view.pending, view.position, view.pending_valid)
@@ -272,7 +279,8 @@ def _verify_phase(
     for ell, (level, last) in enumerate(zip(levels, lasts)):
         depths = depths_at(host, ell)
         level.target_log_probs, level.target_record = level_scores(
-            target, hidden[:, last], trie, level.nodes, depths, scope, record, same_depth=len(host) == 1
+            target, hidden[:, last], trie, level.nodes, depths, scope, record, same_depth=len(host) == 1,
+            processors=processors, rows=rows,
         )
     return cache
 
@@ -435,6 +443,7 @@ def speculative_beam_search(
     official_top_k: int | None = 50,  # relaxed_official only: the per-row top-k warper of both models (None: off)
     verify_options: Mapping[str, Any] | None = None,  # settings of the relaxed rules (verify.VERIFY_OPTIONS), e.g.
     #                                                   dare_top_k, dare_threshold; each rule takes its own
+    processors: Sequence[ScoreProcessor] = (),  # score processors of the target's step scores (processors/)
 ) -> SpeculativeOutput:
     """Top-K items of each of B prompts by speculative beam search (see module docstring)."""
     verify_beams = draft_beams if verify_beams is None else verify_beams
@@ -454,6 +463,7 @@ def speculative_beam_search(
     batch, prompt_width = prompt_ids.shape
 
     drafter = draft if isinstance(draft, Drafter) else ModelDrafter(draft)
+    processors = begin_all(processors, prompt_ids, prompt_mask, trie)
     rule = RELAXED_RULES.get(mode)  # None: strict
     options = {name: value for name, value in (verify_options or {}).items() if rule and name in rule.options}
     spec = DraftSpec(draft_beams, sample=rule is not None and rule.sampled, generator=generator,
@@ -508,7 +518,7 @@ def speculative_beam_search(
         with timer.phase("verify"):
             target_cache = _verify_phase(
                 target, target_view, levels, trie, steps, host, scope, work_target_tokens,
-                record_logits,
+                record_logits, processors, row_index,
             )
             stats.target_calls += 1
         with timer.phase("accept"):
@@ -648,10 +658,11 @@ def beam_sample(
     trie: ItemTrie,
     num_beams: int,
     generator: torch.Generator,
+    processors: Sequence[ScoreProcessor] = (),
 ) -> BeamSearchOutput:
     """Target-only beam sampling, the distribution relaxed speculative beam search approximates ("relaxed";
     "relaxed_official" with ``official_top_k=None``) or reproduces exactly ("relaxed_exact"): at each depth, K
     continuations drawn without replacement from P = softmax over the flattened [K x S] cumulative log-probs of the
     current beams' continuations (trie-masked). The final K beams are ranked by cumulative log-prob. L model calls."""
     return beam_search(model, prompt_ids, prompt_mask, trie, num_beams,
-                       select=lambda scores, logp, k: sample_top_k(scores, logp, k, generator))
+                       select=lambda scores, logp, k: sample_top_k(scores, logp, k, generator), processors=processors)

@@ -10,6 +10,7 @@ verifies it, the rules in ``verify/`` accept from it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from atspeed_exp.decoding.beam_search import (
     prompt_positions,
     select_top_k,
 )
+from atspeed_exp.decoding.processors.base import ScoreProcessor, begin_all
 from atspeed_exp.decoding.protocol import DecoderLM
 from atspeed_exp.decoding.sampling import NEG_INF
 from atspeed_exp.decoding.trie import ItemTrie
@@ -118,15 +120,17 @@ def tree_beam_search(
     num_beams: int,
     scope: str = "vocab",
     record_logits: bool = False,
+    processors: Sequence[ScoreProcessor] = (),
 ) -> BeamSearchOutput:
     """The same lists as ``beam_search`` (up to float rounding), with ONE cache row per user: each step appends the
     K beams' new tokens to their user's row with tree attention instead of keeping K copies of the prompt's cache and
     reordering them. L calls; a step processes B*K tokens as in ``beam_search`` but never copies the cache, which is
     what large batches pay for on memory-bound hardware (``beam_search`` replicates and reorders B*K rows).
-    ``record_logits``: as in ``beam_search`` (teacher data)."""
+    ``record_logits``, ``processors``: as in ``beam_search``."""
     check_beam_settings(trie, num_beams)
     batch, prompt_width = prompt_ids.shape
     device = prompt_ids.device
+    processors = begin_all(processors, prompt_ids, prompt_mask, trie)
     hidden, cache = model.hidden(
         prompt_ids, prompt_positions(prompt_mask), causal_prefill_mask(prompt_mask, model.dtype), model.new_cache()
     )
@@ -134,7 +138,8 @@ def tree_beam_search(
     scores = torch.zeros(batch, 1, device=device)
     recorded: list[tuple[torch.Tensor, torch.Tensor]] = []  # per depth: (level logits, normaliser) of all beams
     parents: list[torch.Tensor] = []
-    log_probs, record = level_scores(model, hidden[:, -1:], trie, nodes, [0], scope, record_logits, same_depth=True)
+    log_probs, record = level_scores(model, hidden[:, -1:], trie, nodes, [0], scope, record_logits, same_depth=True,
+                                     processors=processors)
     if record is not None:
         recorded.append(_level_record(record, trie, 0))
     scores, parent, codes = select_top_k(scores, log_probs, num_beams)
@@ -150,7 +155,7 @@ def tree_beam_search(
         hidden, cache = call.hidden(model, cache)
         calls, tokens = calls + 1, tokens + batch * num_beams
         log_probs, record = level_scores(model, hidden[:, last], trie, nodes, [depth], scope, record_logits,
-                                         same_depth=True)
+                                         same_depth=True, processors=processors)
         if record is not None:
             recorded.append(_level_record(record, trie, depth))
         scores, parent, codes = select_top_k(scores, log_probs, num_beams)
