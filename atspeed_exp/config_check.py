@@ -137,10 +137,11 @@ def _one_of(choices: tuple) -> Callable[[Any], str | None]:
     return check
 
 
-def _list_of(check_item: Callable[[Any], str | None], choices: str = "") -> Callable[[Any], str | None]:
+def _list_of(check_item: Callable[[Any], str | None], choices: str = "", empty: bool = False
+             ) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
-        if not isinstance(value, (list, ListConfig)) or not value:
-            return f"a non-empty list{choices}"
+        if not isinstance(value, (list, ListConfig)) or not (value or empty):
+            return f"a {'' if empty else 'non-empty '}list{choices}"
         bad = [item for item in value if check_item(item) is not None]
         return f"a list of {check_item(bad[0])}" if bad else None
     return check
@@ -153,6 +154,7 @@ def _rules() -> dict[str, Callable[[Any], str | None]]:
     from atspeed_exp.decoding.beam_search import SCOPES
     from atspeed_exp.decoding.drafters import DRAFTERS
     from atspeed_exp.decoding.drafters.trigram import ADAPT_SCOPES, TREES
+    from atspeed_exp.decoding.processors import PROCESSORS
     from atspeed_exp.decoding.speculative import MODES
     from atspeed_exp.losses.alignment import ALIGNMENT_LOSSES, TEMPERATURE_FORMS
     from atspeed_exp.models.build import DTYPES
@@ -182,6 +184,8 @@ def _rules() -> dict[str, Callable[[Any], str | None]]:
         "decoding.trigram.value_decay": _number_in(0.0, 1.0),
         "decoding.verify_beams": _optional(_int_at_least(1)),
         "decoding.scope": _one_of(SCOPES),
+        "decoding.processors": _list_of(_one_of(tuple(PROCESSORS)), empty=True),
+        "decoding.ghost_threshold": _optional(_number_in(0.0, 1.0, low_open=True)),
         "decoding.official_top_k": _optional(_int_at_least(1)),
         "alignment.objective": _one_of((*ALIGNMENT_LOSSES, "none")),
         "alignment.alpha": _number_in(0.0, 1.0),

@@ -52,6 +52,9 @@ def test_check_config_accepts_every_alignment_form(alignment):
       "decoding.trigram.value_decay=1.5: expected a number in [0.0, 1.0]",
       "decoding.trigram.smoothing=-1: expected a number in [0.0, inf]"]),
     (["+decoding.trigram.c=2"], ["decoding.trigram.c: unknown key"]),
+    (["decoding.processors=[ghost]", "decoding.ghost_threshold=0"],
+     ["decoding.processors=['ghost']: expected a list of one of ['ghost_debias']",
+      "decoding.ghost_threshold=0: expected null or a number in (0.0, 1.0]"]),
 ])
 def test_check_config_names_every_problem(overrides, messages):
     with pytest.raises(ConfigError) as error:
@@ -68,6 +71,11 @@ def test_check_config_accepts_the_retrieval_drafter_and_dare():
 def test_check_config_accepts_the_trigram_drafter_with_puct():
     check_config(compose_config(["decoding.drafter=trigram", "decoding.trigram.tree=puct",
                                  "decoding.trigram.adapt=call", "decoding.trigram.smoothing=0"]), pipeline.STAGES)
+
+
+def test_check_config_accepts_score_processors():
+    check_config(compose_config(["decoding.processors=[ghost_debias]", "decoding.ghost_threshold=0.99"]),
+                 pipeline.STAGES)
 
 
 def test_check_config_allows_arguments_of_a_groups_target():
