@@ -9,7 +9,7 @@ speculative run is compared with.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch
 
 from atspeed_exp.decoding.beam_search import left_pad
 from atspeed_exp.decoding.drafters import Drafter
+from atspeed_exp.decoding.processors import ScoreProcessor
 from atspeed_exp.decoding.protocol import DecoderLM
 from atspeed_exp.decoding.speculative import speculative_beam_search
 from atspeed_exp.decoding.tree import tree_beam_search
@@ -57,10 +58,12 @@ def generate_lists(
     generator: torch.Generator | None = None,
     official_top_k: int | None = 50,
     verify_options: Mapping[str, Any] | None = None,
+    processors: Sequence[ScoreProcessor] = (),
 ) -> GeneratedLists:
     """Top-K lists for every prompt, ``batch_size`` users per call: target-only beam search, or with ``draft`` (a
     draft model or any drafter) batched speculative beam search in ``mode`` (strict: the same lists, fewer target
-    calls; the sampling modes need ``generator``; ``verify_options``: the relaxed rules' settings);
+    calls; the sampling modes need ``generator``; ``verify_options``: the relaxed rules' settings;
+    ``processors``: score processors of the target's step scores, beam search and verification alike);
     ``model_calls`` counts target calls per list summed over the lists, and speculative runs also return each
     list's target calls, drafted and accepted steps."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -74,13 +77,13 @@ def generate_lists(
         ids, mask = left_pad([torch.tensor(prompts[i], dtype=torch.long) for i in rows], pad_id)
         ids, mask = ids.to(model.device), mask.to(model.device)
         if draft is None:
-            out = tree_beam_search(model, ids, mask, trie, num_beams, scope=scope)
+            out = tree_beam_search(model, ids, mask, trie, num_beams, scope=scope, processors=processors)
             calls += out.model_calls * len(rows)
         else:
             out = speculative_beam_search(model, draft, ids, mask, trie, num_beams, draft_beams, gamma,
                                           verify_beams=verify_beams, scope=scope, prune=prune, mode=mode,
                                           generator=generator, official_top_k=official_top_k,
-                                          verify_options=verify_options)
+                                          verify_options=verify_options, processors=processors)
             calls += sum(out.lists.target_calls)
             per_list[:, rows] = torch.tensor([out.lists.target_calls, out.lists.drafted_steps,
                                               out.lists.accepted_steps], dtype=torch.long)
@@ -129,6 +132,7 @@ def evaluate_speculative(
     prune: bool = True,
     official_top_k: int | None = 50,
     verify_options: Mapping[str, Any] | None = None,
+    processors: Sequence[ScoreProcessor] = (),
 ) -> dict[str, float]:
     """Speculative beam search with ``draft`` (a draft model or any drafter) against our best target-only beam search (``tree_beam_search``), user
     by user (batch 1, as the paper measures), in the same call on the same users, so the speedup compares like with
@@ -141,7 +145,8 @@ def evaluate_speculative(
     the baseline ``{prefix}/beam/k{K}/walltime_s``, ``recall@n``, ``ndcg@n``. The first ``warmup`` users are decoded
     once untimed (first-call allocations and kernel selection). ``verify_beams`` (M) and ``scope`` go to both
     decoders (``scope``) or SD (M); ``official_top_k`` to SD in mode relaxed_official (its top-k warper) and
-    ``verify_options`` to the relaxed rules (dare_top_k, dare_threshold).
+    ``verify_options`` to the relaxed rules (dare_top_k, dare_threshold); ``processors`` (score processors) to
+    beam search and SD's verification alike.
 
     With ``batch_size``: also the throughput of the same users decoded ``batch_size`` at a time, target-only beam
     search (``{prefix}/beam/k{K}/throughput_lists_per_s``) against batched strict SD
@@ -165,7 +170,7 @@ def evaluate_speculative(
             ids, mask = tensors[index], masks[index]
             _sync(device)
             start = time.perf_counter()
-            base = tree_beam_search(target, ids, mask, trie, k, scope=scope)
+            base = tree_beam_search(target, ids, mask, trie, k, scope=scope, processors=processors)
             _sync(device)
             base_time = time.perf_counter() - start
             runs = {}
@@ -176,7 +181,8 @@ def evaluate_speculative(
                 out = speculative_beam_search(target, drafters[mode], ids, mask, trie, k, draft_beams=draft_beams,
                                               gamma=gamma, mode=mode, generator=generator,
                                               verify_beams=verify_beams, scope=scope, prune=prune,
-                                              official_top_k=official_top_k, verify_options=verify_options)
+                                              official_top_k=official_top_k, verify_options=verify_options,
+                                              processors=processors)
                 _sync(device)
                 runs[mode] = (time.perf_counter() - start, out)
             if user < 0:
@@ -213,7 +219,8 @@ def evaluate_speculative(
                 _sync(device)
                 runs[name] = generate_lists(target, prompts, trie, k, pad_id, batch_size, progress=False,
                                             draft=with_draft, draft_beams=draft_beams, gamma=gamma,
-                                            verify_beams=verify_beams, scope=scope, prune=prune)
+                                            verify_beams=verify_beams, scope=scope, prune=prune,
+                                            processors=processors)
             for name, run in runs.items():
                 metrics[f"{prefix}/{name}/k{k}/throughput_lists_per_s"] = len(prompts) / run.walltime_s
             metrics[f"{prefix}/strict/k{k}/throughput_speedup"] = runs["beam"].walltime_s / runs["strict"].walltime_s
@@ -259,6 +266,7 @@ def evaluate_all_users(
     official_top_k: int | None = 50,
     verify_options: Mapping[str, Any] | None = None,
     batch1_users: int = 0,
+    processors: Sequence[ScoreProcessor] = (),
 ) -> dict[str, float]:
     """Hardware-independent figures on every given user, decoded ``batch_size`` users per call (the batched
     engine gives each list its own counts), with 95% bootstrap intervals over users (``resamples`` resamples;
@@ -270,7 +278,8 @@ def evaluate_all_users(
     ``ndcg@n`` and ``recall@n_change`` / ``ndcg@n_change`` (mean per-user difference to beam search: the accuracy a
     relaxed rule gives up or gains), and ``mismatches`` (lists that differ from beam search's as sets of items).
     Every figure carries ``_lo95`` / ``_hi95``. Relaxed modes draw from one generator seeded by ``seed``;
-    ``official_top_k`` is relaxed_official's warper, ``verify_options`` the relaxed rules' settings.
+    ``official_top_k`` is relaxed_official's warper, ``verify_options`` the relaxed rules' settings, ``processors``
+    the score processors of every decoder here.
 
     Batch invariance: a batched list can differ from the same user's batch-1 list where two items' scores tie to
     floating-point precision (padding changes the order of the sums). With ``batch1_users`` = n > 0 the first n
@@ -282,14 +291,14 @@ def evaluate_all_users(
     metrics: dict[str, float] = {f"{prefix}/num_users": float(len(prompts))}
     for k in ks:
         ks_cutoffs = tuple(n for n in cutoffs if n <= k)
-        settings = dict(batch_size=batch_size, progress=progress, scope=scope)
+        settings = dict(batch_size=batch_size, progress=progress, scope=scope, processors=processors)
         beam = generate_lists(target, prompts, trie, k, pad_id, desc=f"all users beam K={k}", **settings)
         beam_acc = recall_ndcg_per_user(beam.items, truth, ks_cutoffs)
         for name, values in beam_acc.items():
             _with_interval(metrics, f"{prefix}/beam/k{k}/{name}", values, None, resamples, seed)
         if batch1_users > 0:
             single = generate_lists(target, prompts[:batch1_users], trie, k, pad_id, batch_size=1, progress=progress,
-                                    desc=f"batch-1 beam K={k}", scope=scope)
+                                    desc=f"batch-1 beam K={k}", scope=scope, processors=processors)
             differ = (single.items != beam.items[: len(single.items)]).any(1)
             metrics[f"{prefix}/beam/k{k}/batch1_mismatches"] = float(differ.sum())
             metrics[f"{prefix}/beam/k{k}/batch1_users"] = float(len(single.items))

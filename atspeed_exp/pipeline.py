@@ -649,9 +649,23 @@ def load_drafter(cfg: DictConfig, draft_dir: Path, device: str, dtype: str, back
 
 
 # -- evaluation --------------------------------------------------------------------------------------------------
+def make_processors(cfg: DictConfig) -> tuple:
+    """The score processors ``decoding.processors`` names, in order (``decoding/processors/``)."""
+    from atspeed_exp.decoding.processors import PROCESSORS, GhostDebias
+
+    made = []
+    for name in cfg.decoding.get("processors") or ():
+        if name not in PROCESSORS:
+            raise ValueError(f"decoding.processors: unknown {name!r}; expected some of {sorted(PROCESSORS)}")
+        made.append(GhostDebias(cfg.decoding.get("ghost_threshold")) if name == GhostDebias.name
+                    else PROCESSORS[name]())
+    return tuple(made)
+
+
 def decoding_settings(cfg: DictConfig) -> dict[str, Any]:
     """The speculative-decoding settings shared by the training callback and the final evaluation."""
     return {
+        "processors": make_processors(cfg),
         "modes": tuple(cfg.decoding.modes), "draft_beams": cfg.decoding.draft_beams, "gamma": cfg.decoding.gamma,
         "seed": cfg.seed, "verify_beams": cfg.decoding.get("verify_beams"),
         "scope": cfg.decoding.get("scope", "vocab"), "prune": cfg.decoding.get("prune_caches", True),
@@ -692,6 +706,7 @@ def evaluate_draft_all_users(cfg: DictConfig, target_dir: Path, draft_dir: Path,
         verify_beams=settings["verify_beams"], scope=settings["scope"], prune=settings["prune"], seed=cfg.seed,
         resamples=cfg.eval.get("bootstrap_resamples", 1000), official_top_k=settings["official_top_k"],
         verify_options=settings["verify_options"], batch1_users=min(users, cfg.eval.get("batch1_users") or 0),
+        processors=settings["processors"],
     )
 
 
@@ -762,6 +777,8 @@ def evaluate_target(cfg: DictConfig, stage_dir: Path, data: RecData) -> dict[str
                 "batch_size": cfg.eval.batch_size, "dtype": eval_dtype(cfg),
                 "backend": eval_backend(cfg), "device": device, "scope": cfg.decoding.get("scope", "vocab"),
                 "weights": weights_fingerprint(stage_dir / "model")}
+    if cfg.decoding.get("processors"):  # the lists follow the processed scores (absent: the keys of older caches)
+        settings["processors"] = [*cfg.decoding.processors, cfg.decoding.get("ghost_threshold")]
     cached = stage_dir / "eval" / f"target-{stage_key(settings)}.json"
     if cached.exists():
         log.info("target evaluation: reusing %s", cached)
@@ -770,6 +787,7 @@ def evaluate_target(cfg: DictConfig, stage_dir: Path, data: RecData) -> dict[str
     lists = generate_lists(
         target, test.prompts[:users], data.trie().to(device), cfg.eval.num_beams, data.pad_id,
         batch_size=cfg.eval.batch_size, desc="test beam search", scope=cfg.decoding.get("scope", "vocab"),
+        processors=make_processors(cfg),
     )
     truth = test.ground_truth()[:users]
     popular = most_popular_lists(data.popularity(), users, cfg.eval.num_beams)

@@ -134,3 +134,30 @@ def test_ghost_debias_zeroes_forced_steps_only_on_a_hand_built_trie():
 def test_processors_registry_names_each_processor_by_its_name():
     assert PROCESSORS == {"ghost_debias": GhostDebias}
     assert all(cls.name == name for name, cls in PROCESSORS.items())
+
+
+def test_pipeline_decodes_with_the_configured_processors(tmp_path, monkeypatch):
+    """decoding.processors reaches every decoder of a run: the target's test beam search, the batch-1 and the
+    all-users evaluations; strict lists still equal the (processed) beam search's."""
+    from pipeline_helpers import compose_config, tiny_overrides
+
+    from atspeed_exp import pipeline
+    from atspeed_exp.decoding.processors import GhostDebias
+
+    calls = {"n": 0}
+    original = GhostDebias.__call__
+
+    def counting(self, *args, **kwargs):
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GhostDebias, "__call__", counting)
+    overrides = tiny_overrides(tmp_path) + ["decoding.processors=[ghost_debias]", "decoding.ghost_threshold=0.99",
+                                            "decoding.ks=[5]", "eval.batch1_users=0"]
+    summary = pipeline.run(compose_config(overrides))
+    metrics = summary["metrics"]
+    assert calls["n"] > 0
+    assert metrics["eval/all/strict/k5/mismatches"] == 0
+    assert metrics["eval/strict/k5/recall@5"] == metrics["eval/beam/k5/recall@5"]
+    assert [p.threshold for p in pipeline.make_processors(compose_config(overrides))] == [0.99]
+    assert pipeline.make_processors(compose_config(tiny_overrides(tmp_path))) == ()
