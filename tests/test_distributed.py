@@ -1,0 +1,59 @@
+"""Training across processes: the length-bucketed sampler shards an epoch over ranks, and only rank 0 writes."""
+
+from collections import Counter
+
+import pytest
+
+from atspeed_exp.data.datamodule import LengthBucketBatchSampler
+
+
+def rank_batches(lengths: list[int], world: int, epoch: int, **kwargs) -> list[list[list[int]]]:
+    """The batches each of ``world`` simulated ranks draws in ``epoch``."""
+    out = []
+    for rank in range(world):
+        sampler = LengthBucketBatchSampler(lengths, num_replicas=world, rank=rank, **kwargs)
+        sampler.set_epoch(epoch)
+        out.append(list(sampler))
+        assert len(out[-1]) == len(sampler)
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("num_examples", [1, 12, 29, 40])
+def test_length_bucket_sampler_shards_every_example_once_per_epoch(world, num_examples):
+    lengths = [(7 * i) % 11 + 1 for i in range(num_examples)]
+    single = LengthBucketBatchSampler(lengths, batch_size=4, seed=3, pool_batches=2)
+    for epoch in range(2):
+        single.set_epoch(epoch)
+        batches = list(single)
+        per_rank = rank_batches(lengths, world, epoch, batch_size=4, seed=3, pool_batches=2)
+        assert len({len(b) for b in per_rank}) == 1  # every rank runs the same number of steps
+        dealt = [batch for rank in per_rank for batch in rank]
+        # the padding rule: the first (-B mod W) batches of the single-process order, cyclically, are dealt again
+        padding = (batches * world)[: (-len(batches)) % world]
+        assert sorted(map(tuple, dealt)) == sorted(map(tuple, batches + padding))
+        seen = Counter(index for batch in dealt for index in batch)
+        expected = Counter(range(num_examples)) + Counter(index for batch in padding for index in batch)
+        assert seen == expected
+        if len(batches) % world == 0:
+            assert seen == Counter(range(num_examples))  # every example exactly once
+
+
+def test_length_bucket_sampler_resumes_each_rank_at_its_own_position():
+    lengths = [3, 9, 4, 7, 1, 8, 2, 6, 5, 9, 3, 2, 4, 4]
+    whole = LengthBucketBatchSampler(lengths, batch_size=2, seed=5, pool_batches=2, num_replicas=2, rank=1)
+    whole.set_epoch(1)
+    batches = list(whole)
+    stopped = LengthBucketBatchSampler(lengths, batch_size=2, seed=5, pool_batches=2, num_replicas=2, rank=1)
+    stopped.set_epoch(1)
+    drawn = iter(stopped)
+    next(drawn), next(drawn)
+    resumed = LengthBucketBatchSampler(lengths, batch_size=2, seed=5, pool_batches=2, num_replicas=2, rank=1)
+    resumed.load_state_dict(stopped.state_dict())
+    resumed.set_epoch(1)
+    assert list(resumed) == batches[2:]
+
+
+def test_length_bucket_sampler_refuses_a_rank_outside_the_world():
+    with pytest.raises(ValueError, match="rank 2"):
+        LengthBucketBatchSampler([1, 2, 3], batch_size=2, num_replicas=2, rank=2)
