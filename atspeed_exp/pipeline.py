@@ -244,12 +244,13 @@ def data_settings(cfg: DictConfig) -> dict:
 # -- target stage ------------------------------------------------------------------------------------------------
 # Trainer arguments that change what a fit produces, with Lightning's defaults; a run that sets one of them to
 # another value (e.g. +trainer.limit_train_batches=250) gets its own stage dirs. The trainer's other keys are
-# hardware and logging.
+# hardware and logging. ``devices`` counts because under DDP each process trains its own batches (a step averages
+# over devices x batch_size examples); its default here is the single process every non-DDP config sets.
 TRAINER_OUTPUT_DEFAULTS = {
     "limit_train_batches": None, "limit_val_batches": None, "max_steps": -1, "min_epochs": None, "min_steps": None,
     "accumulate_grad_batches": 1, "check_val_every_n_epoch": 1, "val_check_interval": None,
     "gradient_clip_algorithm": None, "deterministic": None, "benchmark": None, "precision": "32-true",
-    "num_nodes": 1, "strategy": "auto", "overfit_batches": 0.0, "max_time": None,
+    "devices": 1, "num_nodes": 1, "strategy": "auto", "overfit_batches": 0.0, "max_time": None,
 }
 
 
