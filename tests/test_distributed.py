@@ -57,3 +57,46 @@ def test_length_bucket_sampler_resumes_each_rank_at_its_own_position():
 def test_length_bucket_sampler_refuses_a_rank_outside_the_world():
     with pytest.raises(ValueError, match="rank 2"):
         LengthBucketBatchSampler([1, 2, 3], batch_size=2, num_replicas=2, rank=2)
+
+
+@pytest.fixture
+def follower(monkeypatch):
+    """This process as rank 1 of a DDP run, as Lightning's launcher starts it (LOCAL_RANK=1) before the fit."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+
+
+def test_only_rank_zero_writes_stage_files_and_logs(follower, tmp_path):
+    from omegaconf import OmegaConf
+
+    from atspeed_exp import pipeline
+
+    assert not pipeline.is_rank_zero()
+    pipeline.write_json_atomic(tmp_path / "stage.json", {"stage": "target"})
+    assert not (tmp_path / "stage.json").exists()
+    cfg = OmegaConf.create({"logger": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": str(tmp_path)},
+                            "run_name": "r"})
+    assert pipeline.make_logger(cfg, "target") is False
+    with pipeline.rank_zero_first():  # without a process group: no waiting
+        pass
+
+
+def test_a_follower_takes_no_stage_lock(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from atspeed_exp.artifacts import stage_lock
+
+    code = ("import sys, time; from atspeed_exp.artifacts import stage_lock\n"
+            f"with stage_lock({str(tmp_path / 'stage')!r}):\n    print('held', flush=True); time.sleep(30)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        with stage_lock(tmp_path / "stage", quiet_s=0.1):  # would block for 30 s as rank 0
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
