@@ -221,6 +221,9 @@ def stage_lock(stage_dir: str | os.PathLike, quiet_s: float = 2.0, poll_s: float
             else: build, write stage.json last
     """
     path = lock_path(stage_dir)
+    if distributed_follower():  # rank 0 holds the lock for its whole DDP group
+        yield path
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -245,6 +248,18 @@ def stage_lock(stage_dir: str | os.PathLike, quiet_s: float = 2.0, poll_s: float
         yield path
     finally:
         os.close(fd)  # closing the last descriptor releases the flock
+
+
+def distributed_follower() -> bool:
+    """True in a process of a multi-process (DDP) run other than global rank 0: torch.distributed's rank once it is
+    initialised, before that the launchers' environment (``RANK``, ``LOCAL_RANK``, ``NODE_RANK``). Such a process
+    takes no stage lock: rank 0 holds it while the group trains together, and a follower waiting on it would
+    never join the fit rank 0 waits in."""
+    import torch.distributed as dist  # torch is imported by every caller already
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() != 0
+    return any(int(os.environ.get(key, "0") or 0) != 0 for key in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
 def _try_lock(fd: int) -> bool:

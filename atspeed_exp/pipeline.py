@@ -15,12 +15,16 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
@@ -76,8 +80,36 @@ def stage_key(*parts: Any) -> str:
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
-    """Atomically, with the permissions of a plain open() under the umask (``artifacts.write_json_atomic``)."""
-    artifacts.write_json_atomic(path, payload, indent=2, default=str)
+    """Atomically, with the permissions of a plain open() under the umask (``artifacts.write_json_atomic``); only
+    on rank 0 of a multi-process run (``is_rank_zero``)."""
+    if is_rank_zero():
+        artifacts.write_json_atomic(path, payload, indent=2, default=str)
+
+
+# -- several processes (trainer=ddp, docs/scale.md) ---------------------------------------------------------------
+# Lightning's DDP launcher starts the other ranks by running the same command again, so every rank runs the whole
+# pipeline. Rank 0 writes the stages' files and logs; the fits run on all ranks together; the stages without a fit
+# (teacher data, model-free drafters) are built by rank 0 first and reused by the others.
+def is_rank_zero() -> bool:
+    """Lightning's rank-zero test (``rank_zero_only.rank``), and not a follower by the launchers' environment."""
+    return rank_zero_only.rank == 0 and not artifacts.distributed_follower()
+
+
+def sync_ranks() -> None:
+    """Wait for every rank of a DDP run; nothing when torch.distributed is not initialised (one process, or before
+    the first fit started the others)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+@contextmanager
+def rank_zero_first() -> Iterator[None]:
+    """Rank 0 runs the body first; the other ranks run it after rank 0 finished (and so reuse what it built)."""
+    if not is_rank_zero():
+        sync_ranks()
+    yield
+    if is_rank_zero():
+        sync_ranks()
 
 
 def stage_done(stage_dir: Path) -> bool:
@@ -244,12 +276,13 @@ def data_settings(cfg: DictConfig) -> dict:
 # -- target stage ------------------------------------------------------------------------------------------------
 # Trainer arguments that change what a fit produces, with Lightning's defaults; a run that sets one of them to
 # another value (e.g. +trainer.limit_train_batches=250) gets its own stage dirs. The trainer's other keys are
-# hardware and logging.
+# hardware and logging. ``devices`` counts because under DDP each process trains its own batches (a step averages
+# over devices x batch_size examples); its default here is the single process every non-DDP config sets.
 TRAINER_OUTPUT_DEFAULTS = {
     "limit_train_batches": None, "limit_val_batches": None, "max_steps": -1, "min_epochs": None, "min_steps": None,
     "accumulate_grad_batches": 1, "check_val_every_n_epoch": 1, "val_check_interval": None,
     "gradient_clip_algorithm": None, "deterministic": None, "benchmark": None, "precision": "32-true",
-    "num_nodes": 1, "strategy": "auto", "overfit_batches": 0.0, "max_time": None,
+    "devices": 1, "num_nodes": 1, "strategy": "auto", "overfit_batches": 0.0, "max_time": None,
 }
 
 
@@ -272,7 +305,9 @@ def train_target(cfg: DictConfig, logger: Any, extra_callbacks: list | None = No
     An interrupted run leaves ``checkpoints/last.ckpt``; the next run with the same settings resumes from it.
     Concurrent runs of the same settings build it once (``stage_lock``)."""
     with stage_lock(target_stage_dir(cfg)):
-        return _train_target(cfg, logger, extra_callbacks)
+        out = _train_target(cfg, logger, extra_callbacks)
+    sync_ranks()  # the other ranks go on once rank 0 has written the stage
+    return out
 
 
 def _train_target(cfg: DictConfig, logger: Any, extra_callbacks: list | None = None) -> tuple[Path, RecData]:
@@ -284,7 +319,7 @@ def _train_target(cfg: DictConfig, logger: Any, extra_callbacks: list | None = N
         return stage_dir, load_data(cfg, tokenizer_dir)
 
     data = load_data(cfg, tokenizer_dir if tokenizer_dir.exists() else None)
-    if not tokenizer_dir.exists():  # saved before training so a resumed run gets identical ids
+    if not tokenizer_dir.exists() and is_rank_zero():  # saved before training so a resumed run gets identical ids
         save_tokenizer(data.tokenizer, tokenizer_dir)
     pl.seed_everything(cfg.seed, workers=True)
     sid_token_ids = list(range(data.sid_index.level_blocks[0][0], data.sid_index.level_blocks[-1][1]))
@@ -331,7 +366,8 @@ def _train_target(cfg: DictConfig, logger: Any, extra_callbacks: list | None = N
     best = checkpoint.best_model_path
     if best:
         module.load_state_dict(load_checkpoint_state_dict(best))
-    save_model(module.model, stage_dir / "model", tokenizer=data.tokenizer)
+    if is_rank_zero():
+        save_model(module.model, stage_dir / "model", tokenizer=data.tokenizer)
     write_json_atomic(
         stage_dir / STAGE_FILE,
         {
@@ -399,7 +435,7 @@ def teacher_stage_dir(cfg: DictConfig, target_dir: Path) -> Path:
 
 def make_teacher(cfg: DictConfig, target_dir: Path, data: RecData) -> Path:
     """Teacher data for the training (and a few validation) examples; resumes shard by shard."""
-    with stage_lock(teacher_stage_dir(cfg, target_dir)):
+    with rank_zero_first(), stage_lock(teacher_stage_dir(cfg, target_dir)):  # the other DDP ranks reuse it
         return _make_teacher(cfg, target_dir, data)
 
 
@@ -460,7 +496,9 @@ def train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: RecD
     """Align a draft to the target on the teacher data (or keep it untrained for ``alignment=none``). An interrupted
     run leaves ``checkpoints/last.ckpt``; the next run with the same settings resumes from it."""
     with stage_lock(draft_stage_dir(cfg, teacher_dir)):
-        return _train_draft(cfg, target_dir, teacher_dir, data, logger, extra_callbacks)
+        out = _train_draft(cfg, target_dir, teacher_dir, data, logger, extra_callbacks)
+    sync_ranks()  # the other ranks go on once rank 0 has written the stage
+    return out
 
 
 def _train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: RecData, logger: Any,
@@ -511,7 +549,8 @@ def _train_draft(cfg: DictConfig, target_dir: Path, teacher_dir: Path, data: Rec
         last = stage_dir / "checkpoints" / "last.ckpt"
         fit_resumable(trainer, module, datamodule, last, "draft training")
         draft, history = module.model, callback.history
-    save_model(draft, stage_dir / "model")
+    if is_rank_zero():
+        save_model(draft, stage_dir / "model")
     write_json_atomic(stage_dir / STAGE_FILE, {
         "stage": "draft",
         "objective": objective,
@@ -556,7 +595,7 @@ def build_retrieval(cfg: DictConfig, data: RecData) -> Path:
     """The retrieval drafter's pools for this dataset and ``decoding.retrieval`` (or a finished build of the same
     settings): ``pools.pt`` (``RetrievalPools``, written atomically) and ``stage.json``. Concurrent runs build it
     once (``stage_lock``)."""
-    with stage_lock(retrieval_stage_dir(cfg)):
+    with rank_zero_first(), stage_lock(retrieval_stage_dir(cfg)):
         return _build_retrieval(cfg, data)
 
 
@@ -601,7 +640,7 @@ def trigram_stage_dir(cfg: DictConfig) -> Path:
 def build_trigram(cfg: DictConfig, data: RecData) -> Path:
     """The tri-gram drafter's counts of this dataset's training split (or a finished build of them): ``counts.pt``
     (``TrigramCounts``, written atomically) and ``stage.json``. Concurrent runs build it once (``stage_lock``)."""
-    with stage_lock(trigram_stage_dir(cfg)):
+    with rank_zero_first(), stage_lock(trigram_stage_dir(cfg)):
         return _build_trigram(cfg, data)
 
 
@@ -810,7 +849,7 @@ def make_logger(cfg: DictConfig, stage: str, reused: dict[str, str] | None = Non
     """One logger run per stage that does work: W&B groups them by experiment with job_type = stage. ``reused``
     (stage -> dir) names the stages taken from the cache so far, which open no run of their own: this run carries
     them as tags ``reused:<stage>`` and as ``reused_stages`` in its config (and, on W&B, its summary)."""
-    if not cfg.get("logger"):
+    if not cfg.get("logger") or not is_rank_zero():  # under DDP, rank 0 logs for the group
         return False
     settings = OmegaConf.to_container(cfg.logger, resolve=True)
     settings.pop("wandb_artifacts", None)  # ours, not the logger's
@@ -878,7 +917,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         summary["target_dir"] = str(target_dir)
         summary["stage"] = json.loads((target_dir / STAGE_FILE).read_text())
 
-        metrics.update(evaluate_target(cfg, target_dir, data))
+        with rank_zero_first():  # the other DDP ranks read the figures rank 0 cached
+            metrics.update(evaluate_target(cfg, target_dir, data))
         if drafter_name(cfg) in MODEL_FREE_DRAFTERS:
             run_model_free_stages(cfg, target_dir, data, summary, metrics, reused)
         elif "teacher" in cfg.stages or "draft" in cfg.stages:

@@ -42,3 +42,19 @@ def test_decoding_layer_imports_only_the_layers_below(module):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"{module} imports {out.stdout.strip()}"
+
+
+def test_streaming_metrics_import_only_torch_and_torchmetrics():
+    """``metrics/streaming.py`` sits in the core too, but importing torchmetrics pulls in transformers when it is
+    installed, so its own imports are checked instead of ``sys.modules``."""
+    import ast
+    from pathlib import Path
+
+    source = Path(__file__).resolve().parents[1] / "atspeed_exp" / "metrics" / "streaming.py"
+    tree = ast.parse(source.read_text())
+    roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    roots |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert roots <= {"__future__", "torch", "torchmetrics", "atspeed_exp"}, roots
+    own = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+           and node.module and node.module.startswith("atspeed_exp")}
+    assert all(name.startswith("atspeed_exp.metrics.") for name in own), own

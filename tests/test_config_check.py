@@ -103,3 +103,14 @@ def test_pipeline_names_data_root_and_the_missing_files_before_any_work(tmp_path
     assert "training_dict.npy," not in message.split("lacks")[1].split(";")[0]  # present files are not listed
     assert "Linxyhaha/AtSpeed" in message
     assert not (tmp_path / "artifacts").exists()
+
+
+def test_check_config_accepts_the_ddp_trainer_and_builds_its_strategy(tmp_path):
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import DDPStrategy
+
+    cfg = compose_config(["trainer=ddp", "trainer.devices=2"])
+    check_config(cfg, pipeline.STAGES)
+    trainer = instantiate(cfg.trainer, logger=False, default_root_dir=str(tmp_path))
+    assert isinstance(trainer.strategy, DDPStrategy) and trainer.world_size == 2
+    assert pipeline.trainer_key(cfg) != pipeline.trainer_key(compose_config([]))  # its own stage dirs

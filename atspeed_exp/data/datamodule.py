@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from atspeed_exp.data.prompts import IGNORE_INDEX
@@ -47,9 +48,24 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
     after ``load_state_dict``, the next pass over that same epoch skips those batches, so a run resumed from a
     mid-epoch checkpoint continues with the batches an uninterrupted run would see next (a pass over another epoch
     is whole). The count is of batches handed out, so it equals the batches trained only when nothing draws ahead of
-    training: ``ResumableDataLoader`` refuses worker processes."""
+    training: ``ResumableDataLoader`` refuses worker processes.
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, pool_batches: int = 50) -> None:
+    Across processes (DDP): every rank builds the same epoch's batches (same seed and epoch) and takes every
+    ``num_replicas``-th one from position ``rank``, so the ranks together see each example once per epoch. When the
+    number of batches B is not a multiple of W = ``num_replicas``, the first W - (B mod W) batches of the epoch's
+    order are dealt again at the end, cyclically when B < W (the padding rule of torch's ``DistributedSampler``),
+    so that every rank runs the same number of steps, ceil(B / W); the examples of those batches are seen twice (or
+    more, when B < W) in that epoch. ``rank`` and
+    ``num_replicas`` default to torch.distributed's when it is initialised, else 0 and 1 (one process, unchanged).
+    ``batch_size`` is per rank: a step trains on up to W x ``batch_size`` examples."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, pool_batches: int = 50,
+                 num_replicas: int | None = None, rank: int | None = None) -> None:
+        distributed = dist.is_available() and dist.is_initialized()
+        self.num_replicas = num_replicas if num_replicas is not None else (dist.get_world_size() if distributed else 1)
+        self.rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
+        if not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f"rank {self.rank} is outside 0..{self.num_replicas - 1}")
         self.lengths = lengths
         self.batch_size = batch_size
         self.seed = seed
@@ -70,7 +86,8 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
         self._pass = dict(self._resume)
 
     def __len__(self) -> int:
-        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+        batches = (len(self.lengths) + self.batch_size - 1) // self.batch_size  # pools cut at multiples of batch_size
+        return (batches + self.num_replicas - 1) // self.num_replicas
 
     def __iter__(self):
         epoch, self.epoch = self.epoch, self.epoch + 1
@@ -83,7 +100,10 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
         for start in range(0, len(order), self.pool):
             pool = sorted(order[start : start + self.pool], key=self.lengths.__getitem__)
             batches += [pool[i : i + self.batch_size] for i in range(0, len(pool), self.batch_size)]
-        for index in torch.randperm(len(batches), generator=gen).tolist()[skip:]:
+        order = torch.randperm(len(batches), generator=gen).tolist()
+        pad = (-len(order)) % self.num_replicas  # to a multiple of the ranks (see the docstring)
+        order += (order * (pad // max(len(order), 1) + 1))[:pad]
+        for index in order[self.rank :: self.num_replicas][skip:]:
             self._pass["batches_done"] += 1
             yield batches[index]
 
