@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -255,9 +256,8 @@ def distributed_follower() -> bool:
     initialised, before that the launchers' environment (``RANK``, ``LOCAL_RANK``, ``NODE_RANK``). Such a process
     takes no stage lock: rank 0 holds it while the group trains together, and a follower waiting on it would
     never join the fit rank 0 waits in."""
-    import torch.distributed as dist  # torch is imported by every caller already
-
-    if dist.is_available() and dist.is_initialized():
+    dist = sys.modules.get("torch.distributed")  # not imported: no process group can exist (and no import cost)
+    if dist is not None and dist.is_available() and dist.is_initialized():
         return dist.get_rank() != 0
     return any(int(os.environ.get(key, "0") or 0) != 0 for key in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
