@@ -69,6 +69,30 @@ NOT_GROUPED = ("paths", "hydra", "logger", "run_name", "threads", "stages", "eva
                "draft_training.checkpoint_every_n_steps")
 
 
+def _drop_inactive(config: dict[str, Any]) -> None:
+    """Remove the settings a run does not use (and the defaults of settings added after it was made), so runs of one
+    setting group together whichever version wrote them: a drafter's options unless it drafts, DARE's unless a mode
+    is dare, the ghost threshold without ghost_debias, no score processors, the model drafter, and the batch-1
+    check's user count (a measurement beside the figures, not a setting of them)."""
+    decoding = config.get("decoding")
+    if isinstance(decoding, dict):
+        drafter = decoding.get("drafter", "model")
+        for name in ("retrieval", "trigram"):
+            if drafter != name:
+                decoding.pop(name, None)
+        if "dare" not in (decoding.get("modes") or ()):
+            decoding.pop("dare_top_k", None)
+            decoding.pop("dare_threshold", None)
+        if "ghost_debias" not in (decoding.get("processors") or ()):
+            decoding.pop("ghost_threshold", None)
+        if not decoding.get("processors"):
+            decoding.pop("processors", None)
+        if drafter == "model":
+            decoding.pop("drafter", None)
+    if isinstance(config.get("eval"), dict):
+        config["eval"].pop("batch1_users", None)
+
+
 def group_key(config: dict[str, Any]) -> str:
     """A hash of a run's configuration without ``NOT_GROUPED``: runs with equal keys differ only in the draft seed
     (and where or how they were timed), so their figures are samples of one setting."""
@@ -76,6 +100,7 @@ def group_key(config: dict[str, Any]) -> str:
     import hashlib
 
     config = copy.deepcopy(config)
+    _drop_inactive(config)
     for dotted in NOT_GROUPED:
         node = config
         *parents, last = dotted.split(".")

@@ -84,3 +84,21 @@ def test_across_seeds_aggregates_all_users_rows_by_form_mode_and_k():
     assert entry["target_calls_per_list_ci95_halfwidth"] == pytest.approx(0.1)
     assert other["seeds"] == [1] and other["target_calls_per_list"] == pytest.approx(2.2)
     assert other["target_calls_per_list_std"] != other["target_calls_per_list_std"]  # nan: one seed has no spread
+
+
+def test_group_key_ignores_settings_a_run_does_not_use():
+    """A run written before the tri-gram drafter, DARE, score processors or the batch-1 check existed groups with
+    one written after, when it uses none of them; a run that uses one of them is another setting."""
+    from atspeed_exp.analysis import group_key
+
+    old = {"alignment": {"name": "atspeed_s"}, "decoding": {"modes": ["strict"], "gamma": 3}, "eval": {"num_beams": 20}}
+    new = {"alignment": {"name": "atspeed_s"},
+           "decoding": {"modes": ["strict"], "gamma": 3, "drafter": "model", "dare_top_k": None,
+                        "dare_threshold": 0.0, "processors": [], "ghost_threshold": None,
+                        "trigram": {"adapt": "evaluation"}, "retrieval": {"groups": 8}},
+           "eval": {"num_beams": 20, "batch1_users": 500}}
+    assert group_key(old) == group_key(new)
+    for changed in ({"drafter": "trigram"}, {"modes": ["strict", "dare"]}, {"processors": ["ghost_debias"]},
+                    {"gamma": 2}):
+        other = {**new, "decoding": {**new["decoding"], **changed}}
+        assert group_key(other) != group_key(new), changed
