@@ -179,14 +179,14 @@ class MidEpochCheckpoint(pl.Callback):
             return
         trainer.save_checkpoint(self.path)
         if signum is not None:
-            self._stop(trainer, signum, f"in epoch {trainer.current_epoch} after batch {batch_idx + 1}/"
-                                        f"{trainer.num_training_batches}")
+            self._stop(trainer, signum, f"in epoch {trainer.current_epoch + 1}/{trainer.max_epochs} after "
+                                        f"batch {batch_idx + 1}/{trainer.num_training_batches}")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         signum = self._signal(trainer)
         if signum is not None:  # the signal came during the epoch's last batch or its validation
             trainer.save_checkpoint(self.path)
-            self._stop(trainer, signum, f"at the end of epoch {trainer.current_epoch}")
+            self._stop(trainer, signum, f"at the end of epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_sigint()
