@@ -15,7 +15,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -591,40 +591,42 @@ def training_sid_histories(data: RecData) -> list[torch.Tensor]:
     return [tokens[[row_of[i] for i in items if i in row_of]] for _, items in sorted(data.dataset.train.items())]
 
 
-def build_retrieval(cfg: DictConfig, data: RecData) -> Path:
-    """The retrieval drafter's pools for this dataset and ``decoding.retrieval`` (or a finished build of the same
-    settings): ``pools.pt`` (``RetrievalPools``, written atomically) and ``stage.json``. Concurrent runs build it
-    once (``stage_lock``)."""
-    with rank_zero_first(), stage_lock(retrieval_stage_dir(cfg)):
-        return _build_retrieval(cfg, data)
-
-
-def _build_retrieval(cfg: DictConfig, data: RecData) -> Path:
-    stage_dir = retrieval_stage_dir(cfg)
-    fingerprint = dataset_fingerprint(cfg)
-    if reusable(stage_dir, {"dataset_sha": fingerprint}):
-        log.info("retrieval pools: reusing %s", stage_dir)
+def build_table_stage(cfg: DictConfig, data: RecData, stage: str, stage_dir: Path, filename: str, settings: dict,
+                      build: Callable[[list[torch.Tensor]], Any], report: Callable[[Any], dict]) -> Path:
+    """A model-free drafter's table (pools, counts) built from the training split's SID histories, or a finished
+    build of the same dataset and settings: ``build(histories)`` gives an object with ``save(file)``, written
+    atomically to ``filename``, then ``stage.json`` with ``settings`` and the figures ``report(table)`` gives.
+    Concurrent runs build it once (``stage_lock``); under DDP rank 0 builds first."""
+    with rank_zero_first(), stage_lock(stage_dir):
+        fingerprint = dataset_fingerprint(cfg)
+        if reusable(stage_dir, {"dataset_sha": fingerprint}):
+            log.info("%s: reusing %s", stage, stage_dir)
+            return stage_dir
+        histories = training_sid_histories(data)
+        start = time.perf_counter()
+        table = build(histories)
+        seconds = time.perf_counter() - start
+        path = artifacts.atomic_write(stage_dir / filename, table.save, mode="wb")
+        figures = report(table)
+        log.info("%s: %s, built in %.1f s: %s", stage, ", ".join(f"{k} {v}" for k, v in figures.items()), seconds,
+                 path)
+        write_json_atomic(stage_dir / STAGE_FILE, {
+            "stage": stage, "dataset_sha": fingerprint, "settings": settings, "users": len(histories), **figures,
+            "size_bytes": path.stat().st_size, "build_seconds": seconds,
+        })
         return stage_dir
+
+
+def build_retrieval(cfg: DictConfig, data: RecData) -> Path:
+    """The retrieval drafter's pools for this dataset and ``decoding.retrieval``: ``pools.pt`` (``RetrievalPools``)."""
     settings = OmegaConf.to_container(cfg.decoding.retrieval, resolve=True)
-    histories = training_sid_histories(data)
-    start = time.perf_counter()
-    pools = build_retrieval_pools(histories, data.trie(), seed=cfg.seed, **settings)
-    seconds = time.perf_counter() - start
-    path = artifacts.atomic_write(stage_dir / RETRIEVAL_POOLS_FILE, pools.save, mode="wb")
-    log.info("retrieval pools: %d groups of %s training users, %d continuations, built in %.1f s: %s",
-             pools.num_groups, pools.group_sizes.tolist(), pools.codes.numel(), seconds, path)
-    write_json_atomic(stage_dir / STAGE_FILE, {
-        "stage": "retrieval",
-        "dataset_sha": fingerprint,
-        "settings": {"data": data_settings(cfg), "retrieval": settings, "seed": cfg.seed},
-        "users": len(histories),
-        "grouped_users": int(pools.group_sizes.sum()),
-        "group_sizes": pools.group_sizes.tolist(),
-        "continuations": pools.codes.numel(),
-        "size_bytes": path.stat().st_size,
-        "build_seconds": seconds,
-    })
-    return stage_dir
+    return build_table_stage(
+        cfg, data, "retrieval", retrieval_stage_dir(cfg), RETRIEVAL_POOLS_FILE,
+        {"data": data_settings(cfg), "retrieval": settings, "seed": cfg.seed},
+        lambda histories: build_retrieval_pools(histories, data.trie(), seed=cfg.seed, **settings),
+        lambda pools: {"grouped_users": int(pools.group_sizes.sum()), "group_sizes": pools.group_sizes.tolist(),
+                       "continuations": pools.codes.numel()},
+    )
 
 
 # -- tri-gram drafter stage ----------------------------------------------------------------------------------------
@@ -638,38 +640,14 @@ def trigram_stage_dir(cfg: DictConfig) -> Path:
 
 
 def build_trigram(cfg: DictConfig, data: RecData) -> Path:
-    """The tri-gram drafter's counts of this dataset's training split (or a finished build of them): ``counts.pt``
-    (``TrigramCounts``, written atomically) and ``stage.json``. Concurrent runs build it once (``stage_lock``)."""
-    with rank_zero_first(), stage_lock(trigram_stage_dir(cfg)):
-        return _build_trigram(cfg, data)
-
-
-def _build_trigram(cfg: DictConfig, data: RecData) -> Path:
-    stage_dir = trigram_stage_dir(cfg)
-    fingerprint = dataset_fingerprint(cfg)
-    if reusable(stage_dir, {"dataset_sha": fingerprint}):
-        log.info("tri-gram counts: reusing %s", stage_dir)
-        return stage_dir
-    histories = training_sid_histories(data)
-    start = time.perf_counter()
-    counts = build_trigram_counts(histories, data.trie())
-    seconds = time.perf_counter() - start
-    path = artifacts.atomic_write(stage_dir / TRIGRAM_COUNTS_FILE, counts.save, mode="wb")
-    state = counts.state()
-    log.info("tri-gram counts: %d contexts, %d tri-grams, built in %.1f s: %s", counts.used,
-             state["trigram_keys"].numel(), seconds, path)
-    write_json_atomic(stage_dir / STAGE_FILE, {
-        "stage": "trigram",
-        "dataset_sha": fingerprint,
-        "settings": {"data": data_settings(cfg), "trigram_format": TRIGRAM_FORMAT},
-        "users": len(histories),
-        "tokens": int(counts.unigram.sum()),
-        "contexts": counts.used,
-        "trigrams": state["trigram_keys"].numel(),
-        "size_bytes": path.stat().st_size,
-        "build_seconds": seconds,
-    })
-    return stage_dir
+    """The tri-gram drafter's counts of this dataset's training split: ``counts.pt`` (``TrigramCounts``)."""
+    return build_table_stage(
+        cfg, data, "trigram", trigram_stage_dir(cfg), TRIGRAM_COUNTS_FILE,
+        {"data": data_settings(cfg), "trigram_format": TRIGRAM_FORMAT},
+        lambda histories: build_trigram_counts(histories, data.trie()),
+        lambda counts: {"tokens": int(counts.unigram.sum()), "contexts": counts.used,
+                        "trigrams": counts.state()["trigram_keys"].numel()},
+    )
 
 
 def trigram_settings(cfg: DictConfig) -> dict[str, Any]:
