@@ -132,6 +132,26 @@ def test_log_progress_reports_steps_and_time_left(caplog):
     assert progress == ["tiny epoch 1/1: 100% ("]  # a short epoch: its end only
 
 
+def test_log_progress_speed_counts_only_batches_run_in_this_process(caplog, monkeypatch):
+    """A run resumed at batch 383 of 804 must not count the 383 batches run before the restart as run now (nor take
+    its clock from whenever the process or machine started)."""
+    import logging
+    from types import SimpleNamespace
+
+    from atspeed_exp.callbacks import progress
+
+    clock = iter([1000.0, 1010.0])  # batch 383 starts at t = 1000 s; batch 392 ends 10 s later
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    trainer = SimpleNamespace(num_training_batches=804, max_epochs=6, current_epoch=3, callback_metrics={})
+    callback = progress.LogProgress("target", every_percent=1, min_seconds=0)
+    with caplog.at_level(logging.INFO, logger="atspeed_exp.callbacks.progress"):
+        callback.on_train_batch_start(trainer, None, None, 383)  # no on_train_epoch_start on a mid-epoch resume
+        callback.on_train_batch_end(trainer, None, None, None, 392)
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "atspeed_exp.callbacks.progress"]
+    assert "(393/804 steps)" in line and "1.00 steps/s" in line  # 10 batches in 10 s
+    assert "epoch left 6m51s" in line  # 411 batches at 1 step/s
+
+
 def test_per_k_rows_name_each_rows_k_columns_at_k():
     rows = [{"mode": "strict", "k": 5, "recall@5": 0.1, "recall@5_lo95": 0.05, "recall@5_change": 0.0},
             {"mode": "strict", "k": 10, "recall@10": 0.2, "recall@10_lo95": 0.15, "recall@10_change": 0.0}]

@@ -30,13 +30,23 @@ class LogProgress(pl.Callback):
         self.name = name
         self.every_percent = every_percent
         self.min_seconds = min_seconds
-        self._start = 0.0
+        self._start: float | None = None
+        self._start_done = 0
         self._last = 0.0
         self._next = 0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = self._last = time.perf_counter()
-        self._next = self.every_percent
+        # The clock starts at the first batch this process runs: a run resumed mid-epoch starts with batch_idx far
+        # from 0 (and Lightning may not call this hook at all then), so speed is counted over the batches run here.
+        self._start = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if self._start is None or batch_idx < self._start_done:
+            self._start = self._last = time.perf_counter()
+            self._start_done = batch_idx
+            total = trainer.num_training_batches
+            percent = 100 * batch_idx // total if isinstance(total, int) and total > 0 else 0
+            self._next = (percent // self.every_percent + 1) * self.every_percent
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
@@ -51,7 +61,7 @@ class LogProgress(pl.Callback):
         self._next = (percent // self.every_percent + 1) * self.every_percent
         self._last = now
         elapsed = now - self._start
-        rate = done / elapsed if elapsed > 0 else float("nan")
+        rate = (done - self._start_done) / elapsed if elapsed > 0 else float("nan")
         left_epoch = (total - done) / rate if rate > 0 else float("nan")
         epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else trainer.current_epoch + 1
         left_run = left_epoch + (epochs - trainer.current_epoch - 1) * total / rate if rate > 0 else float("nan")
