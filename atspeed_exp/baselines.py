@@ -104,7 +104,7 @@ def _train_sasrec(cfg: DictConfig, logger: Any = False, extra_callbacks: list | 
     last = stage_dir / "checkpoints" / "last.ckpt"
     start = time.perf_counter()
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader,
-                ckpt_path=resume_checkpoint(last))
+                ckpt_path=resume_checkpoint(last), weights_only=True)
     train_seconds = time.perf_counter() - start
     if trainer.interrupted:
         raise RuntimeError(f"sasrec training interrupted; rerun the same command to resume from {last}")

@@ -202,7 +202,7 @@ def fit_resumable(trainer: pl.Trainer, module: pl.LightningModule, datamodule: p
     (exit status 128 + the signal's number) after saving ``last`` (``MidEpochCheckpoint``); Lightning's own SIGTERM
     stop, a ``SystemExit`` with status 0, becomes one too, so the stage is never taken for finished."""
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(last))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(last), weights_only=True)
     except SIGTERMException:  # during validation or an epoch's last batch: last.ckpt is the last one written
         where = f"resume from {last}" if last.exists() else "start it again (no checkpoint was written yet)"
         message = f"{stage} stopped by SIGTERM; rerun the same command to {where}"
