@@ -3,6 +3,7 @@ per-prefix sum, the mixing formula, its limits g = 1 (the LLM) and g = 0 (the co
 speculative decoding with it, the pipeline with the sasrec stage, and the tuning of g on validation users."""
 
 import itertools
+import json
 import math
 
 import pytest
@@ -199,6 +200,7 @@ def test_tune_cf_weight_picks_the_weight_with_the_best_recall():
 
 
 # -- the pipeline ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_pipeline_decodes_with_the_sasrec_assistant(tmp_path, monkeypatch):
     """stages with sasrec and decoding.processors=[cf_assistant]: the trained SASRec feeds the processor of every
     decoder, and strict lists still equal the processed beam search's."""
@@ -227,9 +229,45 @@ def test_pipeline_decodes_with_the_sasrec_assistant(tmp_path, monkeypatch):
     assert calls["n"] > 0
     assert metrics["eval/all/strict/k5/mismatches"] == 0
     assert metrics["eval/strict/k5/recall@5"] == metrics["eval/beam/k5/recall@5"]
-    made = pipeline.make_processors(compose_config(overrides))
+    cfg = compose_config(overrides)
+    made = pipeline.make_processors(cfg)
     assert [(type(p), p.weight) for p in made] == [(CFAssistant, 0.5)]
+    # the tuning script on the run's target and SASRec, validation users
+    from test_benchmarks import load_script
+
+    out = tmp_path / "tune.json"
+    assert load_script("tune_cf_weight").main([
+        summary["target_dir"], summary["sasrec_dir"], "--data-root", str(pipeline.data_root(cfg)),
+        "--data-name", cfg.data.name, "--weights", "0", "0.5", "1", "--k", "5", "--users", "12", "--out", str(out),
+    ]) == 0
+    tuned = json.loads(out.read_text())
+    assert tuned["users"] == 12 and set(tuned["recall"]) == {"0.0", "0.5", "1.0"}
+    assert tuned["recall"][str(tuned["best"])] == max(tuned["recall"].values())
     with pytest.raises(ConfigError, match="decoding.cf_weight"):
         pipeline.run(compose_config(overrides[:-1] + ["decoding.cf_weight=1.5"]))
     with pytest.raises(ConfigError, match="cf_assistant needs sasrec"):
         pipeline.run(compose_config(base + ["decoding.processors=[cf_assistant]"]))
+
+
+@pytest.mark.parametrize("prompt_format", ["compact", "alpaca"])
+def test_prompt_histories_read_the_examples_histories_off_the_prompts(tmp_path, prompt_format):
+    """SASRec's input recovered from prompt ids equals the example's history (latest max_len items; a SID shared by
+    several items reads as the lowest of their ids)."""
+    from pipeline_helpers import compose_config, tiny_overrides
+
+    from atspeed_exp import pipeline
+    from atspeed_exp.baselines import prompt_histories
+    from atspeed_exp.models.sasrec import left_pad_histories
+
+    cfg = compose_config(tiny_overrides(tmp_path) + [f"data.prompt_format={prompt_format}"])
+    data = pipeline.load_data(cfg)
+    trie = data.trie()
+    lowest = {}
+    for item, sid in zip(trie.leaf_items[:, 0].tolist(), trie.leaf_items.tolist()):
+        lowest.update({other: item for other in sid if other >= 0})
+    split = data.splits["test"]
+    assert len(lowest) > len(set(lowest.values()))  # the catalogue has SID collisions
+    ids, mask = left_pad([torch.tensor(p) for p in split.prompts], data.pad_id)
+    max_len = 5  # shorter than most histories: the latest items count
+    expected = left_pad_histories([[lowest[i] for i in ex.history] for ex in split.examples], max_len)
+    assert torch.equal(prompt_histories(ids, mask, trie, max_len), expected)
