@@ -72,8 +72,9 @@ NOT_GROUPED = ("paths", "hydra", "logger", "run_name", "threads", "stages", "eva
 def _drop_inactive(config: dict[str, Any]) -> None:
     """Remove the settings a run does not use (and the defaults of settings added after it was made), so runs of one
     setting group together whichever version wrote them: a drafter's options unless it drafts, DARE's unless a mode
-    is dare, the ghost threshold without ghost_debias, no score processors, the model drafter, and the batch-1
-    check's user count (a measurement beside the figures, not a setting of them)."""
+    is dare, the ghost threshold without ghost_debias, the assistant's weight and floor without cf_assistant, no
+    score processors, the model drafter, and the batch-1 check's user count (a measurement beside the figures, not a
+    setting of them)."""
     decoding = config.get("decoding")
     if isinstance(decoding, dict):
         drafter = decoding.get("drafter", "model")
@@ -85,6 +86,9 @@ def _drop_inactive(config: dict[str, Any]) -> None:
             decoding.pop("dare_threshold", None)
         if "ghost_debias" not in (decoding.get("processors") or ()):
             decoding.pop("ghost_threshold", None)
+        if "cf_assistant" not in (decoding.get("processors") or ()):
+            decoding.pop("cf_weight", None)
+            decoding.pop("cf_epsilon", None)
         if not decoding.get("processors"):
             decoding.pop("processors", None)
         if drafter == "model":

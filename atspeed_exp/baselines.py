@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from atspeed_exp.artifacts import atomic_save_to_path, load_checkpoint_state_dict, resume_checkpoint, stage_lock
 from atspeed_exp.data.atspeed_format import build_examples, item_popularity, load_atspeed_dataset
 from atspeed_exp.data.types import RecDataset
+from atspeed_exp.decoding.trie import ItemTrie
 from atspeed_exp.lit.sasrec_module import SASRecModule, example_tensors
 from atspeed_exp.reporting import dataset_list_report
 from atspeed_exp.metrics import most_popular_lists
@@ -135,6 +136,34 @@ def load_sasrec(stage_dir: Path) -> SASRec:
     model = SASRec(**json.loads((stage_dir / "model.json").read_text()))
     model.load_state_dict(torch.load(stage_dir / "model.pt", map_location="cpu", weights_only=True))
     return model.eval()
+
+
+class SASRecItemProbabilities:
+    """The item probabilities of the ``cf_assistant`` score processor from a trained SASRec: each prompt's history
+    is read off its ids (``ItemTrie.find_items``: the runs of L prompt tokens that spell a catalogue SID, in prompt
+    order; a SID shared by several items stands for the lowest of their ids), the latest ``model.max_len`` items
+    are scored, and the softmax over all items is returned, ``[B, num_items]`` on the prompts' device."""
+
+    def __init__(self, model: SASRec) -> None:
+        self.model = model.eval()
+
+    @torch.no_grad()
+    def __call__(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, trie: ItemTrie) -> torch.Tensor:
+        history = prompt_histories(prompt_ids, prompt_mask, trie, self.model.max_len)  # [B, T]
+        device = self.model.item_embedding.weight.device
+        return torch.softmax(self.model.last_scores(history.to(device)), -1).to(prompt_ids.device)  # [B, I]
+
+
+def prompt_histories(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, trie: ItemTrie, max_len: int) -> torch.Tensor:
+    """The history item ids that prompts ``[B, P]`` spell, the latest ``max_len`` right-aligned and -1 before
+    (``SASRec``'s input ``[B, max_len]``)."""
+    leaves = trie.find_items(prompt_ids, prompt_mask)  # [B, W]; the dead leaf where a window is not an item
+    items = trie.items_of_leaves(leaves)[..., 0]  # [B, W]: lowest item id of the SID, -1 for the dead leaf
+    order = torch.argsort((items >= 0).to(torch.int8), dim=1, stable=True)  # non-items first, items in prompt order
+    items = items.gather(1, order)[:, -max_len:]
+    if items.shape[1] < max_len:
+        items = torch.cat([items.new_full((items.shape[0], max_len - items.shape[1]), -1), items], dim=1)
+    return items
 
 
 def sasrec_lists(model: SASRec, histories: Sequence[Sequence[int]], k: int, batch_size: int = 1024,

@@ -123,11 +123,12 @@ def _optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]
     return wrapped
 
 
-def _number_in(low: float, high: float, low_open: bool = False) -> Callable[[Any], str | None]:
+def _number_in(low: float, high: float, low_open: bool = False, high_open: bool = False
+               ) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        ok = ok and (low < value if low_open else low <= value) and value <= high
-        return None if ok else f"a number in {'(' if low_open else '['}{low}, {high}]"
+        ok = ok and (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+        return None if ok else f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
     return check
 
 
@@ -186,6 +187,8 @@ def _rules() -> dict[str, Callable[[Any], str | None]]:
         "decoding.scope": _one_of(SCOPES),
         "decoding.processors": _list_of(_one_of(tuple(PROCESSORS)), empty=True),
         "decoding.ghost_threshold": _optional(_number_in(0.0, 1.0, low_open=True)),
+        "decoding.cf_weight": _number_in(0.0, 1.0),
+        "decoding.cf_epsilon": _number_in(0.0, 1.0, low_open=True, high_open=True),
         "decoding.official_top_k": _optional(_int_at_least(1)),
         "alignment.objective": _one_of((*ALIGNMENT_LOSSES, "none")),
         "alignment.alpha": _number_in(0.0, 1.0),
@@ -293,6 +296,9 @@ def value_problems(cfg: DictConfig, stages: tuple[str, ...]) -> list[str]:
     if m is not None and not max(decoding.ks) <= m <= n:
         problems.append(f"decoding.verify_beams={m}: expected max(decoding.ks)={max(decoding.ks)} <= M <= "
                         f"decoding.draft_beams={n}")
+    if "cf_assistant" in (decoding.get("processors") or ()) and "sasrec" not in cfg.get("stages", []):
+        problems.append(f"decoding.processors={list(decoding.processors)} with stages={list(cfg.stages)}: "
+                        f"cf_assistant needs sasrec in stages (SASRec's item probabilities)")
     k_dare = decoding.get("dare_top_k")
     if k_dare is not None and "dare" in decoding.modes and k_dare < max(decoding.ks):
         problems.append(f"decoding.dare_top_k={k_dare}: expected k >= max(decoding.ks)={max(decoding.ks)} (a depth "

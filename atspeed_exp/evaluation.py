@@ -17,7 +17,7 @@ import torch
 
 from atspeed_exp.decoding.beam_search import left_pad
 from atspeed_exp.decoding.drafters import Drafter
-from atspeed_exp.decoding.processors import ScoreProcessor
+from atspeed_exp.decoding.processors import CFAssistant, ScoreProcessor
 from atspeed_exp.decoding.protocol import DecoderLM
 from atspeed_exp.decoding.speculative import speculative_beam_search
 from atspeed_exp.decoding.tree import tree_beam_search
@@ -320,3 +320,28 @@ def evaluate_all_users(
                 _with_interval(metrics, f"{key}/{name}_change", values - beam_acc[name], None, resamples, seed)
         metrics[f"{prefix}/k{k}/users_with_truth"] = float(has_truth.sum())
     return metrics
+
+
+def tune_cf_weight(
+    model: DecoderLM,
+    prompts: list[list[int]],
+    ground_truth: list[tuple[int, ...]],
+    trie: ItemTrie,
+    source: Any,
+    weights: Sequence[float],
+    k: int,
+    pad_id: int,
+    batch_size: int = 64,
+    scope: str = "vocab",
+    epsilon: float = 1e-8,
+) -> tuple[float, dict[float, float]]:
+    """Recall@``k`` of beam search with the ``cf_assistant`` processor (``source``: its item probabilities) at each
+    weight g of the grid ``weights``, on the given (validation) users; returns (the best g, {g: recall@k}). Ties go
+    to the larger g (the LLM's own scores win unless the assistant helps)."""
+    recall = {}
+    for weight in weights:
+        lists = generate_lists(model, prompts, trie, k, pad_id, batch_size=batch_size, progress=False, scope=scope,
+                               processors=[CFAssistant(weight, source, epsilon)])
+        recall[float(weight)] = accuracy(lists.items, ground_truth, (k,))[f"recall@{k}"]
+    best = max(recall, key=lambda g: (recall[g], g))
+    return best, recall

@@ -667,16 +667,44 @@ def load_drafter(cfg: DictConfig, draft_dir: Path, device: str, dtype: str, back
 
 # -- evaluation --------------------------------------------------------------------------------------------------
 def make_processors(cfg: DictConfig) -> tuple:
-    """The score processors ``decoding.processors`` names, in order (``decoding/processors/``)."""
-    from atspeed_exp.decoding.processors import PROCESSORS, GhostDebias
+    """The score processors ``decoding.processors`` names, in order (``decoding/processors/``); cf_assistant's
+    item probabilities come from the trained ``sasrec`` stage of this config."""
+    from atspeed_exp.decoding.processors import PROCESSORS, CFAssistant, GhostDebias
 
     made = []
     for name in cfg.decoding.get("processors") or ():
         if name not in PROCESSORS:
             raise ValueError(f"decoding.processors: unknown {name!r}; expected some of {sorted(PROCESSORS)}")
-        made.append(GhostDebias(cfg.decoding.get("ghost_threshold")) if name == GhostDebias.name
-                    else PROCESSORS[name]())
+        if name == GhostDebias.name:
+            made.append(GhostDebias(cfg.decoding.get("ghost_threshold")))
+        elif name == CFAssistant.name:
+            made.append(CFAssistant(cfg.decoding.cf_weight, cf_source(cfg), cfg.decoding.cf_epsilon))
+        else:
+            made.append(PROCESSORS[name]())
     return tuple(made)
+
+
+def cf_source(cfg: DictConfig) -> Any:
+    """The collaborative item probabilities of ``cf_assistant``: the ``sasrec`` stage's model, which must exist."""
+    from atspeed_exp.baselines import SASRecItemProbabilities, load_sasrec, sasrec_stage_dir
+
+    stage_dir = sasrec_stage_dir(cfg)
+    if not stage_done(stage_dir):
+        raise FileNotFoundError(f"decoding.processors=[cf_assistant] needs the trained sasrec stage ({stage_dir}); "
+                                f"add sasrec to stages")
+    return SASRecItemProbabilities(load_sasrec(stage_dir))
+
+
+def processor_settings(cfg: DictConfig) -> list:
+    """What the configured processors change in the lists (a cache key part): their names and settings, the
+    SASRec stage behind cf_assistant."""
+    processors = list(cfg.decoding.get("processors") or ())
+    settings = [*processors, cfg.decoding.get("ghost_threshold")]
+    if "cf_assistant" in processors:
+        from atspeed_exp.baselines import sasrec_stage_dir
+
+        settings += [cfg.decoding.cf_weight, cfg.decoding.cf_epsilon, sasrec_stage_dir(cfg).name]
+    return settings
 
 
 def decoding_settings(cfg: DictConfig) -> dict[str, Any]:
@@ -795,7 +823,7 @@ def evaluate_target(cfg: DictConfig, stage_dir: Path, data: RecData) -> dict[str
                 "backend": eval_backend(cfg), "device": device, "scope": cfg.decoding.get("scope", "vocab"),
                 "weights": weights_fingerprint(stage_dir / "model")}
     if cfg.decoding.get("processors"):  # the lists follow the processed scores (absent: the keys of older caches)
-        settings["processors"] = [*cfg.decoding.processors, cfg.decoding.get("ghost_threshold")]
+        settings["processors"] = processor_settings(cfg)
     cached = stage_dir / "eval" / f"target-{stage_key(settings)}.json"
     if cached.exists():
         log.info("target evaluation: reusing %s", cached)

@@ -53,8 +53,14 @@ def test_check_config_accepts_every_alignment_form(alignment):
       "decoding.trigram.smoothing=-1: expected a number in [0.0, inf]"]),
     (["+decoding.trigram.c=2"], ["decoding.trigram.c: unknown key"]),
     (["decoding.processors=[ghost]", "decoding.ghost_threshold=0"],
-     ["decoding.processors=['ghost']: expected a list of one of ['ghost_debias']",
+     ["decoding.processors=['ghost']: expected a list of one of ['ghost_debias', 'cf_assistant']",
       "decoding.ghost_threshold=0: expected null or a number in (0.0, 1.0]"]),
+    (["decoding.cf_weight=1.5", "decoding.cf_epsilon=1"],
+     ["decoding.cf_weight=1.5: expected a number in [0.0, 1.0]",
+      "decoding.cf_epsilon=1: expected a number in (0.0, 1.0)"]),
+    (["decoding.processors=[cf_assistant]"],
+     ["decoding.processors=['cf_assistant'] with stages=['target', 'teacher', 'draft', 'eval']: cf_assistant needs "
+      "sasrec in stages"]),
 ])
 def test_check_config_names_every_problem(overrides, messages):
     with pytest.raises(ConfigError) as error:
@@ -76,6 +82,8 @@ def test_check_config_accepts_the_trigram_drafter_with_puct():
 def test_check_config_accepts_score_processors():
     check_config(compose_config(["decoding.processors=[ghost_debias]", "decoding.ghost_threshold=0.99"]),
                  pipeline.STAGES)
+    check_config(compose_config(["decoding.processors=[ghost_debias,cf_assistant]", "decoding.cf_weight=0",
+                                 "stages=[sasrec,target]"]), pipeline.STAGES)
 
 
 def test_check_config_allows_arguments_of_a_groups_target():

@@ -12,7 +12,7 @@ from test_speculative_batched import one_user
 from toy_lm import ToyLM
 
 from atspeed_exp.decoding.beam_search import beam_search, left_pad
-from atspeed_exp.decoding.processors import PROCESSORS, GhostDebias, ScoreProcessor
+from atspeed_exp.decoding.processors import PROCESSORS, CFAssistant, GhostDebias, ScoreProcessor
 from atspeed_exp.decoding.speculative import speculative_beam_search
 from atspeed_exp.decoding.tree import tree_beam_search
 from atspeed_exp.decoding.trie import ItemTrie
@@ -132,7 +132,7 @@ def test_ghost_debias_zeroes_forced_steps_only_on_a_hand_built_trie():
 
 
 def test_processors_registry_names_each_processor_by_its_name():
-    assert PROCESSORS == {"ghost_debias": GhostDebias}
+    assert PROCESSORS == {"ghost_debias": GhostDebias, "cf_assistant": CFAssistant}
     assert all(cls.name == name for name, cls in PROCESSORS.items())
 
 
