@@ -157,36 +157,39 @@ def evaluate_speculative(
     tensors = [torch.tensor(p, dtype=torch.long, device=device)[None] for p in prompts]
     masks = [torch.ones_like(t, dtype=torch.bool) for t in tensors]
     metrics: dict[str, float] = {}
+
+    def decode(index: int, k: int, drafters: dict[str, DecoderLM | Drafter]) -> tuple[float, Any, dict[str, Any]]:
+        """One user at K: beam search's time and lists, then each mode's (time, output)."""
+        ids, mask = tensors[index], masks[index]
+        _sync(device)
+        start = time.perf_counter()
+        base = tree_beam_search(target, ids, mask, trie, k, scope=scope, processors=processors)
+        _sync(device)
+        base_time = time.perf_counter() - start
+        runs = {}
+        for mode in modes:
+            # on the decoding device: random numbers made where they are used need no host round trip
+            generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
+            start = time.perf_counter()
+            out = speculative_beam_search(target, drafters[mode], ids, mask, trie, k, draft_beams=draft_beams,
+                                          gamma=gamma, mode=mode, generator=generator,
+                                          verify_beams=verify_beams, scope=scope, prune=prune,
+                                          official_top_k=official_top_k, verify_options=verify_options,
+                                          processors=processors)
+            _sync(device)
+            runs[mode] = (time.perf_counter() - start, out)
+        return base_time, base, runs
+
     for k in ks:
         base_times: list[float] = []
         base_items: list[torch.Tensor] = []
         sd = {m: {"times": [], "items": [], "stats": []} for m in modes}
-        users = range(-min(warmup, len(prompts)), len(prompts))
-        drafters = {mode: fresh(draft) for mode in modes}
-        for user in bar(users, desc=f"speculative eval K={k}", enabled=progress, unit="user"):
-            index = user if user >= 0 else user + min(warmup, len(prompts))  # warm-up re-uses the first users
-            if user == 0:  # the measured lists start from drafters that learned nothing in the warm-up
-                drafters = {mode: fresh(draft) for mode in modes}
-            ids, mask = tensors[index], masks[index]
-            _sync(device)
-            start = time.perf_counter()
-            base = tree_beam_search(target, ids, mask, trie, k, scope=scope, processors=processors)
-            _sync(device)
-            base_time = time.perf_counter() - start
-            runs = {}
-            for mode in modes:
-                # on the decoding device: random numbers made where they are used need no host round trip
-                generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
-                start = time.perf_counter()
-                out = speculative_beam_search(target, drafters[mode], ids, mask, trie, k, draft_beams=draft_beams,
-                                              gamma=gamma, mode=mode, generator=generator,
-                                              verify_beams=verify_beams, scope=scope, prune=prune,
-                                              official_top_k=official_top_k, verify_options=verify_options,
-                                              processors=processors)
-                _sync(device)
-                runs[mode] = (time.perf_counter() - start, out)
-            if user < 0:
-                continue
+        warm = {mode: fresh(draft) for mode in modes}
+        for index in range(min(warmup, len(prompts))):  # untimed and outside the progress count (measured users)
+            decode(index, k, warm)
+        drafters = {mode: fresh(draft) for mode in modes}  # the measured lists start from drafters that learned nothing
+        for index in bar(range(len(prompts)), desc=f"speculative eval K={k}", enabled=progress, unit="user"):
+            base_time, base, runs = decode(index, k, drafters)
             base_times.append(base_time)
             base_items.append(base.items[0].cpu())
             for mode, (elapsed, out) in runs.items():

@@ -116,3 +116,18 @@ def test_evaluate_all_users_counts_the_lists_batching_changes(model_class, expec
     assert metrics["eval/all/beam/k5/batch1_users"] == 7
     assert metrics["eval/all/beam/k5/batch1_mismatches"] == naive
     assert (naive > 0) == expect_some
+
+
+def test_evaluate_speculative_progress_counts_the_measured_users_not_the_warm_up(caplog):
+    import logging
+
+    trie, item_ids, _, vocab = make_trie(num_items=60, num_collisions=0, seed=12)
+    target, draft = ToyLM(vocab, seed=12), ToyLM(vocab, seed=13)
+    prompts = [p.tolist() for p in random_prompts(3, vocab, seed=12)]
+    truth = [(int(item_ids[i]),) for i in range(3)]
+    with caplog.at_level(logging.INFO, logger="atspeed_exp.progress"):
+        evaluate_speculative(target, draft, prompts, truth, trie, ks=(5,), draft_beams=5, gamma=2, cutoffs=(5,),
+                             warmup=2)
+    lines = [r.getMessage() for r in caplog.records if r.name == "atspeed_exp.progress"]
+    assert lines[-1].startswith("speculative eval K=5: 100%") and "3/3" in lines[-1]
+    assert not any("/5 " in line for line in lines)  # never counted over warm-up + measured users
