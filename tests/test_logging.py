@@ -188,3 +188,21 @@ def test_route_library_logs_sends_lightning_records_to_the_root_even_if_it_stopp
     lightning.propagate = False  # what Lightning does when imported before logging is configured
     route_library_logs()
     assert own not in lightning.handlers and lightning.propagate
+
+
+def test_progress_log_lines_skip_a_status_whose_count_has_not_moved(caplog):
+    import logging
+    import re
+
+    from atspeed_exp.progress import progress
+
+    with caplog.at_level(logging.INFO, logger="atspeed_exp.progress"):
+        bar = progress(total=4, desc="slow", unit="user", log_seconds=0)
+        bar.update(1)
+        bar.refresh()  # what tqdm's monitor and time-based refreshes do while one slow step runs
+        bar.refresh()
+        bar.update(3)
+        bar.close()
+    counts = [re.search(r"\| (\d+/\d+) ", r.getMessage())[1] for r in caplog.records
+              if r.name == "atspeed_exp.progress"]
+    assert counts == ["0/4", "1/4", "4/4"]  # the final 100% line stays
