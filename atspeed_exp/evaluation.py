@@ -9,7 +9,7 @@ speculative run is compared with.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -270,6 +270,7 @@ def evaluate_all_users(
     verify_options: Mapping[str, Any] | None = None,
     batch1_users: int = 0,
     processors: Sequence[ScoreProcessor] = (),
+    beam_lists: Callable[[int, Callable[[], torch.Tensor]], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Hardware-independent figures on every given user, decoded ``batch_size`` users per call (the batched
     engine gives each list its own counts), with 95% bootstrap intervals over users (``resamples`` resamples;
@@ -288,6 +289,9 @@ def evaluate_all_users(
     floating-point precision (padding changes the order of the sums). With ``batch1_users`` = n > 0 the first n
     users' target beam search is also run one user per call, and ``{prefix}/beam/k{K}/batch1_mismatches`` counts
     the users whose batched list differs from it (as an ordered list), out of ``{prefix}/beam/k{K}/batch1_users``.
+
+    ``beam_lists(K, decode)``: where the target-only lists come from, e.g. a cache that calls ``decode()`` (the
+    batched beam search here, items [U, K]) only when it holds no lists for these users at K.
     """
     truth = pad_ground_truth(ground_truth)
     has_truth = (truth >= 0).any(1)  # users that count for accuracy
@@ -295,14 +299,18 @@ def evaluate_all_users(
     for k in ks:
         ks_cutoffs = tuple(n for n in cutoffs if n <= k)
         settings = dict(batch_size=batch_size, progress=progress, scope=scope, processors=processors)
-        beam = generate_lists(target, prompts, trie, k, pad_id, desc=f"all users beam K={k}", **settings)
-        beam_acc = recall_ndcg_per_user(beam.items, truth, ks_cutoffs)
+
+        def decode(k: int = k) -> torch.Tensor:
+            return generate_lists(target, prompts, trie, k, pad_id, desc=f"all users beam K={k}", **settings).items
+
+        beam_items = decode() if beam_lists is None else beam_lists(k, decode)  # [U, K]
+        beam_acc = recall_ndcg_per_user(beam_items, truth, ks_cutoffs)
         for name, values in beam_acc.items():
             _with_interval(metrics, f"{prefix}/beam/k{k}/{name}", values, None, resamples, seed)
         if batch1_users > 0:
             single = generate_lists(target, prompts[:batch1_users], trie, k, pad_id, batch_size=1, progress=progress,
                                     desc=f"batch-1 beam K={k}", scope=scope, processors=processors)
-            differ = (single.items != beam.items[: len(single.items)]).any(1)
+            differ = (single.items != beam_items[: len(single.items)]).any(1)
             metrics[f"{prefix}/beam/k{k}/batch1_mismatches"] = float(differ.sum())
             metrics[f"{prefix}/beam/k{k}/batch1_users"] = float(len(single.items))
         for mode in modes:
@@ -314,7 +322,7 @@ def evaluate_all_users(
             key = f"{prefix}/{mode}/k{k}"
             _with_interval(metrics, f"{key}/target_calls_per_list", run.target_calls, None, resamples, seed)
             _with_interval(metrics, f"{key}/acceptance_rate", run.accepted_steps, run.drafted_steps, resamples, seed)
-            overlap = list_overlap(run.items, beam.items)
+            overlap = list_overlap(run.items, beam_items)
             _with_interval(metrics, f"{key}/overlap", overlap, None, resamples, seed)
             metrics[f"{key}/mismatches"] = float((overlap < 1).sum())
             acc = recall_ndcg_per_user(run.items, truth, ks_cutoffs)

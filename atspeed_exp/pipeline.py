@@ -723,7 +723,7 @@ def evaluate_draft_all_users(cfg: DictConfig, target_dir: Path, draft_dir: Path,
         verify_beams=settings["verify_beams"], scope=settings["scope"], prune=settings["prune"], seed=cfg.seed,
         resamples=cfg.eval.get("bootstrap_resamples", 1000), official_top_k=settings["official_top_k"],
         verify_options=settings["verify_options"], batch1_users=min(users, cfg.eval.get("batch1_users") or 0),
-        processors=settings["processors"],
+        processors=settings["processors"], beam_lists=cached_target_lists(cfg, target_dir, users),
     )
 
 
@@ -778,6 +778,38 @@ def eval_device(cfg: DictConfig) -> str:
     return cfg.eval.device
 
 
+def target_list_settings(cfg: DictConfig, stage_dir: Path, users: int) -> dict[str, Any]:
+    """What the target's beam-search lists on the first ``users`` test users depend on besides K: the weights, the
+    batching (ties can break differently), dtype, backend, device, scope and score processors."""
+    settings = {"users": users, "batch_size": cfg.eval.batch_size, "dtype": eval_dtype(cfg),
+                "backend": eval_backend(cfg), "device": eval_device(cfg), "scope": cfg.decoding.get("scope", "vocab"),
+                "weights": weights_fingerprint(stage_dir / "model")}
+    if cfg.decoding.get("processors"):  # the lists follow the processed scores (absent: the keys of older caches)
+        settings["processors"] = [*cfg.decoding.processors, cfg.decoding.get("ghost_threshold")]
+    return settings
+
+
+def cached_target_lists(cfg: DictConfig, stage_dir: Path, users: int
+                        ) -> Callable[[int, Callable[[], torch.Tensor]], torch.Tensor]:
+    """``evaluate_all_users``' ``beam_lists``: the target's beam-search lists at K are kept in its stage dir
+    (``eval/beam-lists-<key>.pt``, keyed by K and ``target_list_settings``), so every evaluation of another draft,
+    objective or rule on the same target reads them instead of decoding every user again."""
+    settings = {"version": 1, **target_list_settings(cfg, stage_dir, users)}
+
+    def lists(k: int, decode: Callable[[], torch.Tensor]) -> torch.Tensor:
+        path = stage_dir / "eval" / f"beam-lists-{stage_key({**settings, 'num_beams': k})}.pt"
+        if path.exists():
+            log.info("target beam lists K=%d: reusing %s", k, path)
+            return torch.load(path)["items"]
+        items = decode()
+        if is_rank_zero():
+            artifacts.atomic_save_to_path(path, lambda tmp: torch.save({"settings": settings, "k": k, "items": items},
+                                                                       tmp))
+        return items
+
+    return lists
+
+
 def evaluate_target(cfg: DictConfig, stage_dir: Path, data: RecData) -> dict[str, float]:
     """Target beam search on the test users, and the most-popular baseline on the same users: Recall/NDCG and the
     diversity of the top 10 (``reporting.dataset_list_report``: distinct items, coverage, mean popularity, Gini,
@@ -790,12 +822,8 @@ def evaluate_target(cfg: DictConfig, stage_dir: Path, data: RecData) -> dict[str
     test = data.splits["test"]
     users = min(cfg.eval.max_users, len(test)) if cfg.eval.max_users else len(test)
     cutoffs = tuple(n for n in cfg.eval.cutoffs if n <= cfg.eval.num_beams)
-    settings = {"version": 2, "users": users, "cutoffs": cutoffs, "num_beams": cfg.eval.num_beams,
-                "batch_size": cfg.eval.batch_size, "dtype": eval_dtype(cfg),
-                "backend": eval_backend(cfg), "device": device, "scope": cfg.decoding.get("scope", "vocab"),
-                "weights": weights_fingerprint(stage_dir / "model")}
-    if cfg.decoding.get("processors"):  # the lists follow the processed scores (absent: the keys of older caches)
-        settings["processors"] = [*cfg.decoding.processors, cfg.decoding.get("ghost_threshold")]
+    settings = {"version": 2, "cutoffs": cutoffs, "num_beams": cfg.eval.num_beams,
+                **target_list_settings(cfg, stage_dir, users)}
     cached = stage_dir / "eval" / f"target-{stage_key(settings)}.json"
     if cached.exists():
         log.info("target evaluation: reusing %s", cached)
