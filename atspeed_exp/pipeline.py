@@ -1014,9 +1014,12 @@ def format_summary(summary: dict[str, Any], cutoffs: tuple[int, ...] = (5, 10, 2
     if "sasrec" in summary:
         lines.append(f"sasrec: {summary['sasrec_dir']} (best {summary['sasrec']['monitor']}="
                      f"{summary['sasrec']['best_score']:.4f}; test users: {metrics['baseline/sasrec/num_users']:.0f})")
-    # rows: eval/target, eval/most_popular (target's users), baseline/... (all test users)
+    # rows: eval/target, eval/most_popular (target's users), baseline/... (all test users); most-popular once when
+    # both evaluations ran on the same users (the same lists, the same figures)
     rows = [f"eval/{name}" for name in ("target", "most_popular") if "stage" in summary]
-    rows += [f"baseline/{name}" for name in ("sasrec", "most_popular") if "sasrec" in summary]
+    same_users = "stage" in summary and metrics.get("eval/num_users") == metrics.get("baseline/sasrec/num_users")
+    rows += [f"baseline/{name}" for name in ("sasrec", "most_popular")
+             if "sasrec" in summary and not (name == "most_popular" and same_users)]
     width = max([14, *(len(r) + 1 for r in rows)])
     lines.append(f"{'':{width}s}" + "".join(f"{f'R@{n}':>9s}{f'N@{n}':>9s}" for n in cutoffs)
                  + f"{'items@10':>10s}{'pop@10':>8s}")
