@@ -60,6 +60,7 @@ from atspeed_exp.decoding.drafters import (
 from atspeed_exp.decoding.drafters.trigram import FORMAT_VERSION as TRIGRAM_FORMAT
 from atspeed_exp.decoding.protocol import DecoderLM
 from atspeed_exp.evaluation import evaluate_all_users, evaluate_speculative, generate_lists
+from atspeed_exp.log_setup import quiet_wandb
 from atspeed_exp.lit.draft_module import DraftAlignmentModule
 from atspeed_exp.lit.target_module import TargetFinetuneModule
 from atspeed_exp.metrics import most_popular_lists
@@ -861,7 +862,7 @@ def make_logger(cfg: DictConfig, stage: str, reused: dict[str, str] | None = Non
     settings.pop("wandb_artifacts", None)  # ours, not the logger's
     if settings["_target_"].endswith("WandbLogger"):
         tags = [*(settings.pop("tags", None) or []), *(f"reused:{name}" for name in reused or {})]
-        logger = instantiate(settings, job_type=stage, name=f"{cfg.run_name}-{stage}", tags=tags or None)
+        logger = instantiate(quiet_wandb(settings), job_type=stage, name=f"{cfg.run_name}-{stage}", tags=tags or None)
     else:
         logger = instantiate(settings, name=f"{cfg.run_name}-{stage}")
     logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "reused_stages": dict(reused or {})})

@@ -206,3 +206,21 @@ def test_progress_log_lines_skip_a_status_whose_count_has_not_moved(caplog):
     counts = [re.search(r"\| (\d+/\d+) ", r.getMessage())[1] for r in caplog.records
               if r.name == "atspeed_exp.progress"]
     assert counts == ["0/4", "1/4", "4/4"]  # the final 100% line stays
+
+
+def test_wandb_run_end_prints_no_history_or_summary_blocks_of_its_own(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    monkeypatch.delenv("WANDB_QUIET", raising=False)
+    import wandb
+
+    wandb.teardown()  # wandb keeps the settings of its first setup in this process (another test's WANDB_SILENT)
+    cfg = compose_config([f"paths.output_dir={tmp_path}", "logger=wandb"])
+    logger = pipeline.make_logger(cfg, "eval")
+    logger.log_metrics({"eval/target/recall@10": 0.5})
+    logger.log_metrics({"eval/target/recall@10": 0.6})
+    pipeline.close_logger(logger)
+    printed = capfd.readouterr()
+    text = printed.out + printed.err
+    assert "Run data is saved locally" in text  # wandb's own start lines stay
+    assert "Run history" not in text and "Run summary" not in text
