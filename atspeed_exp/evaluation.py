@@ -9,7 +9,7 @@ speculative run is compared with.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,36 +157,39 @@ def evaluate_speculative(
     tensors = [torch.tensor(p, dtype=torch.long, device=device)[None] for p in prompts]
     masks = [torch.ones_like(t, dtype=torch.bool) for t in tensors]
     metrics: dict[str, float] = {}
+
+    def decode(index: int, k: int, drafters: dict[str, DecoderLM | Drafter]) -> tuple[float, Any, dict[str, Any]]:
+        """One user at K: beam search's time and lists, then each mode's (time, output)."""
+        ids, mask = tensors[index], masks[index]
+        _sync(device)
+        start = time.perf_counter()
+        base = tree_beam_search(target, ids, mask, trie, k, scope=scope, processors=processors)
+        _sync(device)
+        base_time = time.perf_counter() - start
+        runs = {}
+        for mode in modes:
+            # on the decoding device: random numbers made where they are used need no host round trip
+            generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
+            start = time.perf_counter()
+            out = speculative_beam_search(target, drafters[mode], ids, mask, trie, k, draft_beams=draft_beams,
+                                          gamma=gamma, mode=mode, generator=generator,
+                                          verify_beams=verify_beams, scope=scope, prune=prune,
+                                          official_top_k=official_top_k, verify_options=verify_options,
+                                          processors=processors)
+            _sync(device)
+            runs[mode] = (time.perf_counter() - start, out)
+        return base_time, base, runs
+
     for k in ks:
         base_times: list[float] = []
         base_items: list[torch.Tensor] = []
         sd = {m: {"times": [], "items": [], "stats": []} for m in modes}
-        users = range(-min(warmup, len(prompts)), len(prompts))
-        drafters = {mode: fresh(draft) for mode in modes}
-        for user in bar(users, desc=f"speculative eval K={k}", enabled=progress, unit="user"):
-            index = user if user >= 0 else user + min(warmup, len(prompts))  # warm-up re-uses the first users
-            if user == 0:  # the measured lists start from drafters that learned nothing in the warm-up
-                drafters = {mode: fresh(draft) for mode in modes}
-            ids, mask = tensors[index], masks[index]
-            _sync(device)
-            start = time.perf_counter()
-            base = tree_beam_search(target, ids, mask, trie, k, scope=scope, processors=processors)
-            _sync(device)
-            base_time = time.perf_counter() - start
-            runs = {}
-            for mode in modes:
-                # on the decoding device: random numbers made where they are used need no host round trip
-                generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
-                start = time.perf_counter()
-                out = speculative_beam_search(target, drafters[mode], ids, mask, trie, k, draft_beams=draft_beams,
-                                              gamma=gamma, mode=mode, generator=generator,
-                                              verify_beams=verify_beams, scope=scope, prune=prune,
-                                              official_top_k=official_top_k, verify_options=verify_options,
-                                              processors=processors)
-                _sync(device)
-                runs[mode] = (time.perf_counter() - start, out)
-            if user < 0:
-                continue
+        warm = {mode: fresh(draft) for mode in modes}
+        for index in range(min(warmup, len(prompts))):  # untimed and outside the progress count (measured users)
+            decode(index, k, warm)
+        drafters = {mode: fresh(draft) for mode in modes}  # the measured lists start from drafters that learned nothing
+        for index in bar(range(len(prompts)), desc=f"speculative eval K={k}", enabled=progress, unit="user"):
+            base_time, base, runs = decode(index, k, drafters)
             base_times.append(base_time)
             base_items.append(base.items[0].cpu())
             for mode, (elapsed, out) in runs.items():
@@ -267,6 +270,7 @@ def evaluate_all_users(
     verify_options: Mapping[str, Any] | None = None,
     batch1_users: int = 0,
     processors: Sequence[ScoreProcessor] = (),
+    beam_lists: Callable[[int, Callable[[], torch.Tensor]], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Hardware-independent figures on every given user, decoded ``batch_size`` users per call (the batched
     engine gives each list its own counts), with 95% bootstrap intervals over users (``resamples`` resamples;
@@ -285,6 +289,9 @@ def evaluate_all_users(
     floating-point precision (padding changes the order of the sums). With ``batch1_users`` = n > 0 the first n
     users' target beam search is also run one user per call, and ``{prefix}/beam/k{K}/batch1_mismatches`` counts
     the users whose batched list differs from it (as an ordered list), out of ``{prefix}/beam/k{K}/batch1_users``.
+
+    ``beam_lists(K, decode)``: where the target-only lists come from, e.g. a cache that calls ``decode()`` (the
+    batched beam search here, items [U, K]) only when it holds no lists for these users at K.
     """
     truth = pad_ground_truth(ground_truth)
     has_truth = (truth >= 0).any(1)  # users that count for accuracy
@@ -292,14 +299,18 @@ def evaluate_all_users(
     for k in ks:
         ks_cutoffs = tuple(n for n in cutoffs if n <= k)
         settings = dict(batch_size=batch_size, progress=progress, scope=scope, processors=processors)
-        beam = generate_lists(target, prompts, trie, k, pad_id, desc=f"all users beam K={k}", **settings)
-        beam_acc = recall_ndcg_per_user(beam.items, truth, ks_cutoffs)
+
+        def decode(k: int = k) -> torch.Tensor:
+            return generate_lists(target, prompts, trie, k, pad_id, desc=f"all users beam K={k}", **settings).items
+
+        beam_items = decode() if beam_lists is None else beam_lists(k, decode)  # [U, K]
+        beam_acc = recall_ndcg_per_user(beam_items, truth, ks_cutoffs)
         for name, values in beam_acc.items():
             _with_interval(metrics, f"{prefix}/beam/k{k}/{name}", values, None, resamples, seed)
         if batch1_users > 0:
             single = generate_lists(target, prompts[:batch1_users], trie, k, pad_id, batch_size=1, progress=progress,
                                     desc=f"batch-1 beam K={k}", scope=scope, processors=processors)
-            differ = (single.items != beam.items[: len(single.items)]).any(1)
+            differ = (single.items != beam_items[: len(single.items)]).any(1)
             metrics[f"{prefix}/beam/k{k}/batch1_mismatches"] = float(differ.sum())
             metrics[f"{prefix}/beam/k{k}/batch1_users"] = float(len(single.items))
         for mode in modes:
@@ -311,7 +322,7 @@ def evaluate_all_users(
             key = f"{prefix}/{mode}/k{k}"
             _with_interval(metrics, f"{key}/target_calls_per_list", run.target_calls, None, resamples, seed)
             _with_interval(metrics, f"{key}/acceptance_rate", run.accepted_steps, run.drafted_steps, resamples, seed)
-            overlap = list_overlap(run.items, beam.items)
+            overlap = list_overlap(run.items, beam_items)
             _with_interval(metrics, f"{key}/overlap", overlap, None, resamples, seed)
             metrics[f"{key}/mismatches"] = float((overlap < 1).sum())
             acc = recall_ndcg_per_user(run.items, truth, ks_cutoffs)

@@ -3,12 +3,15 @@
 Some libraries attach their own stderr handler to a logger that also propagates to the root logger (which Hydra
 configures), so each of their INFO lines appears twice on a terminal. ``route_library_logs`` removes those extra
 handlers and drops a few messages that say nothing about the run (a Lightning advertisement, a deprecation warning
-inside Lightning's own code)."""
+inside Lightning's own code). ``quiet_wandb`` turns off W&B's end-of-run history and summary blocks, printed at
+every stage's end before the pipeline's own summary."""
 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
+from typing import Any
 
 NOISE = ("litlogger",)
 # libraries that attach a console handler of their own; their records go to the root's handlers instead (Lightning
@@ -38,3 +41,14 @@ def route_library_logs() -> None:
             handler.addFilter(_DropNoise())
     for pattern in NOISY_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+
+
+def quiet_wandb(arguments: dict[str, Any]) -> dict[str, Any]:
+    """W&B logger ``arguments`` with ``settings=wandb.Settings(quiet=True)``: no "Run history" / "Run summary"
+    blocks when a run finishes (the start lines with the run's folder, and online its link, stay). Kept as given when
+    the arguments carry their own ``settings`` or the environment sets ``WANDB_QUIET`` / ``WANDB_SILENT``."""
+    if "settings" in arguments or "WANDB_QUIET" in os.environ or "WANDB_SILENT" in os.environ:
+        return arguments
+    import wandb  # only when W&B logs
+
+    return {**arguments, "settings": wandb.Settings(quiet=True)}

@@ -60,6 +60,7 @@ from atspeed_exp.decoding.drafters import (
 from atspeed_exp.decoding.drafters.trigram import FORMAT_VERSION as TRIGRAM_FORMAT
 from atspeed_exp.decoding.protocol import DecoderLM
 from atspeed_exp.evaluation import evaluate_all_users, evaluate_speculative, generate_lists
+from atspeed_exp.log_setup import quiet_wandb
 from atspeed_exp.lit.draft_module import DraftAlignmentModule
 from atspeed_exp.lit.target_module import TargetFinetuneModule
 from atspeed_exp.metrics import most_popular_lists
@@ -751,7 +752,7 @@ def evaluate_draft_all_users(cfg: DictConfig, target_dir: Path, draft_dir: Path,
         verify_beams=settings["verify_beams"], scope=settings["scope"], prune=settings["prune"], seed=cfg.seed,
         resamples=cfg.eval.get("bootstrap_resamples", 1000), official_top_k=settings["official_top_k"],
         verify_options=settings["verify_options"], batch1_users=min(users, cfg.eval.get("batch1_users") or 0),
-        processors=settings["processors"],
+        processors=settings["processors"], beam_lists=cached_target_lists(cfg, target_dir, users),
     )
 
 
@@ -806,6 +807,44 @@ def eval_device(cfg: DictConfig) -> str:
     return cfg.eval.device
 
 
+def target_list_settings(cfg: DictConfig, stage_dir: Path, users: int) -> dict[str, Any]:
+    """What the target's beam-search lists on the first ``users`` test users depend on besides K: the weights, the
+    batching (ties can break differently), dtype, backend, device, scope and score processors."""
+    settings = {"users": users, "batch_size": cfg.eval.batch_size, "dtype": eval_dtype(cfg),
+                "backend": eval_backend(cfg), "device": eval_device(cfg), "scope": cfg.decoding.get("scope", "vocab"),
+                "weights": weights_fingerprint(stage_dir / "model")}
+    if cfg.decoding.get("processors"):  # the lists follow the processed scores (absent: the keys of older caches)
+        settings["processors"] = processor_settings(cfg)
+    return settings
+
+
+def cached_target_lists(cfg: DictConfig, stage_dir: Path, users: int
+                        ) -> Callable[[int, Callable[[], torch.Tensor]], torch.Tensor]:
+    """``evaluate_all_users``' ``beam_lists``: the target's beam-search lists at K are kept in its stage dir
+    (``eval/beam-lists-<key>.pt``, keyed by K and ``target_list_settings``), so every evaluation of another draft,
+    objective or rule on the same target reads them instead of decoding every user again."""
+    settings = {"version": 1, **target_list_settings(cfg, stage_dir, users)}
+
+    def lists(k: int, decode: Callable[[], torch.Tensor]) -> torch.Tensor:
+        path = stage_dir / "eval" / f"beam-lists-{stage_key({**settings, 'num_beams': k})}.pt"
+        if path.exists():
+            try:
+                items = torch.load(path, weights_only=True)["items"]
+            except Exception as err:  # a damaged cache file is decoded again and rewritten, never trusted
+                log.warning("target beam lists K=%d: %s is unreadable (%s: %s); decoding them again", k, path,
+                            type(err).__name__, err)
+            else:
+                log.info("target beam lists K=%d: reusing %s", k, path)
+                return items
+        items = decode()
+        if is_rank_zero():
+            artifacts.atomic_save_to_path(path, lambda tmp: torch.save({"settings": settings, "k": k, "items": items},
+                                                                       tmp))
+        return items
+
+    return lists
+
+
 def evaluate_target(cfg: DictConfig, stage_dir: Path, data: RecData) -> dict[str, float]:
     """Target beam search on the test users, and the most-popular baseline on the same users: Recall/NDCG and the
     diversity of the top 10 (``reporting.dataset_list_report``: distinct items, coverage, mean popularity, Gini,
@@ -818,12 +857,8 @@ def evaluate_target(cfg: DictConfig, stage_dir: Path, data: RecData) -> dict[str
     test = data.splits["test"]
     users = min(cfg.eval.max_users, len(test)) if cfg.eval.max_users else len(test)
     cutoffs = tuple(n for n in cfg.eval.cutoffs if n <= cfg.eval.num_beams)
-    settings = {"version": 2, "users": users, "cutoffs": cutoffs, "num_beams": cfg.eval.num_beams,
-                "batch_size": cfg.eval.batch_size, "dtype": eval_dtype(cfg),
-                "backend": eval_backend(cfg), "device": device, "scope": cfg.decoding.get("scope", "vocab"),
-                "weights": weights_fingerprint(stage_dir / "model")}
-    if cfg.decoding.get("processors"):  # the lists follow the processed scores (absent: the keys of older caches)
-        settings["processors"] = processor_settings(cfg)
+    settings = {"version": 2, "cutoffs": cutoffs, "num_beams": cfg.eval.num_beams,
+                **target_list_settings(cfg, stage_dir, users)}
     cached = stage_dir / "eval" / f"target-{stage_key(settings)}.json"
     if cached.exists():
         log.info("target evaluation: reusing %s", cached)
@@ -861,7 +896,7 @@ def make_logger(cfg: DictConfig, stage: str, reused: dict[str, str] | None = Non
     settings.pop("wandb_artifacts", None)  # ours, not the logger's
     if settings["_target_"].endswith("WandbLogger"):
         tags = [*(settings.pop("tags", None) or []), *(f"reused:{name}" for name in reused or {})]
-        logger = instantiate(settings, job_type=stage, name=f"{cfg.run_name}-{stage}", tags=tags or None)
+        logger = instantiate(quiet_wandb(settings), job_type=stage, name=f"{cfg.run_name}-{stage}", tags=tags or None)
     else:
         logger = instantiate(settings, name=f"{cfg.run_name}-{stage}")
     logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "reused_stages": dict(reused or {})})
@@ -1014,9 +1049,12 @@ def format_summary(summary: dict[str, Any], cutoffs: tuple[int, ...] = (5, 10, 2
     if "sasrec" in summary:
         lines.append(f"sasrec: {summary['sasrec_dir']} (best {summary['sasrec']['monitor']}="
                      f"{summary['sasrec']['best_score']:.4f}; test users: {metrics['baseline/sasrec/num_users']:.0f})")
-    # rows: eval/target, eval/most_popular (target's users), baseline/... (all test users)
+    # rows: eval/target, eval/most_popular (target's users), baseline/... (all test users); most-popular once when
+    # both evaluations ran on the same users (the same lists, the same figures)
     rows = [f"eval/{name}" for name in ("target", "most_popular") if "stage" in summary]
-    rows += [f"baseline/{name}" for name in ("sasrec", "most_popular") if "sasrec" in summary]
+    same_users = "stage" in summary and metrics.get("eval/num_users") == metrics.get("baseline/sasrec/num_users")
+    rows += [f"baseline/{name}" for name in ("sasrec", "most_popular")
+             if "sasrec" in summary and not (name == "most_popular" and same_users)]
     width = max([14, *(len(r) + 1 for r in rows)])
     lines.append(f"{'':{width}s}" + "".join(f"{f'R@{n}':>9s}{f'N@{n}':>9s}" for n in cutoffs)
                  + f"{'items@10':>10s}{'pop@10':>8s}")

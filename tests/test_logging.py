@@ -188,3 +188,39 @@ def test_route_library_logs_sends_lightning_records_to_the_root_even_if_it_stopp
     lightning.propagate = False  # what Lightning does when imported before logging is configured
     route_library_logs()
     assert own not in lightning.handlers and lightning.propagate
+
+
+def test_progress_log_lines_skip_a_status_whose_count_has_not_moved(caplog):
+    import logging
+    import re
+
+    from atspeed_exp.progress import progress
+
+    with caplog.at_level(logging.INFO, logger="atspeed_exp.progress"):
+        bar = progress(total=4, desc="slow", unit="user", log_seconds=0)
+        bar.update(1)
+        bar.refresh()  # what tqdm's monitor and time-based refreshes do while one slow step runs
+        bar.refresh()
+        bar.update(3)
+        bar.close()
+    counts = [re.search(r"\| (\d+/\d+) ", r.getMessage())[1] for r in caplog.records
+              if r.name == "atspeed_exp.progress"]
+    assert counts == ["0/4", "1/4", "4/4"]  # the final 100% line stays
+
+
+def test_wandb_run_end_prints_no_history_or_summary_blocks_of_its_own(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    monkeypatch.delenv("WANDB_QUIET", raising=False)
+    import wandb
+
+    wandb.teardown()  # wandb keeps the settings of its first setup in this process (another test's WANDB_SILENT)
+    cfg = compose_config([f"paths.output_dir={tmp_path}", "logger=wandb"])
+    logger = pipeline.make_logger(cfg, "eval")
+    logger.log_metrics({"eval/target/recall@10": 0.5})
+    logger.log_metrics({"eval/target/recall@10": 0.6})
+    pipeline.close_logger(logger)
+    printed = capfd.readouterr()
+    text = printed.out + printed.err
+    assert "Run data is saved locally" in text  # wandb's own start lines stay
+    assert "Run history" not in text and "Run summary" not in text

@@ -133,5 +133,9 @@ def test_sasrec_stage_next_to_the_target_reports_both(tmp_path):
     for n in (5, 10):
         assert metrics[f"baseline/most_popular/recall@{n}"] == pytest.approx(metrics[f"eval/most_popular/recall@{n}"])
     text = pipeline.format_summary(summary, (5, 10))
-    for row in ("\ntarget ", "\nmost_popular ", "\nbaseline/sasrec ", "\nbaseline/most_popular "):
+    for row in ("\ntarget ", "\nmost_popular ", "\nbaseline/sasrec "):
         assert row in text
+    assert text.count("most_popular") == 1  # the same users, the same lists: reported once
+    # on other users (eval.max_users) the two most-popular figures differ, and both rows stay
+    fewer = {**summary, "metrics": {**metrics, "eval/num_users": metrics["eval/num_users"] - 1}}
+    assert "\nbaseline/most_popular " in pipeline.format_summary(fewer, (5, 10))

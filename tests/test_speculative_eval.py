@@ -116,3 +116,41 @@ def test_evaluate_all_users_counts_the_lists_batching_changes(model_class, expec
     assert metrics["eval/all/beam/k5/batch1_users"] == 7
     assert metrics["eval/all/beam/k5/batch1_mismatches"] == naive
     assert (naive > 0) == expect_some
+
+
+def test_evaluate_speculative_progress_counts_the_measured_users_not_the_warm_up(caplog):
+    import logging
+
+    trie, item_ids, _, vocab = make_trie(num_items=60, num_collisions=0, seed=12)
+    target, draft = ToyLM(vocab, seed=12), ToyLM(vocab, seed=13)
+    prompts = [p.tolist() for p in random_prompts(3, vocab, seed=12)]
+    truth = [(int(item_ids[i]),) for i in range(3)]
+    with caplog.at_level(logging.INFO, logger="atspeed_exp.progress"):
+        evaluate_speculative(target, draft, prompts, truth, trie, ks=(5,), draft_beams=5, gamma=2, cutoffs=(5,),
+                             warmup=2)
+    lines = [r.getMessage() for r in caplog.records if r.name == "atspeed_exp.progress"]
+    assert lines[-1].startswith("speculative eval K=5: 100%") and "3/3" in lines[-1]
+    assert not any("/5 " in line for line in lines)  # never counted over warm-up + measured users
+
+
+def test_evaluate_all_users_takes_the_beam_lists_from_the_given_source():
+    trie, item_ids, _, vocab = make_trie(num_items=60, num_collisions=2, seed=14)
+    target, draft = ToyLM(vocab, seed=14), ToyLM(vocab, seed=15)
+    prompts = [p.tolist() for p in random_prompts(5, vocab, seed=14)]
+    truth = [(int(item_ids[i]),) for i in range(5)]
+    settings = dict(ks=(3, 5), cutoffs=(3, 5), batch_size=2, draft_beams=10, gamma=2, resamples=0, progress=False)
+    plain = evaluate_all_users(target, draft, prompts, truth, trie, 0, **settings)
+    store, asked = {}, []
+
+    def cache(k, decode):
+        asked.append(k)
+        if k not in store:
+            store[k] = decode()
+        return store[k]
+
+    first = evaluate_all_users(target, draft, prompts, truth, trie, 0, beam_lists=cache, **settings)
+    assert first == plain and asked == [3, 5] and [tuple(v.shape) for v in store.values()] == [(5, 3), (5, 5)]
+    store[5] = torch.flip(store[5], [0])  # other lists in the cache: the figures follow them
+    second = evaluate_all_users(target, draft, prompts, truth, trie, 0, beam_lists=cache, **settings)
+    assert second["eval/all/beam/k3/recall@3"] == plain["eval/all/beam/k3/recall@3"]
+    assert second["eval/all/strict/k5/mismatches"] > 0

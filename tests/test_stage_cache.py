@@ -121,3 +121,38 @@ def test_a_repaired_teacher_keeps_its_id_and_the_drafts_made_from_it(tmp_path, m
     stage["settings"]["num_beams"] += 1  # as if made with other settings
     (teacher_dir / "stage.json").write_text(json.dumps(stage))
     assert pipeline.teacher_id(teacher_dir) != before
+
+
+def test_all_users_evaluation_reuses_the_target_beam_lists_it_cached(tmp_path, caplog):
+    """A second all-users evaluation on the same target (another drafter setting that leaves the target's lists
+    alone) reads the target's beam lists per K from its stage dir; they equal a fresh decode, and so do the
+    figures. Settings that change the lists (the batching) get lists of their own."""
+    import logging
+
+    import torch
+
+    overrides = tiny_overrides(tmp_path) + ["decoding.drafter=trigram", "eval.bootstrap_resamples=0",
+                                            "eval.speculative_users=2"]
+    first = pipeline.run(compose_config(overrides))
+    cached = sorted((tmp_path / "artifacts" / "target").glob("*/eval/beam-lists-*.pt"))
+    assert len(cached) == 2  # one file per K (5, 10)
+    with caplog.at_level(logging.INFO, logger="atspeed_exp.pipeline"):
+        second = pipeline.run(compose_config(overrides + ["decoding.trigram.tree=beam"]))
+    assert sum("target beam lists" in r.getMessage() and "reusing" in r.getMessage() for r in caplog.records) == 2
+    for k in (5, 10):
+        for name in ("recall@5", "ndcg@5"):
+            assert second["metrics"][f"eval/all/beam/k{k}/{name}"] == first["metrics"][f"eval/all/beam/k{k}/{name}"]
+
+    cfg = compose_config(overrides)
+    target_dir, data = pipeline.train_target(cfg, False)
+    test = data.splits["test"]
+    for path in cached:
+        saved = torch.load(path)
+        fresh = pipeline.generate_lists(pipeline.load_target(target_dir), test.prompts[:20], data.trie(), saved["k"],
+                                        data.pad_id, batch_size=cfg.eval.batch_size, progress=False).items
+        assert torch.equal(saved["items"], fresh)
+
+    other = compose_config(overrides + [f"eval.batch_size={cfg.eval.batch_size // 2}"])
+    decoded = []
+    pipeline.cached_target_lists(other, target_dir, 20)(5, lambda: decoded.append(5) or torch.zeros(20, 5))
+    assert decoded == [5] and len(list(target_dir.glob("eval/beam-lists-*.pt"))) == 3
