@@ -7,6 +7,7 @@ K, so a depth can fail even then)."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from test_lean import PAD, llama, run_calls
 
 from atspeed_exp.decoding.beam_search import beam_search, left_pad
 from atspeed_exp.decoding.drafters import DRAFTERS, LayerSkipDrafter
+from atspeed_exp.decoding.skip_search import SkipSearchResult, search_skip_set
 from atspeed_exp.decoding.speculative import speculative_beam_search
 from atspeed_exp.models.adapter import HFDecoderLM
 from atspeed_exp.models.lean import LeanLlamaLM
@@ -118,3 +120,51 @@ def test_layer_skip_runs_every_relaxed_rule(mode):
                                   mode=mode, generator=torch.Generator().manual_seed(0))
     assert torch.isin(out.items, item_ids).all() and torch.isfinite(out.scores).all()
     assert out.stats.draft_calls > 0
+
+
+# -- skip-set search -------------------------------------------------------------------------------------------------
+def naive_objective(target, attention, mlp, prompts, trie, k, n, gamma) -> float:
+    """The cost model by hand: per list, one batch-1 call at a time, target calls + kept share x draft calls."""
+    kept = 1 - (len(set(attention)) + len(set(mlp))) / (2 * LAYERS)
+    total = 0.0
+    for prompt in prompts:
+        out = speculative_beam_search(target, LayerSkipDrafter(target, attention, mlp),
+                                      *left_pad([prompt], pad_id=PAD), trie, k, n, gamma)
+        total += out.stats.target_calls + kept * out.stats.draft_calls
+    return total / len(prompts)
+
+
+def test_skip_search_beats_the_empty_and_full_sets_and_is_deterministic():
+    trie, _, tokens, vocab = make_trie(seed=7)
+    model = llama(seed=7, vocab_size=vocab, num_hidden_layers=LAYERS)
+    with torch.no_grad():  # one sublayer that matters: a random init's residual stream is mostly the embedding
+        model.model.layers[1].mlp.down_proj.weight.mul_(60)
+    target = LeanLlamaLM(model)
+    prompts = [*random_prompts(2, vocab, seed=7), *history_prompts(tokens, 2, 7)]
+    k, n, gamma = 3, 6, 3
+    result = search_skip_set(target, prompts, trie, PAD, k, n, gamma, seed=0, batch_size=4)
+    everything = tuple(range(LAYERS))
+    chosen = naive_objective(target, result.skip_attention, result.skip_mlp, prompts, trie, k, n, gamma)
+    assert chosen == pytest.approx(result.best.objective)
+    empty = naive_objective(target, (), (), prompts, trie, k, n, gamma)
+    full = naive_objective(target, everything, everything, prompts, trie, k, n, gamma)
+    assert chosen < empty and chosen < full  # here strictly: the search keeps the sublayer that matters
+    assert 1 not in result.skip_mlp and len(result.skip_attention) + len(result.skip_mlp) > 0
+    assert result.trace[0]["objective"] == pytest.approx(empty) and result.trace[-1]["objective"] == pytest.approx(full)
+    assert min(step["objective"] for step in result.trace) == pytest.approx(chosen)
+    assert sum(1 for step in result.trace if step["step"] == 1) == 2 * LAYERS
+    again = search_skip_set(target, prompts, trie, PAD, k, n, gamma, seed=0, batch_size=2)
+    assert again.trace == result.trace and again.best == result.best
+    restored = SkipSearchResult.from_state(json.loads(json.dumps(result.state())))
+    assert restored.best == result.best and restored.trace == result.trace
+
+
+def test_skip_search_respects_max_skipped_and_runs_a_sampling_rule():
+    trie, _, _, vocab = make_trie(seed=8)
+    target = lean_target(8, vocab)
+    prompts = random_prompts(4, vocab, seed=8)
+    result = search_skip_set(target, prompts, trie, PAD, 2, 4, 2, mode="relaxed", seed=3, max_skipped=1)
+    assert {step["step"] for step in result.trace} <= {-1, 0, 1}
+    assert len(result.skip_attention) + len(result.skip_mlp) in (0, 1, 2 * LAYERS)
+    again = search_skip_set(target, prompts, trie, PAD, 2, 4, 2, mode="relaxed", seed=3, max_skipped=1)
+    assert again.trace == result.trace

@@ -8,8 +8,9 @@ draft keeps a cache of its own (the kept attention layers' keys and values over 
 exactly as the draft-model drafter does (``drafters/model.py``: tree attention, D = max d_b calls per round, the
 same ``DraftSpec`` handling and Q rows for the relaxed rules). An empty skip set makes the draft the target itself:
 with N = K drafted beams it runs the target's own beam search, so strict verification accepts every drafted depth
-(with N > K a continuation of one of the draft's extra beams can outrank one of the target's top K). Which set to skip is a trade between the draft's cost
-(the share of sublayers it runs) and acceptance; ``decoding/skip_search.py`` searches it on validation prompts.
+(with N > K a continuation of one of the draft's extra beams can outrank one of the target's top K). Which set to
+skip is a trade between the draft's cost (the share of sublayers it runs) and acceptance; ``decoding/skip_search.py``
+searches it on validation prompts.
 """
 
 from __future__ import annotations
