@@ -303,6 +303,9 @@ def value_problems(cfg: DictConfig, stages: tuple[str, ...]) -> list[str]:
     if k_dare is not None and "dare" in decoding.modes and k_dare < max(decoding.ks):
         problems.append(f"decoding.dare_top_k={k_dare}: expected k >= max(decoding.ks)={max(decoding.ks)} (a depth "
                         f"needs K passing continuations)")
+    if decoding.get("drafter") == "layer_skip" and OmegaConf.select(cfg, "eval.backend", default="auto") == "hf":
+        problems.append("decoding.drafter=layer_skip with eval.backend='hf': skipping sublayers needs the lean "
+                        "forward (eval.backend auto or lean)")
     return problems
 
 

@@ -37,6 +37,8 @@ def test_check_config_accepts_every_alignment_form(alignment):
     (["target_training.checkpoint_every_n_steps=0", "draft_training.checkpoint_every_n_steps=two"],
      ["target_training.checkpoint_every_n_steps=0: expected null or an integer >= 1",
       "draft_training.checkpoint_every_n_steps='two': expected null or an integer >= 1"]),
+    (["decoding.drafter=layer_skip", "eval.backend=hf"],
+     ["decoding.drafter=layer_skip with eval.backend='hf': skipping sublayers needs the lean forward"]),
     (["decoding.drafter=ngram"],
      ["decoding.drafter='ngram': expected one of ['model', 'retrieval', 'trigram', 'layer_skip']"]),
     (["decoding.layer_skip.search_mode=greedy", "decoding.layer_skip.skip_mlp=[1,-1]",
