@@ -22,10 +22,9 @@ Contract (the same as ``HFDecoderLM``; any difference is float rounding):
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-
-import copy
 
 import torch
 import torch.nn.functional as F
