@@ -183,6 +183,12 @@ def _rules() -> dict[str, Callable[[Any], str | None]]:
         "decoding.trigram.tree": _one_of(TREES),
         "decoding.trigram.puct_c": _number_in(0.0, float("inf")),
         "decoding.trigram.value_decay": _number_in(0.0, 1.0),
+        "decoding.layer_skip.skip_attention": _list_of(_int_at_least(0), empty=True),
+        "decoding.layer_skip.skip_mlp": _list_of(_int_at_least(0), empty=True),
+        "decoding.layer_skip.search": _one_of((True, False)),
+        "decoding.layer_skip.search_users": _int_at_least(1),
+        "decoding.layer_skip.search_mode": _one_of(MODES),
+        "decoding.layer_skip.max_skipped": _optional(_int_at_least(1)),
         "decoding.verify_beams": _optional(_int_at_least(1)),
         "decoding.scope": _one_of(SCOPES),
         "decoding.processors": _list_of(_one_of(tuple(PROCESSORS)), empty=True),
@@ -303,6 +309,9 @@ def value_problems(cfg: DictConfig, stages: tuple[str, ...]) -> list[str]:
     if k_dare is not None and "dare" in decoding.modes and k_dare < max(decoding.ks):
         problems.append(f"decoding.dare_top_k={k_dare}: expected k >= max(decoding.ks)={max(decoding.ks)} (a depth "
                         f"needs K passing continuations)")
+    if decoding.get("drafter") == "layer_skip" and OmegaConf.select(cfg, "eval.backend", default="auto") == "hf":
+        problems.append("decoding.drafter=layer_skip with eval.backend='hf': skipping sublayers needs the lean "
+                        "forward (eval.backend auto or lean)")
     return problems
 
 

@@ -50,6 +50,7 @@ from atspeed_exp.data.teacher import (
 from atspeed_exp.data.tokenizer import save_tokenizer
 from atspeed_exp.decoding.drafters import (
     Drafter,
+    LayerSkipDrafter,
     RetrievalDrafter,
     RetrievalPools,
     TrigramCounts,
@@ -58,6 +59,8 @@ from atspeed_exp.decoding.drafters import (
     build_trigram_counts,
 )
 from atspeed_exp.decoding.drafters.trigram import FORMAT_VERSION as TRIGRAM_FORMAT
+from atspeed_exp.decoding.skip_search import FORMAT_VERSION as SKIP_SEARCH_FORMAT
+from atspeed_exp.decoding.skip_search import SkipSearchResult, search_skip_set
 from atspeed_exp.decoding.protocol import DecoderLM
 from atspeed_exp.evaluation import evaluate_all_users, evaluate_speculative, generate_lists
 from atspeed_exp.log_setup import quiet_wandb
@@ -576,7 +579,7 @@ MODEL_FREE_DRAFTERS = ("retrieval", "trigram")  # built from the training split:
 
 def drafter_name(cfg: DictConfig) -> str:
     """``decoding.drafter``: where drafts come from (model: the draft stage's model; retrieval: pools; trigram:
-    tri-gram counts)."""
+    tri-gram counts; layer_skip: the target with sublayers skipped)."""
     return cfg.decoding.get("drafter", "model")
 
 
@@ -656,9 +659,81 @@ def trigram_settings(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg.decoding.trigram, resolve=True)
 
 
-def load_drafter(cfg: DictConfig, draft_dir: Path, device: str, dtype: str, backend: str) -> DecoderLM | Drafter:
+# -- layer-skip drafter stage --------------------------------------------------------------------------------------
+LAYER_SKIP_FILE = "skip_set.json"
+
+
+def layer_skip_search_settings(cfg: DictConfig) -> dict[str, Any]:
+    """What the skip-set search's result depends on besides the target (``decoding.layer_skip`` search keys and the
+    decoding settings it decodes with)."""
+    layer_skip = cfg.decoding.layer_skip
+    return {
+        "users": layer_skip.search_users, "mode": layer_skip.search_mode, "max_skipped": layer_skip.max_skipped,
+        "num_beams": cfg.decoding.beam_size, "draft_beams": cfg.decoding.draft_beams, "gamma": cfg.decoding.gamma,
+        "scope": cfg.decoding.get("scope", "vocab"), "seed": cfg.seed, "format": SKIP_SEARCH_FORMAT,
+    }
+
+
+def layer_skip_stage_dir(cfg: DictConfig, target_dir: Path) -> Path:
+    """The skip-set search of this target and these settings (the target's dir name carries the dataset's key)."""
+    key = stage_key(layer_skip_search_settings(cfg))
+    return Path(cfg.paths.artifacts_dir) / "layer_skip" / f"{target_dir.name}-{key}"
+
+
+def build_layer_skip(cfg: DictConfig, target_dir: Path, data: RecData) -> Path:
+    """The skip set ``search_skip_set`` finds for this target on the first ``search_users`` validation users:
+    ``skip_set.json`` (``SkipSearchResult``: the set, its figures and the objective trace). Reused while the
+    target's weights are the same; concurrent runs search once (``stage_lock``); under DDP rank 0 searches first."""
+    stage_dir = layer_skip_stage_dir(cfg, target_dir)
+    with rank_zero_first(), stage_lock(stage_dir):
+        if reusable(stage_dir, {"target_id": target_id(target_dir)}):
+            log.info("layer_skip: reusing %s", stage_dir)
+            return stage_dir
+        settings = layer_skip_search_settings(cfg)
+        device = eval_device(cfg)
+        target = load_target(target_dir, device, eval_dtype(cfg), eval_backend(cfg))
+        prompts = [torch.tensor(p, dtype=torch.long) for p in data.splits["valid"].prompts[:settings["users"]]]
+        start = time.perf_counter()
+        result = search_skip_set(
+            target, prompts, data.trie().to(device), data.pad_id, settings["num_beams"], settings["draft_beams"],
+            settings["gamma"], mode=settings["mode"], seed=settings["seed"], max_skipped=settings["max_skipped"],
+            batch_size=cfg.eval.batch_size, scope=settings["scope"],
+        )
+        seconds = time.perf_counter() - start
+        path = artifacts.atomic_write(stage_dir / LAYER_SKIP_FILE, result.save)
+        best = result.best
+        log.info("layer_skip: skip attention %s, MLP %s (objective %.3f target calls per list, acceptance %.3f, "
+                 "%d sets measured in %.1f s): %s", list(best.skip_attention), list(best.skip_mlp), best.objective,
+                 best.acceptance_rate, len(result.trace), seconds, path)
+        write_json_atomic(stage_dir / STAGE_FILE, {
+            "stage": "layer_skip", "target_id": target_id(target_dir), "settings": settings,
+            "best": result.state()["best"], "measured_sets": len(result.trace),
+            "search_seconds": seconds,
+        })
+        return stage_dir
+
+
+def layer_skip_drafter(cfg: DictConfig, target: DecoderLM, draft_dir: Path | None) -> LayerSkipDrafter:
+    """The layer-skip drafter over ``target``: the searched set of ``draft_dir`` (a layer_skip stage) with
+    ``decoding.layer_skip.search``, else the configured ``skip_attention`` / ``skip_mlp``."""
+    layer_skip = cfg.decoding.layer_skip
+    if layer_skip.search:
+        if draft_dir is None or not (draft_dir / LAYER_SKIP_FILE).is_file():
+            raise FileNotFoundError(f"decoding.layer_skip.search=true: no {LAYER_SKIP_FILE} in {draft_dir}")
+        result = SkipSearchResult.from_state(json.loads((draft_dir / LAYER_SKIP_FILE).read_text()))
+        return LayerSkipDrafter(target, result.skip_attention, result.skip_mlp)
+    return LayerSkipDrafter(target, layer_skip.skip_attention, layer_skip.skip_mlp)
+
+
+def load_drafter(cfg: DictConfig, draft_dir: Path | None, device: str, dtype: str, backend: str,
+                 target: DecoderLM | None = None) -> DecoderLM | Drafter:
     """The drafter ``decoding.drafter`` names, from its stage dir: the draft model (a ``DecoderLM``, which the
-    engine drafts with), the retrieval drafter over the stage's pools or the tri-gram drafter over its counts."""
+    engine drafts with), the retrieval drafter over the stage's pools, the tri-gram drafter over its counts, or the
+    layer-skip drafter over ``target`` (the loaded target: the draft shares its weights)."""
+    if drafter_name(cfg) == "layer_skip":
+        if target is None:
+            raise ValueError("decoding.drafter=layer_skip drafts with the target: pass the loaded target")
+        return layer_skip_drafter(cfg, target, draft_dir)
     if drafter_name(cfg) == "retrieval":
         return RetrievalDrafter(RetrievalPools.load(draft_dir / RETRIEVAL_POOLS_FILE).to(device))
     if drafter_name(cfg) == "trigram":
@@ -721,12 +796,12 @@ def decoding_settings(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def evaluate_draft(cfg: DictConfig, target_dir: Path, draft_dir: Path, data: RecData) -> dict[str, float]:
+def evaluate_draft(cfg: DictConfig, target_dir: Path, draft_dir: Path | None, data: RecData) -> dict[str, float]:
     """Final speculative evaluation on test users: every configured mode and K, against target-only beam search
     measured in the same call (``evaluate_speculative``)."""
     device, dtype, backend = eval_device(cfg), eval_dtype(cfg), eval_backend(cfg)
     target = load_target(target_dir, device, dtype, backend)
-    draft = load_drafter(cfg, draft_dir, device, dtype, backend)
+    draft = load_drafter(cfg, draft_dir, device, dtype, backend, target=target)
     test = data.splits["test"]
     users = min(cfg.eval.speculative_users, len(test)) if cfg.eval.speculative_users else len(test)
     return evaluate_speculative(
@@ -736,12 +811,13 @@ def evaluate_draft(cfg: DictConfig, target_dir: Path, draft_dir: Path, data: Rec
     )
 
 
-def evaluate_draft_all_users(cfg: DictConfig, target_dir: Path, draft_dir: Path, data: RecData) -> dict[str, float]:
+def evaluate_draft_all_users(cfg: DictConfig, target_dir: Path, draft_dir: Path | None, data: RecData
+                             ) -> dict[str, float]:
     """Calls, acceptance, overlap with beam search and accuracy on every test user (``eval.max_users`` caps it),
     batched, with 95% bootstrap intervals over users (``evaluate_all_users``)."""
     device, dtype, backend = eval_device(cfg), eval_dtype(cfg), eval_backend(cfg)
     target = load_target(target_dir, device, dtype, backend)
-    draft = load_drafter(cfg, draft_dir, device, dtype, backend)
+    draft = load_drafter(cfg, draft_dir, device, dtype, backend, target=target)
     test = data.splits["test"]
     users = min(cfg.eval.max_users, len(test)) if cfg.eval.max_users else len(test)
     settings = decoding_settings(cfg)
@@ -962,6 +1038,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             metrics.update(evaluate_target(cfg, target_dir, data))
         if drafter_name(cfg) in MODEL_FREE_DRAFTERS:
             run_model_free_stages(cfg, target_dir, data, summary, metrics, reused)
+        elif drafter_name(cfg) == "layer_skip":
+            run_layer_skip_stages(cfg, target_dir, data, summary, metrics, reused)
         elif "teacher" in cfg.stages or "draft" in cfg.stages:
             if stage_done(teacher_stage_dir(cfg, target_dir)):
                 reused["teacher"] = str(teacher_stage_dir(cfg, target_dir))
@@ -1031,6 +1109,30 @@ def run_model_free_stages(cfg: DictConfig, target_dir: Path, data: RecData, summ
         summary["table"] = speculative_table(metrics, tuple(cfg.decoding.modes), tuple(cfg.decoding.ks))
         if cfg.eval.get("all_users", True):
             metrics.update(evaluate_draft_all_users(cfg, target_dir, built_dir, data))
+            summary["table_all_users"] = all_users_table(metrics, tuple(cfg.decoding.modes), tuple(cfg.decoding.ks))
+
+
+def run_layer_skip_stages(cfg: DictConfig, target_dir: Path, data: RecData, summary: dict[str, Any],
+                          metrics: dict[str, float], reused: dict[str, str]) -> None:
+    """``decoding.drafter=layer_skip``: the target drafts for itself, so neither teacher data nor a draft is made;
+    the draft stage searches the skip set (``decoding.layer_skip.search``, a cached stage) or takes the configured
+    one, and eval runs as with a draft model. Fills ``summary`` and ``metrics`` in place."""
+    if "teacher" in cfg.stages:
+        log.info("teacher stage skipped: decoding.drafter=layer_skip trains no draft model")
+    if "draft" not in cfg.stages:
+        return
+    draft_dir = None
+    if cfg.decoding.layer_skip.search:
+        if stage_done(layer_skip_stage_dir(cfg, target_dir)):
+            reused["layer_skip"] = str(layer_skip_stage_dir(cfg, target_dir))
+        draft_dir = build_layer_skip(cfg, target_dir, data)
+        summary["draft_dir"] = str(draft_dir)
+    summary["drafter"] = "layer_skip"
+    if "eval" in cfg.stages:
+        metrics.update(evaluate_draft(cfg, target_dir, draft_dir, data))
+        summary["table"] = speculative_table(metrics, tuple(cfg.decoding.modes), tuple(cfg.decoding.ks))
+        if cfg.eval.get("all_users", True):
+            metrics.update(evaluate_draft_all_users(cfg, target_dir, draft_dir, data))
             summary["table_all_users"] = all_users_table(metrics, tuple(cfg.decoding.modes), tuple(cfg.decoding.ks))
 
 

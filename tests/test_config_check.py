@@ -37,7 +37,15 @@ def test_check_config_accepts_every_alignment_form(alignment):
     (["target_training.checkpoint_every_n_steps=0", "draft_training.checkpoint_every_n_steps=two"],
      ["target_training.checkpoint_every_n_steps=0: expected null or an integer >= 1",
       "draft_training.checkpoint_every_n_steps='two': expected null or an integer >= 1"]),
-    (["decoding.drafter=ngram"], ["decoding.drafter='ngram': expected one of ['model', 'retrieval', 'trigram']"]),
+    (["decoding.drafter=layer_skip", "eval.backend=hf"],
+     ["decoding.drafter=layer_skip with eval.backend='hf': skipping sublayers needs the lean forward"]),
+    (["decoding.drafter=ngram"],
+     ["decoding.drafter='ngram': expected one of ['model', 'retrieval', 'trigram', 'layer_skip']"]),
+    (["decoding.layer_skip.search_mode=greedy", "decoding.layer_skip.skip_mlp=[1,-1]",
+      "decoding.layer_skip.max_skipped=0"],
+     ["decoding.layer_skip.search_mode='greedy': expected one of ['strict',",
+      "decoding.layer_skip.skip_mlp=[1, -1]: expected a list of an integer >= 0",
+      "decoding.layer_skip.max_skipped=0: expected null or an integer >= 1"]),
     (["decoding.modes=[strict,dare]", "decoding.dare_top_k=10"],
      ["decoding.dare_top_k=10: expected k >= max(decoding.ks)=20"]),
     (["decoding.dare_threshold=1.5", "decoding.retrieval.top_n=0", "decoding.retrieval.min_history=0"],
@@ -77,6 +85,14 @@ def test_check_config_accepts_the_retrieval_drafter_and_dare():
 def test_check_config_accepts_the_trigram_drafter_with_puct():
     check_config(compose_config(["decoding.drafter=trigram", "decoding.trigram.tree=puct",
                                  "decoding.trigram.adapt=call", "decoding.trigram.smoothing=0"]), pipeline.STAGES)
+
+
+def test_check_config_accepts_the_layer_skip_drafter():
+    check_config(compose_config(["decoding.drafter=layer_skip", "decoding.layer_skip.skip_attention=[0,2]",
+                                 "decoding.layer_skip.skip_mlp=[1]"]), pipeline.STAGES)
+    check_config(compose_config(["decoding.drafter=layer_skip", "decoding.layer_skip.search=true",
+                                 "decoding.layer_skip.search_mode=dare", "decoding.layer_skip.max_skipped=3"]),
+                 pipeline.STAGES)
 
 
 def test_check_config_accepts_score_processors():

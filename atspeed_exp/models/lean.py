@@ -14,10 +14,16 @@ Contract (the same as ``HFDecoderLM``; any difference is float rounding):
 - The cache (``LeanCache``) holds per layer keys/values ``[B, kv_heads, seq, head_dim]`` with the rotary positions
   baked in; ``reorder_cache``/``gather_cache`` return it edited as ``HFDecoderLM``'s do.
 - Everything runs under ``torch.inference_mode``; logits are float32 normal tensors (editable in place).
+- ``skipping(attention, mlp)`` is a view of the same model (no weight copied) whose forward skips the attention of
+  the listed decoder layers and the MLP of others: the residual stream passes them unchanged (the layer-skip
+  drafter, ``decoding/drafters/layer_skip.py``). Its cache holds the kept attention layers only; with none kept it
+  counts columns alone, so the masks the core builds keep their shape.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,11 +38,12 @@ STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 @dataclass
 class LeanCache:
-    keys: list[torch.Tensor] = field(default_factory=list)  # per layer [B, kv_heads, seq, head_dim]
+    keys: list[torch.Tensor] = field(default_factory=list)  # per kept attention layer [B, kv_heads, seq, head_dim]
     values: list[torch.Tensor] = field(default_factory=list)
+    length: int = 0  # columns held, read only when no attention layer runs (a view skipping all of them)
 
     def get_seq_length(self) -> int:
-        return self.keys[0].shape[2] if self.keys else 0
+        return self.keys[0].shape[2] if self.keys else self.length
 
 
 @dataclass
@@ -116,6 +123,8 @@ class LeanLlamaLM:
         self.scaling = self.head_dim**-0.5
         # cache reorder/prune as one indexing of all layers (fewer launches) or per layer (no extra copy); see below
         self.stack_cache_edits = self.device.type == "cuda" if stack_cache_edits is None else stack_cache_edits
+        self.skip_attention: frozenset[int] = frozenset()  # decoder layers whose attention is skipped (``skipping``)
+        self.skip_mlp: frozenset[int] = frozenset()  # decoder layers whose MLP is skipped
 
     @classmethod
     def from_model(cls, model: nn.Module) -> LeanLlamaLM:
@@ -134,6 +143,21 @@ class LeanLlamaLM:
     @property
     def vocab_size(self) -> int:
         return self.head.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def skipping(self, attention: Iterable[int] = (), mlp: Iterable[int] = ()) -> LeanLlamaLM:
+        """This model with the attention of decoder layers ``attention`` and the MLP of layers ``mlp`` skipped (0-based
+        indices; the residual stream passes a skipped sublayer unchanged). A view: it shares every weight tensor."""
+        attention, mlp = frozenset(int(i) for i in attention), frozenset(int(i) for i in mlp)
+        outside = sorted(i for i in attention | mlp if not 0 <= i < self.num_layers)
+        if outside:
+            raise ValueError(f"skipped layers {outside} outside 0..{self.num_layers - 1}")
+        view = copy.copy(self)  # shallow: the layer list and its tensors are the same objects
+        view.skip_attention, view.skip_mlp = attention, mlp
+        return view
 
     def new_cache(self) -> LeanCache:
         return LeanCache()
@@ -171,7 +195,6 @@ class LeanLlamaLM:
         expected = (batch, 1, q_len, cache.get_seq_length() + q_len)
         if tuple(attention_mask.shape) != expected:
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {expected}")
-        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         with torch.inference_mode():
             mask = HFDecoderLM.additive_mask(attention_mask, self.dtype, self.device)
             position_ids = position_ids.to(self.device)
@@ -179,25 +202,37 @@ class LeanLlamaLM:
             x = F.embedding(input_ids.to(self.device), self.embed)
             keys, values = [], []
             for index, layer in enumerate(self.layers):
-                qkv = F.linear(self._rms_norm(x, layer.input_norm), layer.qkv, layer.qkv_bias)
-                q, k, v = qkv.view(batch, q_len, heads + 2 * kv_heads, head_dim).transpose(1, 2).split(
-                    [heads, kv_heads, kv_heads], dim=1
-                )  # [B, heads | kv_heads, q_len, head_dim]
-                q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-                if cache.keys:
-                    k = torch.cat([cache.keys[index], k], dim=2)
-                    v = torch.cat([cache.values[index], v], dim=2)
-                keys.append(k)
-                values.append(v)
-                attended = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=kv_heads != heads
-                )  # [B, heads, q_len, head_dim]
-                attended = attended.transpose(1, 2).reshape(batch, q_len, heads * head_dim)
-                x = x + F.linear(attended, layer.out, layer.out_bias)
-                gate, up = F.linear(self._rms_norm(x, layer.post_norm), layer.gate_up, layer.gate_up_bias).chunk(2, -1)
-                x = x + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+                if index not in self.skip_attention:
+                    x = self._attention(x, layer, len(keys), cache, keys, values, cos, sin, mask)
+                if index not in self.skip_mlp:
+                    gate, up = F.linear(self._rms_norm(x, layer.post_norm), layer.gate_up, layer.gate_up_bias).chunk(
+                        2, -1)
+                    x = x + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
             hidden = self._rms_norm(x, self.norm)
-        return hidden, LeanCache(keys, values)
+        return hidden, LeanCache(keys, values, cache.get_seq_length() + q_len)
+
+    def _attention(self, x: torch.Tensor, layer: _Layer, slot: int, cache: LeanCache, keys: list[torch.Tensor],
+                   values: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
+                   ) -> torch.Tensor:
+        """``x`` after ``layer``'s attention block; its keys and values (cache slot ``slot``: the kept attention
+        layers before it) are appended to ``keys`` / ``values``."""
+        batch, q_len, _ = x.shape
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = F.linear(self._rms_norm(x, layer.input_norm), layer.qkv, layer.qkv_bias)
+        q, k, v = qkv.view(batch, q_len, heads + 2 * kv_heads, head_dim).transpose(1, 2).split(
+            [heads, kv_heads, kv_heads], dim=1
+        )  # [B, heads | kv_heads, q_len, head_dim]
+        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        if cache.keys:
+            k = torch.cat([cache.keys[slot], k], dim=2)
+            v = torch.cat([cache.values[slot], v], dim=2)
+        keys.append(k)
+        values.append(v)
+        attended = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=kv_heads != heads
+        )  # [B, heads, q_len, head_dim]
+        attended = attended.transpose(1, 2).reshape(batch, q_len, heads * head_dim)
+        return x + F.linear(attended, layer.out, layer.out_bias)
 
     def project(self, hidden: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Logits of tokens ``start..end - 1`` ``[..., end - start]`` float32 (only those rows of the head)."""
@@ -232,8 +267,8 @@ class LeanLlamaLM:
 
     def gather_cache(self, cache: LeanCache, positions: torch.Tensor) -> LeanCache:
         with torch.inference_mode():
-            if not cache.keys:
-                return cache
+            if not cache.keys:  # empty, or a view that runs no attention: only the column count changes
+                return LeanCache(length=positions.shape[1]) if cache.length else cache
             if not self.stack_cache_edits:
                 batch, kv_heads, _, head_dim = cache.keys[0].shape
                 index = positions.to(self.device)[:, None, :, None].expand(batch, kv_heads, -1, head_dim)
