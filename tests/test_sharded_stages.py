@@ -2,6 +2,7 @@
 processes give the files and the figures of one process."""
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -133,3 +134,72 @@ def test_generate_lists_sharded_without_a_process_group_is_the_plain_pass():
     plain = generate_lists(model, prompts, trie, 5, 0, batch_size=3, progress=False)
     sharded = generate_lists(model, prompts, trie, 5, 0, batch_size=3, progress=False, sharded=True)
     assert torch.equal(plain.items, sharded.items) and plain.model_calls == sharded.model_calls
+
+
+# -- the teacher stage of the pipeline on two ranks -------------------------------------------------------------
+def stage_config(root: Path, artifacts: str):
+    from pipeline_helpers import compose_config, tiny_overrides
+
+    overrides = tiny_overrides(root) + [f"paths.artifacts_dir={root / artifacts}", "teacher.shard_size=8",
+                                        "teacher.batch_size=8", "eval.device=cpu"]
+    return compose_config(overrides)
+
+
+def random_target(root: Path) -> Path:
+    """A target stage dir holding an untrained tiny target and its tokenizer (the teacher stage reads no more)."""
+    from hydra.utils import instantiate
+
+    from atspeed_exp import pipeline
+    from atspeed_exp.data.tokenizer import save_tokenizer
+    from atspeed_exp.models.build import save_model
+
+    cfg = stage_config(root, "one")
+    data = pipeline.load_data(cfg)
+    torch.manual_seed(0)
+    blocks = data.sid_index.level_blocks
+    model = instantiate(cfg.model, tokenizer=data.tokenizer, sid_token_ids=list(range(blocks[0][0], blocks[-1][1])))
+    target_dir = root / "target" / "synthetic-random"
+    save_model(model, target_dir / "model")
+    save_tokenizer(data.tokenizer, target_dir / "tokenizer")
+    return target_dir
+
+
+def make_teacher_stage(root: Path, artifacts: str, target_dir: Path) -> Path:
+    from atspeed_exp import pipeline
+
+    cfg = stage_config(root, artifacts)
+    return pipeline.make_teacher(cfg, target_dir, pipeline.load_data(cfg, target_dir / "tokenizer"))
+
+
+def stage_rank_main(rank: int, world: int, root: str, target_dir: str) -> None:
+    """One rank of the teacher stage, run three times: it makes the data; with its stage.json removed, it finds every
+    shard there and writes stage.json again; then it reuses the stage."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous-stage", rank=rank, world_size=world)
+    try:
+        made = make_teacher_stage(Path(root), "two", Path(target_dir))
+        distributed.barrier()
+        if rank == 0:
+            (made / "stage.json").rename(made / "stage.json.first")
+        distributed.barrier()
+        again = make_teacher_stage(Path(root), "two", Path(target_dir))
+        reused = make_teacher_stage(Path(root), "two", Path(target_dir))
+        torch.save({"dirs": (str(made), str(again), str(reused))}, Path(root) / f"stage-rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes that import the whole pipeline: about a minute on two busy cores
+def test_teacher_stage_on_two_ranks_writes_the_one_process_files(tmp_path):
+    target_dir = random_target(tmp_path)
+    one = make_teacher_stage(tmp_path, "one", target_dir)
+    mp.spawn(stage_rank_main, args=(2, str(tmp_path), str(target_dir)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"stage-rank{r}.pt") for r in range(2)]
+    two = Path(results[0]["dirs"][0])
+    assert all(r["dirs"] == (str(two),) * 3 for r in results)  # the same stage dir on both ranks, every run
+    assert two.name == one.name and two != one
+    for split in ("train", "valid"):
+        assert len(list((one / split).glob("shard-*.pt"))) > 1
+        assert file_digests(two / split) == file_digests(one / split)
+    first, again = (json.loads((two / name).read_text()) for name in ("stage.json.first", "stage.json"))
+    assert first["size_bytes"] == again["size_bytes"] == json.loads((one / "stage.json").read_text())["size_bytes"]
