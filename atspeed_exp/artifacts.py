@@ -253,13 +253,17 @@ def stage_lock(stage_dir: str | os.PathLike, quiet_s: float = 2.0, poll_s: float
 
 def distributed_follower() -> bool:
     """True in a process of a multi-process (DDP) run other than global rank 0: torch.distributed's rank once it is
-    initialised, before that the launchers' environment (``RANK``, ``LOCAL_RANK``, ``NODE_RANK``). Such a process
-    takes no stage lock: rank 0 holds it while the group trains together, and a follower waiting on it would
+    initialised, before that the launchers' environment (``RANK``, ``LOCAL_RANK``, ``NODE_RANK``; under SLURM,
+    where every task is a rank, ``SLURM_PROCID`` when neither of the first two is set, as Lightning reads it). Such
+    a process takes no stage lock: rank 0 holds it while the group trains together, and a follower waiting on it would
     never join the fit rank 0 waits in."""
     dist = sys.modules.get("torch.distributed")  # not imported: no process group can exist (and no import cost)
     if dist is not None and dist.is_available() and dist.is_initialized():
         return dist.get_rank() != 0
-    return any(int(os.environ.get(key, "0") or 0) != 0 for key in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+    if any(int(os.environ.get(key, "0") or 0) != 0 for key in ("RANK", "LOCAL_RANK", "NODE_RANK")):
+        return True
+    launcher_set = "RANK" in os.environ or "LOCAL_RANK" in os.environ
+    return not launcher_set and int(os.environ.get("SLURM_PROCID") or 0) != 0
 
 
 def _try_lock(fd: int) -> bool:

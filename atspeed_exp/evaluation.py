@@ -1,9 +1,11 @@
 """Recommendation lists for many users, and their accuracy.
 
 ``generate_lists`` batches users by prompt length (less padding), runs the target-only beam search and returns
-the lists in the users' original order. The target-only search is ``tree_beam_search`` (one cache row per user, tree
-attention: the same lists as ``beam_search`` without cache copies, 1.2-2.9x faster on the CPU), the baseline every
-speculative run is compared with.
+the lists in the users' original order. The target-only search is ``tree_beam_search`` (one cache row per user,
+tree attention: the same lists as ``beam_search`` without cache copies, 1.2-2.9x faster on the CPU), the baseline
+every speculative run is compared with. With ``sharded=True`` under torch.distributed, rank r decodes the batches
+b with b % W == r of the batches one process would decode, and the ranks exchange their lists
+(``atspeed_exp.distributed``), so every rank returns the one-process lists and counts.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import torch
 
+from atspeed_exp import distributed
 from atspeed_exp.decoding.beam_search import left_pad
 from atspeed_exp.decoding.drafters import Drafter
 from atspeed_exp.decoding.processors import CFAssistant, ScoreProcessor
@@ -59,21 +62,28 @@ def generate_lists(
     official_top_k: int | None = 50,
     verify_options: Mapping[str, Any] | None = None,
     processors: Sequence[ScoreProcessor] = (),
+    sharded: bool = False,
 ) -> GeneratedLists:
     """Top-K lists for every prompt, ``batch_size`` users per call: target-only beam search, or with ``draft`` (a
     draft model or any drafter) batched speculative beam search in ``mode`` (strict: the same lists, fewer target
     calls; the sampling modes need ``generator``; ``verify_options``: the relaxed rules' settings;
     ``processors``: score processors of the target's step scores, beam search and verification alike);
     ``model_calls`` counts target calls per list summed over the lists, and speculative runs also return each
-    list's target calls, drafted and accepted steps."""
+    list's target calls, drafted and accepted steps.
+
+    ``sharded``: split the batches over the torch.distributed ranks (module docstring); only for passes whose
+    batches are independent (``order_independent``), since a rank does not see the batches before its own.
+    ``walltime_s`` is then the slowest rank's."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    batches = [order[first : first + batch_size] for first in range(0, len(order), batch_size)]
+    mine = distributed.my_units(len(batches)) if sharded else list(range(len(batches)))
     items = torch.full((len(prompts), num_beams), -1, dtype=torch.long)
     scores = torch.full((len(prompts), num_beams), float("-inf"))
     per_list = torch.zeros((3, len(prompts)), dtype=torch.long)  # target calls, drafted, accepted
     calls = 0
     start = time.perf_counter()
-    for first in bar(range(0, len(order), batch_size), desc=desc, enabled=progress, unit="batch"):
-        rows = order[first : first + batch_size]
+    for index in bar(mine, desc=desc, enabled=progress, unit="batch"):
+        rows = batches[index]
         ids, mask = left_pad([torch.tensor(prompts[i], dtype=torch.long) for i in rows], pad_id)
         ids, mask = ids.to(model.device), mask.to(model.device)
         if draft is None:
@@ -90,6 +100,13 @@ def generate_lists(
         items[rows] = out.items.cpu()
         scores[rows] = out.scores.cpu()
     elapsed = time.perf_counter() - start
+    if sharded and distributed.rank_and_world()[1] > 1:
+        done = [row for index in mine for row in batches[index]]
+        parts = distributed.gather_objects((done, items[done], scores[done], per_list[:, done], calls, elapsed))
+        for rows, part_items, part_scores, part_counts, _, _ in parts:
+            items[rows], scores[rows], per_list[:, rows] = part_items, part_scores, part_counts
+        calls = sum(part[4] for part in parts)
+        elapsed = max(part[5] for part in parts)
     if draft is None:
         return GeneratedLists(items, scores, calls, elapsed)
     return GeneratedLists(items, scores, calls, elapsed, *per_list)
@@ -99,6 +116,13 @@ def fresh(draft: DecoderLM | Drafter) -> DecoderLM | Drafter:
     """A drafter that has learned nothing from earlier lists (``Drafter.fresh``; a draft model as it is): every
     pass of an evaluation (a mode at a K) starts from one, so no pass drafts from what another saw of its users."""
     return draft.fresh() if isinstance(draft, Drafter) else draft
+
+
+def order_independent(mode: str, draft: DecoderLM | Drafter) -> bool:
+    """Whether a speculative pass gives each batch the same lists and counts whichever batches ran before it: strict
+    verification (the sampling rules draw from one generator across batches) with a drafter that learns nothing
+    across calls. Only such passes are split over processes."""
+    return mode == "strict" and not (isinstance(draft, Drafter) and draft.learns_across_calls)
 
 
 def accuracy(items: torch.Tensor, ground_truth: list[tuple[int, ...]], cutoffs: tuple[int, ...]) -> dict[str, float]:
@@ -271,6 +295,7 @@ def evaluate_all_users(
     batch1_users: int = 0,
     processors: Sequence[ScoreProcessor] = (),
     beam_lists: Callable[[int, Callable[[], torch.Tensor]], torch.Tensor] | None = None,
+    sharded: bool = False,
 ) -> dict[str, float]:
     """Hardware-independent figures on every given user, decoded ``batch_size`` users per call (the batched
     engine gives each list its own counts), with 95% bootstrap intervals over users (``resamples`` resamples;
@@ -292,6 +317,11 @@ def evaluate_all_users(
 
     ``beam_lists(K, decode)``: where the target-only lists come from, e.g. a cache that calls ``decode()`` (the
     batched beam search here, items [U, K]) only when it holds no lists for these users at K.
+
+    ``sharded``: under torch.distributed, the target-only passes and the ``order_independent`` speculative passes
+    are split over the ranks by batch (``generate_lists``) and their lists gathered, so every rank computes the
+    figures of one process from the same per-user lists and counts; the other passes (sampling rules, a drafter
+    that learns across calls) and the batch-1 check run whole on every rank.
     """
     truth = pad_ground_truth(ground_truth)
     has_truth = (truth >= 0).any(1)  # users that count for accuracy
@@ -301,7 +331,8 @@ def evaluate_all_users(
         settings = dict(batch_size=batch_size, progress=progress, scope=scope, processors=processors)
 
         def decode(k: int = k) -> torch.Tensor:
-            return generate_lists(target, prompts, trie, k, pad_id, desc=f"all users beam K={k}", **settings).items
+            return generate_lists(target, prompts, trie, k, pad_id, desc=f"all users beam K={k}", sharded=sharded,
+                                  **settings).items
 
         beam_items = decode() if beam_lists is None else beam_lists(k, decode)  # [U, K]
         beam_acc = recall_ndcg_per_user(beam_items, truth, ks_cutoffs)
@@ -318,7 +349,8 @@ def evaluate_all_users(
             run = generate_lists(target, prompts, trie, k, pad_id, desc=f"all users {mode} K={k}", draft=fresh(draft),
                                  draft_beams=draft_beams, gamma=gamma, verify_beams=verify_beams, prune=prune,
                                  mode=mode, generator=generator, official_top_k=official_top_k,
-                                 verify_options=verify_options, **settings)
+                                 verify_options=verify_options, sharded=sharded and order_independent(mode, draft),
+                                 **settings)
             key = f"{prefix}/{mode}/k{k}"
             _with_interval(metrics, f"{key}/target_calls_per_list", run.target_calls, None, resamples, seed)
             _with_interval(metrics, f"{key}/acceptance_rate", run.accepted_steps, run.drafted_steps, resamples, seed)

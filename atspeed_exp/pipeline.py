@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
 
-from atspeed_exp import artifacts, wandb_views
+from atspeed_exp import artifacts, distributed, wandb_views
 from atspeed_exp.artifacts import load_checkpoint_state_dict, resume_checkpoint, stage_lock
 from atspeed_exp.callbacks.atomic_checkpoint import AtomicCheckpointIO
 from atspeed_exp.callbacks.progress import LogProgress
@@ -92,8 +92,9 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 
 # -- several processes (trainer=ddp, docs/scale.md) ---------------------------------------------------------------
 # Lightning's DDP launcher starts the other ranks by running the same command again, so every rank runs the whole
-# pipeline. Rank 0 writes the stages' files and logs; the fits run on all ranks together; the stages without a fit
-# (teacher data, model-free drafters) are built by rank 0 first and reused by the others.
+# pipeline. Rank 0 writes the stages' files and logs; the fits run on all ranks together; teacher data and the
+# all-users evaluation are split over the ranks (atspeed_exp.distributed); the other stages without a fit (model-free
+# drafters' tables, the target's test figures) are built by rank 0 first and reused by the others.
 def is_rank_zero() -> bool:
     """Lightning's rank-zero test (``rank_zero_only.rank``), and not a follower by the launchers' environment."""
     return rank_zero_only.rank == 0 and not artifacts.distributed_follower()
@@ -438,14 +439,24 @@ def teacher_stage_dir(cfg: DictConfig, target_dir: Path) -> Path:
 
 
 def make_teacher(cfg: DictConfig, target_dir: Path, data: RecData) -> Path:
-    """Teacher data for the training (and a few validation) examples; resumes shard by shard."""
-    with rank_zero_first(), stage_lock(teacher_stage_dir(cfg, target_dir)):  # the other DDP ranks reuse it
-        return _make_teacher(cfg, target_dir, data)
-
-
-def _make_teacher(cfg: DictConfig, target_dir: Path, data: RecData) -> Path:
+    """Teacher data for the training (and a few validation) examples; resumes shard by shard. Under DDP (a process
+    group initialised by an earlier fit) every rank generates its share of the shards (``generate_teacher_data``),
+    rank 0 holding the stage lock and writing the manifests and ``stage.json``."""
     stage_dir = teacher_stage_dir(cfg, target_dir)
-    if reusable(stage_dir, {"target_id": target_id(target_dir)}):
+    if distributed.rank_and_world()[1] == 1:
+        with rank_zero_first(), stage_lock(stage_dir):
+            return _make_teacher(cfg, target_dir, data)
+    with stage_lock(stage_dir):  # held by rank 0 for the group (the other ranks take none)
+        with rank_zero_first():  # rank 0 decides on reuse first (and moves a stale stage aside)
+            reuse = reusable(stage_dir, {"target_id": target_id(target_dir)})
+        _make_teacher(cfg, target_dir, data, reuse)
+    sync_ranks()  # every rank reads the stage.json rank 0 wrote
+    return stage_dir
+
+
+def _make_teacher(cfg: DictConfig, target_dir: Path, data: RecData, reuse: bool | None = None) -> Path:
+    stage_dir = teacher_stage_dir(cfg, target_dir)
+    if reuse if reuse is not None else reusable(stage_dir, {"target_id": target_id(target_dir)}):
         log.info("teacher stage: reusing %s", stage_dir)
         return stage_dir
     target = load_target(target_dir, eval_device(cfg), backend=eval_backend(cfg))
@@ -814,7 +825,8 @@ def evaluate_draft(cfg: DictConfig, target_dir: Path, draft_dir: Path | None, da
 def evaluate_draft_all_users(cfg: DictConfig, target_dir: Path, draft_dir: Path | None, data: RecData
                              ) -> dict[str, float]:
     """Calls, acceptance, overlap with beam search and accuracy on every test user (``eval.max_users`` caps it),
-    batched, with 95% bootstrap intervals over users (``evaluate_all_users``)."""
+    batched, with 95% bootstrap intervals over users (``evaluate_all_users``). Under DDP the ranks share the
+    passes that split exactly (``order_independent``) and every rank gets the one-process figures."""
     device, dtype, backend = eval_device(cfg), eval_dtype(cfg), eval_backend(cfg)
     target = load_target(target_dir, device, dtype, backend)
     draft = load_drafter(cfg, draft_dir, device, dtype, backend, target=target)
@@ -828,7 +840,7 @@ def evaluate_draft_all_users(cfg: DictConfig, target_dir: Path, draft_dir: Path 
         verify_beams=settings["verify_beams"], scope=settings["scope"], prune=settings["prune"], seed=cfg.seed,
         resamples=cfg.eval.get("bootstrap_resamples", 1000), official_top_k=settings["official_top_k"],
         verify_options=settings["verify_options"], batch1_users=min(users, cfg.eval.get("batch1_users") or 0),
-        processors=settings["processors"], beam_lists=cached_target_lists(cfg, target_dir, users),
+        processors=settings["processors"], beam_lists=cached_target_lists(cfg, target_dir, users), sharded=True,
     )
 
 

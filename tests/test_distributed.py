@@ -4,6 +4,7 @@ from collections import Counter
 
 import pytest
 
+from atspeed_exp.artifacts import distributed_follower
 from atspeed_exp.data.datamodule import LengthBucketBatchSampler
 
 
@@ -135,3 +136,19 @@ def test_target_training_on_two_gloo_processes_matches_one_process(tmp_path):
     one = target_val_loss(tmp_path / "one", "target_training.batch_size=64")
     two = target_val_loss(tmp_path / "two", "trainer=ddp", "trainer.devices=2", "target_training.batch_size=32")
     assert two == pytest.approx(one, rel=0.05)
+
+
+@pytest.mark.parametrize(("env", "follower"), [
+    ({}, False),
+    ({"SLURM_PROCID": "0"}, False),
+    ({"SLURM_PROCID": "3"}, True),  # a SLURM task other than the first: a rank of the job's DDP group
+    ({"SLURM_PROCID": "3", "LOCAL_RANK": "0"}, False),  # another launcher's rank wins, as in Lightning's order
+    ({"LOCAL_RANK": "1"}, True),
+    ({"NODE_RANK": "1", "SLURM_PROCID": "0"}, True),
+])
+def test_distributed_follower_reads_the_launchers_rank_variables(monkeypatch, env, follower):
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert distributed_follower() is follower

@@ -191,6 +191,26 @@ def test_config_slurm_launcher_composes(tmp_path):
     assert cfg.hydra.launcher.gpus_per_node == 1
 
 
+def test_config_slurm_launcher_runs_one_task_per_ddp_device(tmp_path):
+    """trainer=ddp on GPU nodes: the SLURM job asks for trainer.devices tasks and GPUs on each of trainer.num_nodes
+    nodes (each task one rank), as the launcher object built from the config receives them."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    def launcher_params(*overrides: str) -> dict:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=["hydra/launcher=slurm", *overrides], return_hydra_config=True)
+        return instantiate(cfg.hydra.launcher).params
+
+    one = launcher_params()
+    assert (one["tasks_per_node"], one["gpus_per_node"], one["nodes"]) == (1, 1, 1)
+    ddp = launcher_params("trainer=ddp", "trainer.accelerator=gpu", "trainer.devices=4", "trainer.num_nodes=2")
+    assert (ddp["tasks_per_node"], ddp["gpus_per_node"], ddp["nodes"]) == (4, 4, 2)
+    cpu = launcher_params("trainer=ddp", "trainer.devices=3", "hydra.launcher.gpus_per_node=0")
+    assert (cpu["tasks_per_node"], cpu["gpus_per_node"], cpu["nodes"]) == (3, 0, 1)
+
+
 def test_teacher_stage_key_ignores_how_the_beams_are_made(tmp_path):
     # teacher.draft_dir (strict SD with an earlier draft) changes the speed, not the data: same stage dir
     base = compose_config(tiny_overrides(tmp_path))

@@ -13,6 +13,11 @@ Layout of a teacher directory:
   truncated or unreadable one; a rerun of ``generate_teacher_data`` replaces such shards, and
   ``remove_corrupt_shards`` removes them (with the stage's ``stage.json``) so the teacher stage regenerates them.
   A shard without a checksum file (written before checksums were recorded) is loaded unverified.
+Under torch.distributed (world size W) the ranks share the work (``atspeed_exp.distributed``): every rank checks
+an existing manifest, rank 0 alone writes a new one, then rank r generates (and checks for corruption) the shards i
+with i % W == r: the same shards with the same examples as one process, so the files are byte for byte those of a
+one-process run. A rerun resumes each rank's missing shards; a final barrier means that every shard exists when any
+rank returns.
 Per shard (n examples, K = K_t beams, L levels):
 ``sequences`` int32 ``[n, K, L]`` token ids; ``scores`` float32 ``[n, K]``; ``logits_0`` fp16 ``[n, S_0]`` (the first
 position's context is the prompt, shared by all beams, stored once); ``logits_t`` fp16 ``[n, K, S_t]`` for t >= 1;
@@ -34,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from atspeed_exp import distributed
 from atspeed_exp.artifacts import (
     STAGE_FILE,
     ArtifactError,
@@ -83,9 +89,16 @@ def weights_fingerprint(model_dir: str | Path) -> str:
 
 
 def _save_shard(payload: dict, path: Path) -> None:
-    """The shard atomically, then its checksum file (a crash between the two leaves a whole, unverified shard)."""
+    """The shard atomically, then its checksum file (a crash between the two leaves a whole, unverified shard).
+    Saved through a file object: torch.save names the archive inside after a path it is given (here the random
+    temporary name), and after nothing for a file object, so equal payloads give equal bytes."""
     checksum_path(path).unlink(missing_ok=True)  # never pair a new shard with an old checksum
-    atomic_save_to_path(path, lambda tmp: torch.save(payload, tmp))
+
+    def save(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+
+    atomic_save_to_path(path, save)
     write_checksum(path)
 
 
@@ -141,9 +154,12 @@ def generate_teacher_data(
     With ``draft`` (e.g. a draft aligned earlier, when teacher data is remade for more examples), the beams come
     from batched strict speculative beam search, which returns the target's own beams and the target's logits at
     their prefixes with fewer target calls; the data equals the target-only run's up to float rounding, so the
-    manifest does not record it."""
+    manifest does not record it. Under torch.distributed every rank calls this with the same arguments and makes
+    its share of the shards (module docstring)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    rank, _ = distributed.rank_and_world()
+    if rank == 0:
+        directory.mkdir(parents=True, exist_ok=True)
     manifest = {
         "target_id": target_id,
         "num_beams": num_beams,
@@ -155,15 +171,17 @@ def generate_teacher_data(
         "full_vocab_gt": bool(full_vocab_gt and responses),
     }
     if (directory / MANIFEST).exists():
-        _check_manifest(directory, manifest)
-    else:
+        _check_manifest(directory, manifest)  # on every rank: a directory of other data stops them all
+    elif rank == 0:  # the one writer
         _write_manifest(directory, manifest)
+    distributed.barrier()
 
     num_shards = (len(prompts) + shard_size - 1) // shard_size
-    remove_corrupt_shards(directory, clear_stage=False)  # regenerated below with the missing ones
-    todo = [s for s in range(num_shards) if not shard_path(directory, s).exists()]
+    mine = distributed.my_units(num_shards)
+    remove_corrupt_shards(directory, clear_stage=False, shards=mine)  # regenerated below with the missing ones
+    todo = [s for s in mine if not shard_path(directory, s).exists()]
     bar = progress_bar(total=sum(min(shard_size, len(prompts) - s * shard_size) for s in todo), desc="teacher beams",
-                       enabled=progress, unit="ex")
+                       enabled=progress and rank == 0, unit="ex")
     for shard in todo:
         first = shard * shard_size
         rows = list(range(first, min(first + shard_size, len(prompts))))
@@ -194,6 +212,7 @@ def generate_teacher_data(
         payload["example_index"] = torch.tensor(rows, dtype=torch.long)
         _save_shard(payload, shard_path(directory, shard))
     bar.close()
+    distributed.barrier()  # every rank's shards are written
     return directory
 
 
@@ -309,13 +328,18 @@ def load_shard(path: Path) -> dict[str, torch.Tensor]:
     return payload
 
 
-def remove_corrupt_shards(directory: str | Path, clear_stage: bool = True) -> list[Path]:
-    """Remove every shard of ``directory`` that ``shard_problem`` rejects (and its checksum file), logging why;
-    return the removed paths. Safe: a shard is a pure function of the target and the settings, and the teacher
-    stage regenerates missing shards only. With ``clear_stage`` and something removed, the enclosing stage's
-    ``stage.json`` is removed too, so the next run does not reuse the stage as complete."""
+def remove_corrupt_shards(directory: str | Path, clear_stage: bool = True,
+                          shards: list[int] | None = None) -> list[Path]:
+    """Remove every shard of ``directory`` (of the indices ``shards`` only, when given) that ``shard_problem``
+    rejects (and its checksum file), logging why; return the removed paths. Safe: a shard is a pure function of
+    the target and the settings, and the teacher stage regenerates missing shards only. With ``clear_stage`` and
+    something removed, the enclosing stage's ``stage.json`` is removed too, so the next run does not reuse the
+    stage as complete."""
     removed = []
-    for path in iter_shards(directory):
+    paths = iter_shards(directory) if shards is None else (shard_path(Path(directory), s) for s in shards)
+    for path in paths:
+        if not path.exists():
+            continue
         problem = shard_problem(path)
         if problem is None:
             continue

@@ -108,6 +108,12 @@ class Drafter(ABC):
         """This drafter without what it learned from earlier calls (the same object when it learns nothing)."""
         return self
 
+    @property
+    def learns_across_calls(self) -> bool:
+        """True when a call's drafts depend on the calls before it (then a pass over users cannot be split into
+        independent parts, e.g. over processes)."""
+        return False
+
 
 def extend_level(
     levels: list[Level],

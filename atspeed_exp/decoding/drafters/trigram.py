@@ -324,6 +324,10 @@ class TrigramDrafter(Drafter):
         """The same counts and settings, nothing learned yet (the counts are shared, never modified)."""
         return TrigramDrafter(self.counts, **self.settings)
 
+    @property
+    def learns_across_calls(self) -> bool:
+        return self.settings["adapt"] == "evaluation"
+
     def begin(self, first: View, trie: ItemTrie, scope: str) -> "TrigramSession":
         if trie_signature(trie) != list(self.counts.signature):
             raise ValueError(f"tri-gram counts built on another item catalogue (trie {list(self.counts.signature)}, "
