@@ -252,3 +252,41 @@ def test_bench_decoding_runs_model_free_drafters_and_dare(tmp_path, capsys):
     assert report["header"]["dare"] == {"dare_top_k": 6, "dare_threshold": 0.0}
     assert "drafter trigram_puct:" in out and "sd_dare_trigram " in out
     assert all(r["mismatches"] == 0 for r in report["throughput"] if r["method"].startswith("sd_strict"))
+
+
+def _fake_target(root: Path, name: str, epochs: int, evaluations: list[tuple[int, int, float]]) -> Path:
+    """A target stage dir with stage.json and cached evaluations (users, K, recall@10)."""
+    import json
+
+    target = root / name
+    (target / "eval").mkdir(parents=True)
+    settings = {"model": {"name": "llama_small"}, "target_training": {"max_epochs": epochs}, "seed": 7}
+    (target / "stage.json").write_text(json.dumps({"settings": settings, "train_seconds_this_run": 60.0}))
+    for index, (users, k, recall) in enumerate(evaluations):
+        metrics = {"eval/num_users": users, "eval/target/recall@10": recall, "eval/most_popular/recall@10": 0.01,
+                   "eval/target/distinct_items@10": 100.0}
+        (target / "eval" / f"target-{index}.json").write_text(
+            json.dumps({"settings": {"users": users, "num_beams": k}, "metrics": metrics}))
+    return target
+
+
+def test_target_table_takes_each_targets_widest_cached_evaluation(tmp_path, capsys):
+    import json
+
+    table = load_script("target_table")
+    short = _fake_target(tmp_path, "short", 3, [(200, 20, 0.5), (3000, 10, 0.2), (3000, 20, 0.3)])
+    long = _fake_target(tmp_path, "long", 6, [(3000, 20, 0.4)])
+    sasrec = tmp_path / "sasrec.json"
+    sasrec.write_text(json.dumps({"metrics": {"baseline/sasrec/num_users": 3000, "baseline/sasrec/recall@10": 0.6}}))
+    out = tmp_path / "rows.json"
+    assert table.main([str(short), str(long), "--sasrec", str(sasrec), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["list"], r.get("epochs"), r["recall@10"]) for r in rows] == [
+        ("target", 3, 0.3), ("target", 6, 0.4), ("most_popular", None, 0.01), ("sasrec", None, 0.6)]
+    assert rows[0]["users"] == 3000 and rows[0]["distinct_items@10"] == 100.0
+    # targets (or SASRec) evaluated on other users are refused, not tabulated side by side
+    other = _fake_target(tmp_path, "other", 6, [(2000, 20, 0.4)])
+    assert table.main([str(short), str(other)]) == 1
+    assert "compare targets on the same users" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="no eval/target"):
+        table.cached_evaluation(_fake_target(tmp_path, "none", 1, []))
