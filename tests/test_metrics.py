@@ -144,3 +144,6 @@ def test_most_popular_lists_match_a_naive_sort_with_many_ties():
     popularity = torch.randint(0, 3, (60,), generator=gen)
     naive = sorted(range(60), key=lambda item: (-int(popularity[item]), item))[:25]
     assert most_popular_lists(popularity, num_users=1, k=25).tolist() == [naive]
+    # counts of any dtype: an unsigned one must not wrap around when negated
+    for dtype in (torch.uint8, torch.int32, torch.float32):
+        assert most_popular_lists(popularity.to(dtype), num_users=1, k=25).tolist() == [naive], dtype
