@@ -26,12 +26,14 @@ tests_for() {  # the unit tests of a part of the package
     atspeed_exp/metrics*) echo tests/test_metrics.py tests/test_streaming_metrics.py tests/test_diversity.py ;;
     atspeed_exp/losses*) echo tests/test_losses.py ;;
     atspeed_exp/decoding*)
-      echo tests/test_beam_search.py tests/test_speculative.py tests/test_speculative_batched.py tests/test_drafters.py \
-        tests/test_processors.py tests/test_relaxed_official.py tests/test_verify_dare.py tests/test_trigram_drafter.py \
-        tests/test_retrieval_drafter.py tests/test_layer_skip.py ;;
+      echo tests/test_beam_search.py tests/test_speculative.py tests/test_speculative_batched.py \
+        tests/test_drafters.py tests/test_processors.py tests/test_cf_assistant.py tests/test_relaxed_official.py \
+        tests/test_verify_dare.py tests/test_trigram_drafter.py tests/test_retrieval_drafter.py \
+        tests/test_layer_skip.py ;;
     atspeed_exp/data*)
-      echo tests/test_data_format.py tests/test_synthetic.py tests/test_tokenizer_prompts.py tests/test_teacher.py \
-        tests/test_sid_build.py tests/test_sid_index.py tests/test_rq_vae.py tests/test_text_embeddings.py ;;
+      echo tests/test_data_format.py tests/test_prepare.py tests/test_synthetic.py tests/test_tokenizer_prompts.py \
+        tests/test_teacher.py tests/test_sid_build.py tests/test_sid_index.py tests/test_rq_vae.py \
+        tests/test_text_embeddings.py ;;
     atspeed_exp/evaluation.py) echo tests/test_speculative_eval.py ;;
     *) return 1 ;;
   esac
@@ -82,9 +84,10 @@ lines = Path("mutants/results.txt").read_text().splitlines()
 status = dict(line.strip().rsplit(": ", 1) for line in lines if ": " in line)
 count = collections.Counter(status.values())
 killed = count["killed"] + count["timeout"]
-score = {"scope": sys.argv[1], "tests": sys.argv[2:], "mutants": len(status), "killed": count["killed"], "timeout": count["timeout"],
-         "survived": count["survived"], "no_tests": count["no tests"], "other": len(status) - killed
-         - count["survived"] - count["no tests"], "score": killed / len(status) if status else None}
+other = len(status) - killed - count["survived"] - count["no tests"]
+score = {"scope": sys.argv[1], "tests": sys.argv[2:], "mutants": len(status), "killed": count["killed"],
+         "timeout": count["timeout"], "survived": count["survived"], "no_tests": count["no tests"], "other": other,
+         "score": killed / len(status) if status else None}
 Path("mutants/score.json").write_text(json.dumps(score, indent=1) + "\n")
 print(f"mutation score: {killed}/{len(status)} killed ({100 * (score['score'] or 0):.1f}%), timeouts "
       f"{count['timeout']} of them; survived {count['survived']}, no tests {count['no tests']}, other {score['other']}")
