@@ -40,8 +40,8 @@ def test_recall_ndcg_cutoffs_and_ideal_length():
 
 
 def test_recall_ndcg_rejects_misaligned_inputs():
-    with pytest.raises(ValueError, match="ranked lists"):
-        recall_ndcg(torch.zeros(2, 5, dtype=torch.long), pad_ground_truth([[1]]))
+    with pytest.raises(ValueError, match="^2 ranked lists for 1 ground-truth lists$"):
+        recall_ndcg(torch.zeros(2, 5, dtype=torch.long), pad_ground_truth([[1, 2]]))
 
 
 def test_most_popular_lists_ties_by_item_id():
@@ -87,3 +87,63 @@ def test_ndcg_ideal_dcg_stops_at_the_cutoff_when_the_ground_truth_is_larger():
     assert out["ndcg@2"] == pytest.approx(1.0)
     assert out["recall@2"] == pytest.approx(2 / 3)
     assert out["ndcg@5"] == pytest.approx(1.0)
+
+
+def test_pad_ground_truth_pads_with_minus_one_and_keeps_at_least_one_column():
+    assert pad_ground_truth([[4, 2], [7], []]).tolist() == [[4, 2], [7, -1], [-1, -1]]
+    assert pad_ground_truth([[7]]).tolist() == [[7]]
+    assert pad_ground_truth([[], []]).tolist() == [[-1], [-1]]
+    empty = pad_ground_truth([])
+    assert empty.shape == (0, 1) and empty.dtype == torch.long
+
+
+def test_recall_ndcg_without_any_ground_truth_is_nan():
+    out = recall_ndcg(torch.tensor([[1, 2, 3]]), pad_ground_truth([[]]), cutoffs=(2,))
+    assert set(out) == {"recall@2", "ndcg@2"}
+    assert all(math.isnan(v) for v in out.values())
+
+
+def test_recall_ndcg_skips_only_the_cutoffs_longer_than_the_lists():
+    ranked = torch.arange(10).unsqueeze(0)
+    out = recall_ndcg(ranked, pad_ground_truth([[3]]), cutoffs=(50, 5, 20, 10))
+    assert set(out) == {"recall@5", "ndcg@5", "recall@10", "ndcg@10"}
+
+
+def naive_recall_ndcg(ranked: list[list[int]], truth: list[list[int]], n: int) -> tuple[list[float], list[float]]:
+    """The docstring's formulas, one user at a time, in Python floats."""
+    recalls, ndcgs = [], []
+    for items, g in zip(ranked, truth):
+        if not g:
+            continue
+        seen, hits = set(), []
+        for j, item in enumerate(items[:n]):
+            if item >= 0 and item in g and item not in seen:
+                hits.append(j)
+            seen.add(item)
+        dcg = sum(1 / math.log2(j + 2) for j in hits)
+        idcg = sum(1 / math.log2(j + 2) for j in range(min(len(g), n)))
+        recalls.append(len(hits) / len(set(g)))
+        ndcgs.append(dcg / idcg)
+    return recalls, ndcgs
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_recall_ndcg_per_user_matches_naive_formula_to_double_precision(seed):
+    gen = torch.Generator().manual_seed(seed)
+    ranked = torch.randint(-1, 30, (40, 20), generator=gen)  # repeats and padding included
+    truth = [torch.randperm(30, generator=gen)[: int(torch.randint(0, 6, (1,), generator=gen))].tolist() for _ in range(40)]
+    out = recall_ndcg_per_user(ranked, pad_ground_truth(truth), cutoffs=(5, 20))
+    for n in (5, 20):
+        recalls, ndcgs = naive_recall_ndcg(ranked.tolist(), truth, n)
+        assert out[f"recall@{n}"].tolist() == pytest.approx(recalls, rel=1e-12, abs=0)
+        assert out[f"ndcg@{n}"].tolist() == pytest.approx(ndcgs, rel=1e-12, abs=1e-15)
+
+
+def test_most_popular_lists_match_a_naive_sort_with_many_ties():
+    gen = torch.Generator().manual_seed(0)
+    popularity = torch.randint(0, 3, (60,), generator=gen)
+    naive = sorted(range(60), key=lambda item: (-int(popularity[item]), item))[:25]
+    assert most_popular_lists(popularity, num_users=1, k=25).tolist() == [naive]
+    # counts of any dtype: an unsigned one must not wrap around when negated
+    for dtype in (torch.uint8, torch.int32, torch.float32):
+        assert most_popular_lists(popularity.to(dtype), num_users=1, k=25).tolist() == [naive], dtype
