@@ -78,7 +78,7 @@ def _drop_inactive(config: dict[str, Any]) -> None:
     decoding = config.get("decoding")
     if isinstance(decoding, dict):
         drafter = decoding.get("drafter", "model")
-        for name in ("retrieval", "trigram"):
+        for name in ("retrieval", "trigram", "layer_skip"):
             if drafter != name:
                 decoding.pop(name, None)
         if "dare" not in (decoding.get("modes") or ()):

@@ -87,18 +87,20 @@ def test_across_seeds_aggregates_all_users_rows_by_form_mode_and_k():
 
 
 def test_group_key_ignores_settings_a_run_does_not_use():
-    """A run written before the tri-gram drafter, DARE, score processors or the batch-1 check existed groups with
-    one written after, when it uses none of them; a run that uses one of them is another setting."""
+    """A run written before the tri-gram or layer-skip drafter, DARE, score processors or the batch-1 check existed
+    groups with one written after, when it uses none of them; a run that uses one of them is another setting."""
     from atspeed_exp.analysis import group_key
 
     old = {"alignment": {"name": "atspeed_s"}, "decoding": {"modes": ["strict"], "gamma": 3}, "eval": {"num_beams": 20}}
     new = {"alignment": {"name": "atspeed_s"},
            "decoding": {"modes": ["strict"], "gamma": 3, "drafter": "model", "dare_top_k": None,
                         "dare_threshold": 0.0, "processors": [], "ghost_threshold": None,
-                        "trigram": {"adapt": "evaluation"}, "retrieval": {"groups": 8}},
+                        "trigram": {"adapt": "evaluation"}, "retrieval": {"groups": 8},
+                        "layer_skip": {"skip_attention": [], "search": False},
+                        "cf_weight": 0.5, "cf_epsilon": 1e-8},
            "eval": {"num_beams": 20, "batch1_users": 500}}
     assert group_key(old) == group_key(new)
-    for changed in ({"drafter": "trigram"}, {"modes": ["strict", "dare"]}, {"processors": ["ghost_debias"]},
-                    {"gamma": 2}):
+    for changed in ({"drafter": "trigram"}, {"drafter": "layer_skip"}, {"modes": ["strict", "dare"]},
+                    {"processors": ["ghost_debias"]}, {"processors": ["cf_assistant"]}, {"gamma": 2}):
         other = {**new, "decoding": {**new["decoding"], **changed}}
         assert group_key(other) != group_key(new), changed
