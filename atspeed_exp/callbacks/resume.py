@@ -177,7 +177,7 @@ class MidEpochCheckpoint(pl.Callback):
         signum = self._signal(trainer)
         if signum is None and not (self.every_n_steps and trainer.global_step % self.every_n_steps == 0):
             return
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # the full resumable state
         if signum is not None:
             self._stop(trainer, signum, f"in epoch {trainer.current_epoch + 1}/{trainer.max_epochs} after "
                                         f"batch {batch_idx + 1}/{trainer.num_training_batches}")
@@ -185,7 +185,7 @@ class MidEpochCheckpoint(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         signum = self._signal(trainer)
         if signum is not None:  # the signal came during the epoch's last batch or its validation
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # the full resumable state
             self._stop(trainer, signum, f"at the end of epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -193,5 +193,5 @@ class MidEpochCheckpoint(pl.Callback):
         # Lightning's SIGTERM stop after a training step's hooks (not during validation, where it stops mid-way)
         if (isinstance(exception, SIGTERMException) and trainer.training and self._batch_idx is not None
                 and self._mid_epoch_step_end(trainer, self._batch_idx)):
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # the full resumable state
             log.info("%s: saved %s at global step %d", self.stage, self.path, trainer.global_step)
