@@ -46,10 +46,10 @@ def target_row(target_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     evaluation = cached_evaluation(target_dir)
     metrics = evaluation["metrics"]
     users = int(metrics.get("eval/num_users", evaluation["settings"].get("users", 0)))
-    row = {"list": "target", "target": target_dir.name, "model": settings.get("model", {}).get("name"),
+    row = {"list": "target", "label": f"target, {training.get('max_epochs')} epochs", "target": target_dir.name, "model": settings.get("model", {}).get("name"),
            "epochs": training.get("max_epochs"), "seed": settings.get("seed"), "users": users,
            "train_seconds": stage.get("train_seconds_this_run")}
-    popular = {"list": "most_popular", "target": None, "users": users}
+    popular = {"list": "most_popular", "label": "most_popular", "target": None, "users": users}
     for figure in FIGURES:
         row[figure] = metrics.get(f"eval/target/{figure}")
         popular[figure] = metrics.get(f"eval/most_popular/{figure}")
@@ -59,14 +59,14 @@ def target_row(target_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 def sasrec_row(path: Path) -> dict[str, Any]:
     """The SASRec baseline's row from its results JSON (``baseline/sasrec/*`` metrics)."""
     metrics = json.loads(path.read_text())["metrics"]
-    row = {"list": "sasrec", "target": None, "users": int(metrics.get("baseline/sasrec/num_users", 0)) or None}
+    row = {"list": "sasrec", "label": "sasrec", "target": None, "users": int(metrics.get("baseline/sasrec/num_users", 0)) or None}
     for figure in FIGURES:
         row[figure] = metrics.get(f"baseline/sasrec/{figure}")
     return row
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    head = ["list", "epochs", "seed", *FIGURES]
+    head = ["label", "seed", *FIGURES]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = []
