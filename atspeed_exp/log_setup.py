@@ -3,20 +3,21 @@
 Some libraries attach their own stderr handler to a logger that also propagates to the root logger (which Hydra
 configures), so each of their INFO lines appears twice on a terminal. ``route_library_logs`` removes those extra
 handlers and drops a few messages that say nothing about the run (a Lightning advertisement, a deprecation warning
-inside Lightning's own code). ``quiet_wandb`` turns off W&B's end-of-run history and summary blocks, printed at
-every stage's end before the pipeline's own summary."""
+inside Lightning's own code, transformers' weight-loading progress bar). ``quiet_wandb`` turns off W&B's end-of-run
+history and summary blocks, printed at every stage's end before the pipeline's own summary."""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from typing import Any
 
-NOISE = ("litlogger",)
+NOISE = ("litlogger",)  # substrings of log messages that are advertisements, not information
 # libraries that attach a console handler of their own; their records go to the root's handlers instead (Lightning
 # also stops propagating when it is imported before logging is configured, which then bypasses Hydra's log file)
-LIBRARIES = ("lightning", "lightning_fabric", "pytorch_lightning", "torchmetrics", "huggingface_hub")  # substrings of log messages that are advertisements, not information
+LIBRARIES = ("lightning", "lightning_fabric", "pytorch_lightning", "torchmetrics", "huggingface_hub")
 NOISY_WARNINGS = (r".*LeafSpec.*",)  # deprecation warnings raised inside a dependency, not by this project
 
 
@@ -41,6 +42,10 @@ def route_library_logs() -> None:
             handler.addFilter(_DropNoise())
     for pattern in NOISY_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+    if "transformers" in sys.modules:  # its "Loading weights" bar at every model load, carriage returns in log files
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def quiet_wandb(arguments: dict[str, Any]) -> dict[str, Any]:

@@ -93,6 +93,28 @@ def test_route_library_logs_leaves_one_handler_per_record_and_drops_noise(caplog
         logging.root.removeHandler(root_handler)
 
 
+def test_route_library_logs_turns_off_the_weight_loading_bar(tmp_path, capsys):
+    """transformers draws a "Loading weights" progress bar at every model load: carriage-return noise in log files,
+    several per evaluation."""
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    from atspeed_exp.log_setup import route_library_logs
+
+    config = transformers.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    hf_logging.enable_progress_bar()
+    try:
+        transformers.LlamaForCausalLM.from_pretrained(tmp_path)
+        assert "Loading weights" in capsys.readouterr().err  # the noise, as a model load prints it
+        route_library_logs()
+        transformers.LlamaForCausalLM.from_pretrained(tmp_path)
+        assert "Loading weights" not in capsys.readouterr().err
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def test_log_progress_reports_steps_and_time_left(caplog):
     import logging
 
