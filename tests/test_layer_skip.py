@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 
 import pytest
 import torch
@@ -134,7 +135,7 @@ def naive_objective(target, attention, mlp, prompts, trie, k, n, gamma) -> float
     return total / len(prompts)
 
 
-def test_skip_search_beats_the_empty_and_full_sets_and_is_deterministic():
+def test_skip_search_beats_the_empty_and_full_sets_and_is_deterministic(caplog):
     trie, _, tokens, vocab = make_trie(seed=7)
     model = llama(seed=7, vocab_size=vocab, num_hidden_layers=LAYERS)
     with torch.no_grad():  # one sublayer that matters: a random init's residual stream is mostly the embedding
@@ -142,7 +143,11 @@ def test_skip_search_beats_the_empty_and_full_sets_and_is_deterministic():
     target = LeanLlamaLM(model)
     prompts = [*random_prompts(2, vocab, seed=7), *history_prompts(tokens, 2, 7)]
     k, n, gamma = 3, 6, 3
-    result = search_skip_set(target, prompts, trie, PAD, k, n, gamma, seed=0, batch_size=4)
+    with caplog.at_level(logging.INFO, logger="atspeed_exp.decoding.skip_search"):
+        result = search_skip_set(target, prompts, trie, PAD, k, n, gamma, seed=0, batch_size=4)
+    progress = [r.getMessage() for r in caplog.records if r.name == "atspeed_exp.decoding.skip_search"]
+    assert len(progress) == len(result.trace)  # a log line per measurement, so a long search shows where it is
+    assert progress[0].startswith("skip-set search: measurement 1 (at most ") and "-> objective" in progress[0]
     everything = tuple(range(LAYERS))
     chosen = naive_objective(target, result.skip_attention, result.skip_mlp, prompts, trie, k, n, gamma)
     assert chosen == pytest.approx(result.best.objective)

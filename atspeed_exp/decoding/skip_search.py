@@ -23,10 +23,14 @@ A layer count of ``n`` costs at most (2n)(2n + 1)/2 + 2 measurements (36 + 2 at 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from dataclasses import asdict, dataclass, field
 from typing import IO
 
 import torch
+
+log = logging.getLogger(__name__)
 
 from atspeed_exp.decoding.beam_search import left_pad
 from atspeed_exp.decoding.drafters.layer_skip import LayerSkipDrafter, SkippableLM
@@ -142,11 +146,20 @@ def search_skip_set(
     settings = {"num_beams": num_beams, "draft_beams": draft_beams, "gamma": gamma, "mode": mode, "seed": seed,
                 "max_skipped": max_skipped, "scope": scope, "prompts": len(prompts)}
 
-    def run(skip: frozenset[tuple[str, int]]) -> Measure:
-        return measure_skip_set(target, skip, prompts, trie, pad_id, num_beams, draft_beams, gamma, mode, seed,
-                                batch_size, scope)
-
     every = [(kind, i) for kind in SUBLAYERS for i in range(target.num_layers)]
+    bound = len(every) * (len(every) + 1) // 2 + 2  # measurements at most (module docstring)
+    done, start = [0], time.perf_counter()
+
+    def run(skip: frozenset[tuple[str, int]]) -> Measure:
+        measure = measure_skip_set(target, skip, prompts, trie, pad_id, num_beams, draft_beams, gamma, mode, seed,
+                                   batch_size, scope)
+        done[0] += 1
+        log.info("skip-set search: measurement %d (at most %d, %.0fs so far): skip attention %s, mlp %s -> "
+                 "objective %.3f (target calls %.2f, draft calls %.2f, acceptance %.3f)", done[0], bound,
+                 time.perf_counter() - start, list(measure.skip_attention), list(measure.skip_mlp),
+                 measure.objective, measure.target_calls, measure.draft_calls, measure.acceptance_rate)
+        return measure
+
     order = [every[i] for i in torch.randperm(len(every), generator=torch.Generator().manual_seed(seed)).tolist()]
     limit = len(every) - 1 if max_skipped is None else min(max_skipped, len(every) - 1)
     current: frozenset[tuple[str, int]] = frozenset()
