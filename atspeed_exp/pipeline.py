@@ -22,7 +22,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -30,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
 
 from atspeed_exp import artifacts, distributed, wandb_views
-from atspeed_exp.artifacts import load_checkpoint_state_dict, resume_checkpoint, stage_lock
+from atspeed_exp.artifacts import distributed_follower, load_checkpoint_state_dict, resume_checkpoint, stage_lock
 from atspeed_exp.callbacks.atomic_checkpoint import AtomicCheckpointIO
 from atspeed_exp.callbacks.progress import LogProgress
 from atspeed_exp.callbacks.resume import MidEpochCheckpoint, ResumeState, TrainingStopped
@@ -103,8 +102,7 @@ def is_rank_zero() -> bool:
 def sync_ranks() -> None:
     """Wait for every rank of a DDP run; nothing when torch.distributed is not initialised (one process, or before
     the first fit started the others)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    distributed.barrier()
 
 
 @contextmanager
@@ -119,6 +117,20 @@ def rank_zero_first() -> Iterator[None]:
 
 def stage_done(stage_dir: Path) -> bool:
     return (stage_dir / STAGE_FILE).exists()
+
+
+def wait_for_stage(stage_dir: Path, stage: str, poll_s: float = 2.0, report_s: float = 60.0) -> Path:
+    """For a non-zero rank that runs before any process group exists (every task of a SLURM job starts at once): it
+    neither builds the stage beside rank 0 nor reads it half-written, but waits until rank 0 has written its
+    ``stage.json``, saying so every ``report_s`` seconds."""
+    start = last = time.monotonic()
+    while not stage_done(stage_dir):
+        if time.monotonic() - last >= report_s:
+            last = time.monotonic()
+            log.info("%s stage: waiting %.0fs for rank 0 to finish %s", stage, last - start, stage_dir)
+        time.sleep(poll_s)
+    log.info("%s stage: reusing %s (built by rank 0)", stage, stage_dir)
+    return stage_dir
 
 
 def reusable(stage_dir: Path, inputs: dict[str, str], also_accepted: dict[str, str] | None = None) -> bool:
@@ -444,6 +456,8 @@ def make_teacher(cfg: DictConfig, target_dir: Path, data: RecData) -> Path:
     rank 0 holding the stage lock and writing the manifests and ``stage.json``."""
     stage_dir = teacher_stage_dir(cfg, target_dir)
     if distributed.rank_and_world()[1] == 1:
+        if distributed_follower():  # a launcher's other rank before any fit made the group (SLURM starts all tasks)
+            return wait_for_stage(stage_dir, "teacher")
         with rank_zero_first(), stage_lock(stage_dir):
             return _make_teacher(cfg, target_dir, data)
     with stage_lock(stage_dir):  # held by rank 0 for the group (the other ranks take none)
@@ -915,15 +929,18 @@ def cached_target_lists(cfg: DictConfig, stage_dir: Path, users: int
 
     def lists(k: int, decode: Callable[[], torch.Tensor]) -> torch.Tensor:
         path = stage_dir / "eval" / f"beam-lists-{stage_key({**settings, 'num_beams': k})}.pt"
+        items = None
         if path.exists():
             try:
                 items = torch.load(path, weights_only=True)["items"]
             except Exception as err:  # a damaged cache file is decoded again and rewritten, never trusted
                 log.warning("target beam lists K=%d: %s is unreadable (%s: %s); decoding them again", k, path,
                             type(err).__name__, err)
-            else:
-                log.info("target beam lists K=%d: reusing %s", k, path)
-                return items
+        # the ranks decide together: the decode below is sharded and gathers from every rank, so one rank reading
+        # the file while another decodes (a file written or damaged between their checks) would wait forever
+        if all(loaded for loaded in distributed.gather_objects(items is not None)):
+            log.info("target beam lists K=%d: reusing %s", k, path)
+            return items
         items = decode()
         if is_rank_zero():
             artifacts.atomic_save_to_path(path, lambda tmp: torch.save({"settings": settings, "k": k, "items": items},

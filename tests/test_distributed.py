@@ -152,3 +152,34 @@ def test_distributed_follower_reads_the_launchers_rank_variables(monkeypatch, en
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert distributed_follower() is follower
+
+
+def test_a_slurm_task_before_any_process_group_waits_for_rank_zeros_teacher(tmp_path, monkeypatch):
+    """Every task of a SLURM job starts at once; with the target reused, no fit has made a process group yet when the
+    teacher stage runs. A non-zero task must neither generate the shards beside rank 0 nor read a half-made stage:
+    it waits for rank 0's stage.json."""
+    import threading
+
+    from omegaconf import OmegaConf
+
+    from atspeed_exp import pipeline
+
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    cfg = OmegaConf.create({"teacher": {"num_beams": 4}, "paths": {"artifacts_dir": str(tmp_path)}})
+    target_dir = tmp_path / "target" / "t-1"
+    stage_dir = pipeline.teacher_stage_dir(cfg, target_dir)
+
+    def builds(*args, **kwargs):
+        raise AssertionError("a follower task built the teacher stage")
+
+    monkeypatch.setattr(pipeline, "_make_teacher", builds)
+    stage_dir.mkdir(parents=True)
+    writer = threading.Timer(0.3, lambda: (stage_dir / "stage.json").write_text("{}"))
+    writer.start()
+    try:
+        assert pipeline.make_teacher(cfg, target_dir, data=None) == stage_dir
+        assert (stage_dir / "stage.json").exists()  # it returned only once rank 0's stage was complete
+    finally:
+        writer.join()
