@@ -696,6 +696,9 @@ def layer_skip_search_settings(cfg: DictConfig) -> dict[str, Any]:
         "users": layer_skip.search_users, "mode": layer_skip.search_mode, "max_skipped": layer_skip.max_skipped,
         "num_beams": cfg.decoding.beam_size, "draft_beams": cfg.decoding.draft_beams, "gamma": cfg.decoding.gamma,
         "scope": cfg.decoding.get("scope", "vocab"), "seed": cfg.seed, "format": SKIP_SEARCH_FORMAT,
+        # how it decodes: batching, precision and kernels can break near-ties differently
+        "batch_size": cfg.eval.batch_size, "dtype": eval_dtype(cfg), "backend": eval_backend(cfg),
+        "device": eval_device(cfg),
     }
 
 
@@ -715,14 +718,14 @@ def build_layer_skip(cfg: DictConfig, target_dir: Path, data: RecData) -> Path:
             log.info("layer_skip: reusing %s", stage_dir)
             return stage_dir
         settings = layer_skip_search_settings(cfg)
-        device = eval_device(cfg)
-        target = load_target(target_dir, device, eval_dtype(cfg), eval_backend(cfg))
+        device = settings["device"]
+        target = load_target(target_dir, device, settings["dtype"], settings["backend"])
         prompts = [torch.tensor(p, dtype=torch.long) for p in data.splits["valid"].prompts[:settings["users"]]]
         start = time.perf_counter()
         result = search_skip_set(
             target, prompts, data.trie().to(device), data.pad_id, settings["num_beams"], settings["draft_beams"],
             settings["gamma"], mode=settings["mode"], seed=settings["seed"], max_skipped=settings["max_skipped"],
-            batch_size=cfg.eval.batch_size, scope=settings["scope"],
+            batch_size=settings["batch_size"], scope=settings["scope"],
         )
         seconds = time.perf_counter() - start
         path = artifacts.atomic_write(stage_dir / LAYER_SKIP_FILE, result.save)

@@ -26,16 +26,25 @@ FIGURES = ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "recall@20", "ndcg@20",
 
 
 def cached_evaluation(target_dir: Path) -> dict[str, Any]:
-    """The target's cached all-users evaluation with the most users (then the largest K)."""
+    """The target's cached all-users evaluation with the most users (then the largest K), of its plain lists: an
+    evaluation with score processors (``decoding.processors``) is another decoder's, not the target's."""
     found = []
     for path in sorted((target_dir / "eval").glob("target-*.json")):
         payload = json.loads(path.read_text())
         settings = payload.get("settings", {})
-        found.append((settings.get("users", 0), settings.get("num_beams", 0), path.name, payload))
+        if settings.get("processors"):
+            continue
+        found.append((settings.get("users", 0), settings.get("num_beams", 0), payload))
     if not found:
-        raise FileNotFoundError(f"{target_dir}: no eval/target-*.json; run the pipeline on this target first "
-                                f"(its target stage evaluates the target on the test users)")
-    return max(found, key=lambda item: item[:3])[3]
+        raise FileNotFoundError(f"{target_dir}: no eval/target-*.json without score processors; run the pipeline on "
+                                f"this target first (its target stage evaluates the target on the test users)")
+    widest = max(found, key=lambda item: item[:2])
+    figures = {json.dumps({k: v for k, v in payload["metrics"].items() if "walltime" not in k}, sort_keys=True)
+               for *size, payload in found if size == list(widest[:2])}  # walltime: the machine's, not the lists
+    if len(figures) > 1:  # e.g. two dtypes or backends: say so rather than pick one by file name
+        raise ValueError(f"{target_dir}: several cached evaluations of {widest[0]} users at K={widest[1]} with "
+                         f"different figures; keep the one to report in {target_dir / 'eval'}")
+    return widest[2]
 
 
 def target_row(target_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:

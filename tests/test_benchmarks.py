@@ -290,3 +290,13 @@ def test_target_table_takes_each_targets_widest_cached_evaluation(tmp_path, caps
     assert "compare targets on the same users" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="no eval/target"):
         table.cached_evaluation(_fake_target(tmp_path, "none", 1, []))
+    # an evaluation with score processors is not the target's own lists, however many users it covers
+    processed = _fake_target(tmp_path, "processed", 3, [(3000, 20, 0.3)])
+    (processed / "eval" / "target-p.json").write_text(json.dumps(
+        {"settings": {"users": 3553, "num_beams": 20, "processors": ["ghost_debias", None]},
+         "metrics": {"eval/target/recall@10": 0.9}}))
+    assert table.cached_evaluation(processed)["metrics"]["eval/target/recall@10"] == 0.3
+    (processed / "eval" / "target-q.json").write_text(json.dumps(
+        {"settings": {"users": 3000, "num_beams": 20, "dtype": "bfloat16"}, "metrics": {"eval/target/recall@10": 0.2}}))
+    with pytest.raises(ValueError, match="several cached evaluations"):
+        table.cached_evaluation(processed)
