@@ -2,6 +2,7 @@
 assertions: the script measures, the test only checks that it runs and reports everything)."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -300,3 +301,49 @@ def test_target_table_takes_each_targets_widest_cached_evaluation(tmp_path, caps
         {"settings": {"users": 3000, "num_beams": 20, "dtype": "bfloat16"}, "metrics": {"eval/target/recall@10": 0.2}}))
     with pytest.raises(ValueError, match="several cached evaluations"):
         table.cached_evaluation(processed)
+
+
+def _random_target_stage(root: Path) -> tuple[Path, Path]:
+    """(a target stage dir with an untrained tiny target and its tokenizer, the synthetic data folder it was made on)."""
+    from hydra.utils import instantiate
+    from pipeline_helpers import compose_config, tiny_overrides
+
+    from atspeed_exp import pipeline
+    from atspeed_exp.data.tokenizer import save_tokenizer
+    from atspeed_exp.models.build import save_model
+
+    cfg = compose_config(tiny_overrides(root))
+    data = pipeline.load_data(cfg)
+    torch.manual_seed(0)
+    blocks = data.sid_index.level_blocks
+    model = instantiate(cfg.model, tokenizer=data.tokenizer, sid_token_ids=list(range(blocks[0][0], blocks[-1][1])))
+    target_dir = root / "target" / "synthetic-random"
+    save_model(model, target_dir / "model")
+    save_tokenizer(data.tokenizer, target_dir / "tokenizer")
+    return target_dir, pipeline.data_root(cfg)
+
+
+@pytest.mark.slow  # three spawned processes that import the pipeline: about a minute on two busy cores
+def test_teacher_scaling_reports_every_world_size_with_the_one_process_files(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # the spawned ranks import the script by module name
+    bench = load_script("teacher_scaling")
+    target_dir, data_root = _random_target_stage(tmp_path)
+    report = bench.main([str(target_dir), "--data-name", "synthetic", "--data-root", str(data_root),
+                         "--examples", "10", "--shard-size", "3", "--batch-size", "2", "--num-beams", "5",
+                         "--out", str(tmp_path / "scale" / "teacher.json")])
+    out = capsys.readouterr().out
+
+    header = next(line for line in out.splitlines() if line.split()[:1] == ["W"])
+    assert header.split() == list(bench.COLUMNS)
+    lines = out.splitlines()
+    rows = [lines[lines.index(header) + 1 + i].split() for i in range(2)]
+    assert [r[:2] for r in rows] == [["1", "10"], ["2", "10"]] and all(len(r) == len(bench.COLUMNS) for r in rows)
+    one, two = report["rows"]
+    assert one["efficiency"] == 1.0 and two["efficiency"] > 0
+    assert two["examples_per_s"] == pytest.approx(10 / two["seconds"])
+    assert two["examples_per_s_per_process"] == pytest.approx(two["examples_per_s"] / 2)
+    assert float(rows[1][5]) == pytest.approx(two["efficiency"], abs=0.006)
+    # 4 shards (3 + 3 + 3 + 1), each with its checksum file, and the manifest: byte for byte those of one process
+    assert len([n for n in one["files_sha256"] if n.endswith(".pt")]) == 4
+    assert two["files_sha256"] == one["files_sha256"] and two["same_files_as_w1"] is True
+    assert json.loads((tmp_path / "scale" / "teacher.json").read_text())["rows"][1]["world_size"] == 2
