@@ -72,13 +72,16 @@ def node_mass(item_probs: torch.Tensor, trie: ItemTrie) -> torch.Tensor:
     return mass
 
 
-def cf_step_log_probs(mass: torch.Tensor, nodes: torch.Tensor, trie: ItemTrie, epsilon: float) -> torch.Tensor:
-    """``log max(p_CF(c | node), epsilon)`` ``[B, M, S]`` at global ``nodes`` ``[B, M]`` from the rows' node masses
-    ``mass`` ``[B, G]`` (forbidden codes: whatever the floor gives; callers mask them)."""
-    batch, beams = nodes.shape
+def cf_step_log_probs(mass: torch.Tensor, nodes: torch.Tensor, trie: ItemTrie, epsilon: float,
+                      rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``log max(p_CF(c | node), epsilon)`` ``[B, M, S]`` at global ``nodes`` ``[B, M]`` from the node masses
+    ``mass`` ``[U, G]`` of the users ``rows`` ``[B]`` (None: row b is user b); forbidden codes: whatever the floor
+    gives, callers mask them. Only the entries needed are read (no [B, G] copy per step)."""
+    if rows is None:
+        rows = torch.arange(nodes.shape[0], device=nodes.device)
     children = trie.global_child[nodes]  # [B, M, S]
-    child_mass = mass.gather(1, children.reshape(batch, -1)).view_as(children)  # [B, M, S]
-    parent_mass = mass.gather(1, nodes)[..., None]  # [B, M, 1]
+    child_mass = mass[rows[:, None, None], children]  # [B, M, S]
+    parent_mass = mass[rows[:, None], nodes][..., None]  # [B, M, 1]
     ratio = child_mass / parent_mass.clamp_min(torch.finfo(mass.dtype).tiny)
     return ratio.clamp_min(epsilon).log()
 
@@ -117,7 +120,7 @@ class CFAssistant(ScoreProcessor):
     ) -> torch.Tensor:
         if self.mass is None:
             raise RuntimeError("CFAssistant used before begin(): it needs the call's prompts")
-        cf = cf_step_log_probs(self.mass[rows], nodes, trie, self.epsilon)  # [B, M, S]
+        cf = cf_step_log_probs(self.mass, nodes, trie, self.epsilon, rows)  # [B, M, S]
         mixed = self.weight * log_probs + (1.0 - self.weight) * cf
         # forbidden codes and rows the caller did not expand (other depths, dead) stay -inf
         return torch.where(torch.isfinite(log_probs), mixed, -math.inf)
