@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from atspeed_exp.config_help import CONF_DIR, yaml_keys
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +32,7 @@ def test_help_lists_groups_with_options_and_keys_with_meanings():
     assert "alignment (alignment=atspeed_s, conf/alignment/atspeed_s.yaml):" in text
 
 
+@pytest.mark.slow  # run.py --help in a subprocess; the test above covers the listing
 def test_help_shows_the_option_chosen_on_the_command_line():
     text = help_text("alignment=kl", "trainer=gpu")
     assert "alignment (alignment=kl, conf/alignment/kl.yaml):" in text

@@ -172,7 +172,8 @@ def _steps_per_epoch(stage_dir: Path, epochs: int) -> int:
     return torch.load(stage_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] // epochs
 
 
-@pytest.mark.parametrize(("signal_name", "exit_status"), [("KILL", -9), ("TERM", 143)])
+@pytest.mark.parametrize(("signal_name", "exit_status"),
+                         [pytest.param("KILL", -9, marks=pytest.mark.slow), ("TERM", 143)])  # subprocess runs
 def test_target_training_stopped_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(
         tmp_path, one_thread, signal_name, exit_status):
     """A real training process killed (SIGKILL: last.ckpt every 4 steps) or stopped by SIGTERM (saved at that
@@ -225,6 +226,7 @@ def draft_whole(tmp_path_factory):
     return overrides, stage_dir, stage_dir.rename(root / "whole"), (target_dir, teacher_dir, data)
 
 
+@pytest.mark.slow  # subprocess runs; the target test above keeps a kill-and-resume run in the fast suite
 @pytest.mark.parametrize(("signal_name", "exit_status"), [("KILL", -9), ("INT", 130)])
 def test_draft_training_stopped_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(
         draft_whole, one_thread, signal_name, exit_status):

@@ -373,6 +373,7 @@ def test_enumerable_setup_separates_draft_and_target():
     assert exact_total_variation(draft_exact, exact) > 0.35
 
 
+@pytest.mark.slow  # 2,400 sampled lists per law
 def test_speculative_relaxed_exact_matches_target_beam_sampling():
     exact = enumerable_setup()[6]
     noise = sampling_noise(exact, 2400)
@@ -392,6 +393,7 @@ def test_speculative_relaxed_is_close_to_target_beam_sampling():
     assert abs(total_variation(lists, exact) - TV_RELAXED) < 2 * sampling_noise(exact, 2400)
 
 
+@pytest.mark.slow  # 2,400 sampled lists per law
 def test_speculative_relaxed_official_bias_from_target_beam_sampling():
     # the public code's rule is further from the target's law than the draft's own (TV_OFFICIAL): a uniformly random
     # K of the accepted candidates ignores P among them (here the N = 3 candidates often cover every continuation,

@@ -3,6 +3,7 @@ test_pipeline.py checks it on a real sweep."""
 
 import json
 
+import pytest
 import yaml
 
 from atspeed_exp.sweep_summary import summarise_sweep
@@ -42,6 +43,7 @@ def test_summarise_sweep_writes_table_json_and_plot_with_every_job(tmp_path, cap
     assert any("sweep summary" in r.getMessage() and "| kl | strict | 5 |" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow  # a Hydra multirun in a subprocess
 def test_a_sweep_stopped_by_a_failing_job_still_has_its_summary(tmp_path):
     """Hydra's basic sweeper raises on a failed job before its multirun-end callbacks: the table is written after
     every job, so the jobs that finished are summarised."""
