@@ -1096,13 +1096,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 log_stage_model(cfg, draft_logger, "draft", draft_dir)
                 close_logger(draft_logger)
                 summary["draft_dir"] = str(draft_dir)
-                if "eval" in cfg.stages:
-                    metrics.update(evaluate_draft(cfg, target_dir, draft_dir, data))
-                    summary["table"] = speculative_table(metrics, tuple(cfg.decoding.modes), tuple(cfg.decoding.ks))
-                    if cfg.eval.get("all_users", True):
-                        metrics.update(evaluate_draft_all_users(cfg, target_dir, draft_dir, data))
-                        summary["table_all_users"] = all_users_table(metrics, tuple(cfg.decoding.modes),
-                                                                     tuple(cfg.decoding.ks))
+                evaluate_drafter(cfg, target_dir, draft_dir, data, summary, metrics)
     summary["reused_stages"] = reused
     # W&B keeps one active run per process: the eval run starts only after the draft stage's run has finished
     logger = make_logger(cfg, "eval", reused)
@@ -1136,12 +1130,7 @@ def run_model_free_stages(cfg: DictConfig, target_dir: Path, data: RecData, summ
     built_dir = build(cfg, data)
     summary["draft_dir"] = str(built_dir)
     summary["drafter"] = name
-    if "eval" in cfg.stages:
-        metrics.update(evaluate_draft(cfg, target_dir, built_dir, data))
-        summary["table"] = speculative_table(metrics, tuple(cfg.decoding.modes), tuple(cfg.decoding.ks))
-        if cfg.eval.get("all_users", True):
-            metrics.update(evaluate_draft_all_users(cfg, target_dir, built_dir, data))
-            summary["table_all_users"] = all_users_table(metrics, tuple(cfg.decoding.modes), tuple(cfg.decoding.ks))
+    evaluate_drafter(cfg, target_dir, built_dir, data, summary, metrics)
 
 
 def run_layer_skip_stages(cfg: DictConfig, target_dir: Path, data: RecData, summary: dict[str, Any],
@@ -1160,12 +1149,22 @@ def run_layer_skip_stages(cfg: DictConfig, target_dir: Path, data: RecData, summ
         draft_dir = build_layer_skip(cfg, target_dir, data)
         summary["draft_dir"] = str(draft_dir)
     summary["drafter"] = "layer_skip"
-    if "eval" in cfg.stages:
-        metrics.update(evaluate_draft(cfg, target_dir, draft_dir, data))
-        summary["table"] = speculative_table(metrics, tuple(cfg.decoding.modes), tuple(cfg.decoding.ks))
-        if cfg.eval.get("all_users", True):
-            metrics.update(evaluate_draft_all_users(cfg, target_dir, draft_dir, data))
-            summary["table_all_users"] = all_users_table(metrics, tuple(cfg.decoding.modes), tuple(cfg.decoding.ks))
+    evaluate_drafter(cfg, target_dir, draft_dir, data, summary, metrics)
+
+
+def evaluate_drafter(cfg: DictConfig, target_dir: Path, draft_dir: Path | None, data: RecData,
+                     summary: dict[str, Any], metrics: dict[str, float]) -> None:
+    """The eval stage, whichever drafter drafts (``draft_dir``: its stage, or None for a configured layer-skip set):
+    the batch-1 table on ``eval.speculative_users``, then every test user batched (``eval.all_users``). Fills
+    ``summary`` and ``metrics`` in place; nothing without eval in ``stages``."""
+    if "eval" not in cfg.stages:
+        return
+    modes, ks = tuple(cfg.decoding.modes), tuple(cfg.decoding.ks)
+    metrics.update(evaluate_draft(cfg, target_dir, draft_dir, data))
+    summary["table"] = speculative_table(metrics, modes, ks)
+    if cfg.eval.get("all_users", True):
+        metrics.update(evaluate_draft_all_users(cfg, target_dir, draft_dir, data))
+        summary["table_all_users"] = all_users_table(metrics, modes, ks)
 
 
 def format_summary(summary: dict[str, Any], cutoffs: tuple[int, ...] = (5, 10, 20)) -> str:
