@@ -31,13 +31,20 @@ def teacher_inputs():
 
 
 def make_teacher(directory: Path) -> int:
-    """Teacher data of a tiny random LLaMA; returns its forward calls in this process."""
+    """Teacher data of a tiny random LLaMA; returns its forward calls in this process. One thread, as each rank
+    uses: bytes are equal across processes that sum in the same order (another thread count splits the matrix
+    products' sums differently)."""
     trie, vocab, prompts, responses = teacher_inputs()
     target = tiny_llama(vocab, layers=1, hidden=32, seed=3)
     calls = []
     target.model.model.register_forward_hook(lambda *_: calls.append(1))  # the decoder runs once per call
-    generate_teacher_data(target, prompts, trie, directory, "tiny-3", num_beams=5, shard_size=SHARD_SIZE,
-                          batch_size=2, progress=False, responses=responses)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generate_teacher_data(target, prompts, trie, directory, "tiny-3", num_beams=5, shard_size=SHARD_SIZE,
+                              batch_size=2, progress=False, responses=responses)
+    finally:
+        torch.set_num_threads(threads)
     return len(calls)
 
 
@@ -165,10 +172,16 @@ def random_target(root: Path) -> Path:
 
 
 def make_teacher_stage(root: Path, artifacts: str, target_dir: Path) -> Path:
+    """The pipeline's teacher stage, on one thread as each rank runs (see ``make_teacher``)."""
     from atspeed_exp import pipeline
 
     cfg = stage_config(root, artifacts)
-    return pipeline.make_teacher(cfg, target_dir, pipeline.load_data(cfg, target_dir / "tokenizer"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return pipeline.make_teacher(cfg, target_dir, pipeline.load_data(cfg, target_dir / "tokenizer"))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def stage_rank_main(rank: int, world: int, root: str, target_dir: str) -> None:
