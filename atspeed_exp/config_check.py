@@ -209,6 +209,7 @@ def _rules() -> dict[str, Callable[[Any], str | None]]:
         "target_training.max_epochs": _int_at_least(1),
         "target_training.batch_size": _int_at_least(1),
         "target_training.checkpoint_every_n_steps": _optional(_int_at_least(1)),
+        "target_training.val_metric": _one_of(("recall", "ndcg")),
         "draft_training.checkpoint_every_n_steps": _optional(_int_at_least(1)),
         "eval.num_beams": _int_at_least(1),
         "eval.cutoffs": _list_of(_int_at_least(1)),

@@ -205,12 +205,17 @@ def resume_callbacks(stage: str, stage_dir: Path, every_n_steps: int | None) -> 
 
 # training keys that change when and where a fit is checkpointed, not what it trains: not in the stage keys
 RESUME_KEYS = ("checkpoint_every_n_steps",)
+# settings added after stages were built with their behaviour: at these values they are left out of the stage key,
+# so the stages made before they existed are still found
+KEY_DEFAULTS = {"val_metric": "recall"}
 
 
 def training_settings(training: DictConfig) -> dict:
-    """A stage's training settings without ``RESUME_KEYS``, for its stage key."""
+    """A stage's training settings without ``RESUME_KEYS`` (and ``KEY_DEFAULTS`` keys at those values), for its
+    stage key."""
     settings = OmegaConf.to_container(training, resolve=True)
-    return {k: v for k, v in settings.items() if k not in RESUME_KEYS}
+    return {k: v for k, v in settings.items()
+            if k not in RESUME_KEYS and not (k in KEY_DEFAULTS and v == KEY_DEFAULTS[k])}
 
 
 def fit_resumable(trainer: pl.Trainer, module: pl.LightningModule, datamodule: pl.LightningDataModule, last: Path,
@@ -270,7 +275,9 @@ def check_data_files(cfg: DictConfig) -> None:
         )
 
 
-def load_data(cfg: DictConfig, tokenizer_dir: Path | None = None) -> RecData:
+def load_data(cfg: DictConfig, tokenizer_dir: Path | None = None, cache_dir: Path | None = None) -> RecData:
+    """The dataset encoded for the model's tokenizer (``tokenizer_dir``: a stage's saved one); with ``cache_dir``
+    the encodings are kept there and read back by later runs (``data.encoded_cache``; written by rank 0 only)."""
     return RecData.build(
         root=data_root(cfg),
         name=cfg.data.name,
@@ -280,6 +287,8 @@ def load_data(cfg: DictConfig, tokenizer_dir: Path | None = None) -> RecData:
         sliding_window=cfg.data.sliding_window,
         tokenizer_dir=tokenizer_dir,
         pretrained_tokenizer_dir=cfg.model.get("path") if tokenizer_dir is None else None,
+        cache_dir=cache_dir,
+        write_cache=is_rank_zero(),
     )
 
 
@@ -333,9 +342,9 @@ def _train_target(cfg: DictConfig, logger: Any, extra_callbacks: list | None = N
     fingerprint = dataset_fingerprint(cfg)
     if reusable(stage_dir, {"dataset_sha": fingerprint}):
         log.info("target stage: reusing %s", stage_dir)
-        return stage_dir, load_data(cfg, tokenizer_dir)
+        return stage_dir, load_data(cfg, tokenizer_dir, stage_dir / "encoded")
 
-    data = load_data(cfg, tokenizer_dir if tokenizer_dir.exists() else None)
+    data = load_data(cfg, tokenizer_dir if tokenizer_dir.exists() else None, stage_dir / "encoded")
     if not tokenizer_dir.exists() and is_rank_zero():  # saved before training so a resumed run gets identical ids
         save_tokenizer(data.tokenizer, tokenizer_dir)
     pl.seed_everything(cfg.seed, workers=True)
@@ -364,7 +373,7 @@ def _train_target(cfg: DictConfig, logger: Any, extra_callbacks: list | None = N
         data, batch_size=training.batch_size, eval_batch_size=cfg.eval.batch_size, val_limit=val_users,
         seed=cfg.seed,
     )
-    monitor = f"target/val_recall@{training.val_beams}"
+    monitor = f"target/val_{training.get('val_metric', 'recall')}@{training.val_beams}"
     checkpoint = pl.callbacks.ModelCheckpoint(
         dirpath=stage_dir / "checkpoints", filename="best", monitor=monitor, mode="max",
         enable_version_counter=False,  # a resumed run overwrites best/last instead of writing best-v1

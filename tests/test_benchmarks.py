@@ -347,3 +347,49 @@ def test_teacher_scaling_reports_every_world_size_with_the_one_process_files(tmp
     assert len([n for n in one["files_sha256"] if n.endswith(".pt")]) == 4
     assert two["files_sha256"] == one["files_sha256"] and two["same_files_as_w1"] is True
     assert json.loads((tmp_path / "scale" / "teacher.json").read_text())["rows"][1]["world_size"] == 2
+
+
+def test_checkpoint_selection_scores_each_checkpoint_on_validation_users_and_picks_by_them(tmp_path, capsys):
+    """Two checkpoints of one target stage (its own weights and other ones): each row's validation Recall@10 equals a
+    naive count of hits in that checkpoint's beam-search lists, and the selected row is the best by the chosen
+    validation figure (the test figures are reported, never used to choose)."""
+    import json
+
+    from atspeed_exp.data.recdata import RecData
+    from atspeed_exp.evaluation import generate_lists
+    from atspeed_exp.models.build import load_model
+    from atspeed_exp.models.lean import decoder_for
+
+    bench = load_script("checkpoint_selection")
+    target_dir, data_root = _random_target_stage(tmp_path)
+    (target_dir / "stage.json").write_text(json.dumps({"settings": {"data": {
+        "root": str(data_root), "name": "synthetic", "prompt_format": "compact", "max_history": 20}}}))
+    model = load_model(target_dir / "model")
+    (target_dir / "checkpoints").mkdir()
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "epoch": 0, "global_step": 5},
+               target_dir / "checkpoints" / "a.ckpt")
+    torch.manual_seed(1)
+    other = {k: v + 0.5 * torch.randn_like(v) for k, v in model.state_dict().items()}
+    torch.save({"state_dict": {f"model.{k}": v for k, v in other.items()}, "epoch": 1, "global_step": 10},
+               target_dir / "checkpoints" / "b.ckpt")
+    out = tmp_path / "selection.json"
+    assert bench.main([str(target_dir), "--users", "15", "--select", "recall@10", "--resamples", "50",
+                       "--out", str(out)]) == 0
+    rows = {r["checkpoint"]: r for r in json.loads(out.read_text())["rows"]}
+    assert (rows["a.ckpt"]["epoch"], rows["b.ckpt"]["epoch"], rows["b.ckpt"]["global_step"]) == (1, 2, 10)
+
+    data = RecData.build(data_root, "synthetic", tokenizer_dir=target_dir / "tokenizer", splits=("valid",))
+    prompts, truth = data.splits["valid"].prompts[:15], data.splits["valid"].ground_truth()[:15]
+    for name, weights in (("a.ckpt", model.state_dict()), ("b.ckpt", other)):
+        model.load_state_dict(weights)
+        with torch.inference_mode():
+            items = generate_lists(decoder_for(model.eval(), "auto"), prompts, data.trie(), 10, data.pad_id,
+                                   progress=False).items.tolist()
+        naive = sum(len(set(lst) & set(g)) / len(g) for lst, g in zip(items, truth)) / len(truth)
+        assert rows[name]["val/recall@10"] == pytest.approx(naive), name
+        assert rows[name]["val/users"] == 15 and "test/recall@10" in rows[name]
+    best = max(rows.values(), key=lambda r: r["val/recall@10"])
+    assert [r["checkpoint"] for r in rows.values() if r["selected"]] == [best["checkpoint"]]
+    assert best["val/recall@10_selected_minus_this"] == 0.0
+    with pytest.raises(SystemExit):
+        bench.main([str(tmp_path / "missing")])

@@ -37,6 +37,7 @@ def test_check_config_accepts_every_alignment_form(alignment):
     (["target_training.checkpoint_every_n_steps=0", "draft_training.checkpoint_every_n_steps=two"],
      ["target_training.checkpoint_every_n_steps=0: expected null or an integer >= 1",
       "draft_training.checkpoint_every_n_steps='two': expected null or an integer >= 1"]),
+    (["target_training.val_metric=mrr"], ["target_training.val_metric='mrr': expected one of ['recall', 'ndcg']"]),
     (["decoding.drafter=layer_skip", "eval.backend=hf"],
      ["decoding.drafter=layer_skip with eval.backend='hf': skipping sublayers needs the lean forward"]),
     (["decoding.drafter=ngram"],

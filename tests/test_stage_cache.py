@@ -1,11 +1,15 @@
 """What a rerun reuses: the target's test evaluation is read from its stage dir, not decoded again."""
 
+from omegaconf import open_dict
 from pipeline_helpers import compose_config, tiny_overrides
 
 from atspeed_exp import pipeline
+from atspeed_exp.data.recdata import RecData
 
 
 def test_target_evaluation_is_cached_with_the_target_and_keyed_by_its_settings(tmp_path, monkeypatch):
+    """A rerun reads the target's test figures and the encoded splits from the target stage; other evaluation
+    settings decode again."""
     overrides = tiny_overrides(tmp_path) + ["stages=[target]"]
     first = pipeline.run(compose_config(overrides))
     cached = list((tmp_path / "artifacts" / "target").glob("*/eval/target-*.json"))
@@ -15,6 +19,8 @@ def test_target_evaluation_is_cached_with_the_target_and_keyed_by_its_settings(t
         raise AssertionError("the cached target evaluation should have been reused")
 
     monkeypatch.setattr(pipeline, "generate_lists", no_decoding)
+    monkeypatch.setattr(RecData, "encode", no_decoding)  # the encoded splits are read from the stage too
+    assert {p.name for p in cached[0].parents[1].joinpath("encoded").iterdir()} == {"train.pt", "valid.pt", "test.pt"}
     second = pipeline.run(compose_config(overrides))
     assert second["target_reused"] and {k: v for k, v in second["metrics"].items() if k.startswith("eval/")} == {
         k: v for k, v in first["metrics"].items() if k.startswith("eval/")}
@@ -156,3 +162,20 @@ def test_all_users_evaluation_reuses_the_target_beam_lists_it_cached(tmp_path, c
     decoded = []
     pipeline.cached_target_lists(other, target_dir, 20)(5, lambda: decoded.append(5) or torch.zeros(20, 5))
     assert decoded == [5] and len(list(target_dir.glob("eval/beam-lists-*.pt"))) == 3
+
+
+def test_the_validation_metric_picks_the_monitored_checkpoint_and_only_a_non_default_one_changes_the_key(tmp_path):
+    """target_training.val_metric=ndcg keeps the best epoch by validation NDCG (recorded as the stage's monitor) in a
+    stage of its own; at its default (recall) the key is the one the stages built before the option existed have."""
+    import json
+
+    base = compose_config(tiny_overrides(tmp_path))
+    ndcg = compose_config(tiny_overrides(tmp_path) + ["target_training.val_metric=ndcg"])
+    assert pipeline.target_stage_dir(ndcg) != pipeline.target_stage_dir(base)
+    legacy = compose_config(tiny_overrides(tmp_path))  # the configuration as it was before the option existed
+    with open_dict(legacy):
+        del legacy.target_training["val_metric"]
+    assert pipeline.target_stage_dir(legacy) == pipeline.target_stage_dir(base)
+    target_dir, _ = pipeline.train_target(ndcg, False)
+    stage = json.loads((target_dir / "stage.json").read_text())
+    assert stage["monitor"] == "target/val_ndcg@10" and stage["best_score"] is not None

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from atspeed_exp.data import encoded_cache
 from atspeed_exp.data.atspeed_format import DataFormatError, build_examples, item_popularity, load_atspeed_dataset
 from atspeed_exp.data.prompts import PromptFormatter, encode_prompt, encode_response
 from atspeed_exp.data.prompts import IGNORE_INDEX
@@ -83,12 +84,17 @@ class RecData:
         tokenizer_dir: str | Path | None = None,
         pretrained_tokenizer_dir: str | Path | None = None,
         splits: tuple[str, ...] = ("train", "valid", "test"),
+        cache_dir: str | Path | None = None,
+        write_cache: bool = True,
     ) -> RecData:
         """Load and encode a dataset.
 
         tokenizer_dir: a tokenizer saved by an earlier run (reused as is, so ids match its model);
         pretrained_tokenizer_dir: a local pretrained checkpoint whose tokenizer gets the SID tokens added;
         neither: a word-level tokenizer is built from scratch for this dataset and prompt format.
+        cache_dir: where each split's encodings are kept (``encoded_cache``: ``<split>.pt``, keyed by the examples,
+        SIDs, prompt format and tokenizer) and read back by a later build; ``write_cache`` False only reads (the
+        non-zero ranks of a multi-process run).
         """
         dataset = load_atspeed_dataset(root, name, index_file)
         formatter = PromptFormatter(prompt_format)
@@ -99,11 +105,24 @@ class RecData:
         else:
             tokenizer = build_scratch_tokenizer(dataset.level_tokens(), formatter.prompt_words())
         data = cls(dataset, tokenizer, formatter, SIDIndex.build(dataset, tokenizer))
+        tokenizer_id = encoded_cache.tokenizer_fingerprint(tokenizer) if cache_dir is not None else ""
         for split in splits:
             window = sliding_window and split == "train"
             examples = build_examples(dataset, split, max_history=max_history, sliding_window=window)
             check_split_size(dataset, split, len(examples))
+            if cache_dir is None:
+                data.splits[split] = data.encode(examples)
+                continue
+            path = Path(cache_dir) / f"{split}.pt"
+            key = encoded_cache.split_key(examples, dataset.item_sids, prompt_format, tokenizer_id)
+            cached = encoded_cache.load(path, key)
+            if cached is not None and len(cached[0]) == len(examples):
+                log.info("%s/%s: encodings read from %s", name, split, path)
+                data.splits[split] = EncodedSplit(examples, *cached)
+                continue
             data.splits[split] = data.encode(examples)
+            if write_cache:
+                encoded_cache.save(path, key, data.splits[split].prompts, data.splits[split].responses)
         return data
 
     def encode(self, examples: list[Example]) -> EncodedSplit:
