@@ -303,9 +303,6 @@ def value_problems(cfg: DictConfig, stages: tuple[str, ...]) -> list[str]:
     if m is not None and not max(decoding.ks) <= m <= n:
         problems.append(f"decoding.verify_beams={m}: expected max(decoding.ks)={max(decoding.ks)} <= M <= "
                         f"decoding.draft_beams={n}")
-    if "cf_assistant" in (decoding.get("processors") or ()) and "sasrec" not in cfg.get("stages", []):
-        problems.append(f"decoding.processors={list(decoding.processors)} with stages={list(cfg.stages)}: "
-                        f"cf_assistant needs sasrec in stages (SASRec's item probabilities)")
     k_dare = decoding.get("dare_top_k")
     if k_dare is not None and "dare" in decoding.modes and k_dare < max(decoding.ks):
         problems.append(f"decoding.dare_top_k={k_dare}: expected k >= max(decoding.ks)={max(decoding.ks)} (a depth "

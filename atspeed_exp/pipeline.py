@@ -34,7 +34,7 @@ from atspeed_exp.callbacks.atomic_checkpoint import AtomicCheckpointIO
 from atspeed_exp.callbacks.progress import LogProgress
 from atspeed_exp.callbacks.resume import MidEpochCheckpoint, ResumeState, TrainingStopped
 from atspeed_exp.callbacks.speculative_eval import SpeculativeEvalCallback
-from atspeed_exp.config_check import check_config
+from atspeed_exp.config_check import ConfigError, check_config
 from atspeed_exp.data.datamodule import TargetDataModule
 from atspeed_exp.data.draft_batches import DraftDataModule
 from atspeed_exp.data.atspeed_format import SPLIT_FILES, build_examples, default_index_file
@@ -808,6 +808,21 @@ def cf_source(cfg: DictConfig) -> Any:
     return SASRecItemProbabilities(load_sasrec(stage_dir))
 
 
+def check_processor_inputs(cfg: DictConfig) -> None:
+    """Before any work: ``cf_assistant`` reads SASRec's item probabilities, so the run either builds the sasrec stage
+    (``sasrec`` in ``stages``) or finds it already built with these settings; ConfigError otherwise."""
+    processors = list(cfg.decoding.get("processors") or ())
+    if "cf_assistant" not in processors or "sasrec" in cfg.stages:
+        return
+    from atspeed_exp.baselines import sasrec_stage_dir
+
+    stage_dir = sasrec_stage_dir(cfg)
+    if not stage_done(stage_dir):
+        raise ConfigError(f"decoding.processors={processors} with stages={list(cfg.stages)}: cf_assistant needs "
+                          f"SASRec's item probabilities and no sasrec stage of these settings is built ({stage_dir}); "
+                          f"add sasrec to stages")
+
+
 def processor_settings(cfg: DictConfig) -> list:
     """What the configured processors change in the lists (a cache key part): their names and settings, the
     SASRec stage behind cf_assistant."""
@@ -816,7 +831,10 @@ def processor_settings(cfg: DictConfig) -> list:
     if "cf_assistant" in processors:
         from atspeed_exp.baselines import sasrec_stage_dir
 
-        settings += [cfg.decoding.cf_weight, cfg.decoding.cf_epsilon, sasrec_stage_dir(cfg).name]
+        stage_dir = sasrec_stage_dir(cfg)
+        weights = stage_dir / "model.pt"  # the stage's weights, not only its name: a retrained SASRec is another input
+        settings += [cfg.decoding.cf_weight, cfg.decoding.cf_epsilon,
+                     f"{stage_dir.name}:{artifacts.sha256_file(weights)[:16] if weights.exists() else 'unbuilt'}"]
     return settings
 
 
@@ -1042,6 +1060,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     A stage that trains or generates logs to a run of its own; a stage reused from the cache opens none, and the
     runs after it name it (``make_logger``'s ``reused``)."""
     check_config(cfg, STAGES)
+    check_processor_inputs(cfg)
     from atspeed_exp.prepare import prepare_for_run  # it imports the sasrec stage, which imports this module
 
     prepare_for_run(cfg)  # a data config with prepare / sid builds data.root and its index when missing or stale

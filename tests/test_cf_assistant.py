@@ -245,8 +245,13 @@ def test_pipeline_decodes_with_the_sasrec_assistant(tmp_path, monkeypatch):
     assert tuned["recall"][str(tuned["best"])] == max(tuned["recall"].values())
     with pytest.raises(ConfigError, match="decoding.cf_weight"):
         pipeline.run(compose_config(overrides[:-1] + ["decoding.cf_weight=1.5"]))
-    with pytest.raises(ConfigError, match="cf_assistant needs sasrec"):
-        pipeline.run(compose_config(base + ["decoding.processors=[cf_assistant]"]))
+    with pytest.raises(ConfigError, match="cf_assistant needs SASRec"):  # a SASRec of other settings is not built
+        pipeline.run(compose_config(base + ["decoding.processors=[cf_assistant]", "sasrec.max_epochs=2"]))
+    # the built one is used without sasrec in stages (every stage cached: nothing is decoded again)
+    again = pipeline.run(compose_config(base + ["stages=[target,teacher,draft,eval]",
+                                                "decoding.processors=[cf_assistant]", "decoding.cf_weight=0.5"]))
+    assert again["metrics"]["eval/all/strict/k5/target_calls_per_list"] == metrics[
+        "eval/all/strict/k5/target_calls_per_list"]
 
 
 @pytest.mark.parametrize("prompt_format", ["compact", "alpaca"])

@@ -67,9 +67,6 @@ def test_check_config_accepts_every_alignment_form(alignment):
     (["decoding.cf_weight=1.5", "decoding.cf_epsilon=1"],
      ["decoding.cf_weight=1.5: expected a number in [0.0, 1.0]",
       "decoding.cf_epsilon=1: expected a number in (0.0, 1.0)"]),
-    (["decoding.processors=[cf_assistant]"],
-     ["decoding.processors=['cf_assistant'] with stages=['target', 'teacher', 'draft', 'eval']: cf_assistant needs "
-      "sasrec in stages"]),
 ])
 def test_check_config_names_every_problem(overrides, messages):
     with pytest.raises(ConfigError) as error:
@@ -139,3 +136,26 @@ def test_check_config_accepts_the_ddp_trainer_and_builds_its_strategy(tmp_path):
     trainer = instantiate(cfg.trainer, logger=False, default_root_dir=str(tmp_path))
     assert isinstance(trainer.strategy, DDPStrategy) and trainer.world_size == 2
     assert pipeline.trainer_key(cfg) != pipeline.trainer_key(compose_config([]))  # its own stage dirs
+
+
+def test_cf_assistant_needs_the_sasrec_stage_built_or_in_stages_before_any_work(tmp_path):
+    """Without sasrec in stages the run is refused before any work unless a sasrec stage of these settings is
+    already built; the processor's cache key follows SASRec's weights, not only its stage's name."""
+    from pipeline_helpers import tiny_overrides
+
+    from atspeed_exp.baselines import sasrec_stage_dir
+
+    cfg = compose_config(tiny_overrides(tmp_path) + ["decoding.processors=[cf_assistant]"])
+    with pytest.raises(ConfigError, match=r"cf_assistant needs SASRec's item probabilities .* add sasrec to stages"):
+        pipeline.run(cfg)
+    assert not (tmp_path / "artifacts").exists() and not (tmp_path / "data").exists()
+    pipeline.check_processor_inputs(compose_config(tiny_overrides(tmp_path) + [
+        "decoding.processors=[cf_assistant]", "stages=[sasrec,target,eval]"]))  # it builds the stage first
+    stage_dir = sasrec_stage_dir(cfg)
+    stage_dir.mkdir(parents=True)
+    (stage_dir / "model.pt").write_bytes(b"weights one")
+    (stage_dir / "stage.json").write_text("{}")
+    pipeline.check_processor_inputs(cfg)  # built: accepted
+    before = pipeline.processor_settings(cfg)
+    (stage_dir / "model.pt").write_bytes(b"weights two")
+    assert pipeline.processor_settings(cfg) != before
