@@ -11,7 +11,8 @@
 Drafters (``--drafter``, comma-separated): ``model`` (the draft model of ``--draft*``), and the model-free
 ``retrieval`` (pools) and ``trigram`` / ``trigram_puct`` (tri-gram counts; plain top-N or PUCT tree), built from the
 dataset's training split before anything is timed, with the settings of conf/decoding/default.yaml (the tri-gram's
-overridable by ``--trigram-*``). Every SD method runs with every drafter; rows of a drafter other than ``model`` carry
+overridable by ``--trigram-*``), and ``layer_skip``: the target itself with the sublayers of ``--skip-attention`` /
+``--skip-mlp`` skipped (the lean forward only; a layer-skip stage's searched set, or any set for a shape). Every SD method runs with every drafter; rows of a drafter other than ``model`` carry
 its name (``sd_strict_trigram``). A drafter that learns from the target (``trigram``, ``adapt`` not ``none``) starts
 each method's pass at each K, after the warm-up lists, with nothing learned.
 
@@ -57,6 +58,7 @@ from atspeed_exp.decoding.drafters import (
     build_retrieval_pools,
     build_trigram_counts,
 )
+from atspeed_exp.decoding.drafters.layer_skip import LayerSkipDrafter
 from atspeed_exp.decoding.drafters.trigram import ADAPT_SCOPES
 from atspeed_exp.decoding.speculative import speculative_beam_search
 from atspeed_exp.decoding.tree import tree_beam_search
@@ -72,7 +74,7 @@ log = logging.getLogger("bench_decoding")
 METHODS = ("beam", "beam_tree", "hf_generate", "sd_strict", "sd_relaxed", "sd_relaxed_exact", "sd_relaxed_official",
            "sd_dare")
 BASELINE = "beam_tree"  # our best target-only beam search (one cache row per user, tree attention)
-DRAFTERS = ("model", "retrieval", "trigram", "trigram_puct")
+DRAFTERS = ("model", "retrieval", "trigram", "trigram_puct", "layer_skip")
 DECODING_CONF = Path(__file__).resolve().parents[1] / "conf" / "decoding" / "default.yaml"  # model-free defaults
 COLUMNS = (
     "method", "lists", "median_ms", "p90_ms", "speedup_tot", "speedup_mean", "tgt_calls", "drf_calls",
@@ -82,6 +84,14 @@ COLUMNS = (
 
 
 # -- command line --------------------------------------------------------------------------------------------------
+def int_list(text: str) -> tuple[int, ...]:
+    """'1,3,5' -> (1, 3, 5); '' -> ()."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1,3,5") from None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Walltime of target-only beam search, transformers generate and speculative beam search "
@@ -108,6 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--trigram-update-weight", type=float, help="tri-gram drafters: count per updated node")
     m.add_argument("--trigram-smoothing", type=float, help="tri-gram drafters: weight of the lower orders")
     m.add_argument("--trigram-puct-c", type=float, help="trigram_puct: PUCT's exploration constant")
+    m.add_argument("--skip-attention", type=int_list, default=(), help="layer_skip: decoder layers (0-based, "
+                   "comma-separated) whose attention the draft skips")
+    m.add_argument("--skip-mlp", type=int_list, default=(), help="layer_skip: layers whose MLP the draft skips")
 
     d = p.add_argument_group("data")
     d.add_argument("--data-root", help="dataset folder (default: the target run's data root, else "
@@ -336,6 +349,11 @@ def build_setup(args: argparse.Namespace, tmp: Path) -> Setup:
     drafters, drafter_info = model_free_drafters(args, data, device)
     if "model" in args.drafters and draft is not None:
         drafters["model"] = draft
+    if "layer_skip" in args.drafters:
+        drafters["layer_skip"] = LayerSkipDrafter(target, args.skip_attention, args.skip_mlp)  # TypeError for hf
+        drafter_info["layer_skip"] = {"settings": {"skip_attention": list(drafters["layer_skip"].skip_attention),
+                                                   "skip_mlp": list(drafters["layer_skip"].skip_mlp)},
+                                      "kept_fraction": drafters["layer_skip"].kept_fraction, "build_s": 0.0}
     return Setup(target, draft, drafters, drafter_info, target_model, target_info, draft_info, data, root,
                  data.trie().to(device), {k: sorted(v) for k, v in prefixes.items()}, prompts)
 
@@ -344,7 +362,7 @@ def model_free_drafters(args: argparse.Namespace, data: RecData, device: torch.d
                         ) -> tuple[dict[str, Drafter], dict[str, dict[str, Any]]]:
     """The retrieval / tri-gram drafters ``--drafter`` names, built from the training split (conf/decoding's
     settings, ``--trigram-*`` over them), with what their build took."""
-    wanted = [name for name in args.drafters if name != "model"]
+    wanted = [name for name in args.drafters if name not in ("model", "layer_skip")]
     if not wanted:
         return {}, {}
     conf = OmegaConf.to_container(OmegaConf.load(DECODING_CONF), resolve=True)

@@ -114,6 +114,10 @@ def count(argv: list[str] | None = None) -> dict[str, Any]:
         attribute_forwards(setup.target, counter, "target")
         if setup.draft is not None and setup.draft is not setup.target:
             attribute_forwards(setup.draft, counter, "draft")
+        for drafter in setup.drafters.values():  # a drafter running a model of its own (layer_skip: a view)
+            view = getattr(drafter, "model", None) if getattr(drafter, "runs_model", False) else None
+            if view is not None and view is not setup.target and view is not setup.draft:
+                attribute_forwards(view, counter, "draft")
         for k in args.ks:
             runners, _ = bench_decoding.make_runners(setup, args, k)  # not the CUDA phase-profile runs
             for name, run in runners.items():
@@ -134,6 +138,7 @@ def count(argv: list[str] | None = None) -> dict[str, Any]:
                         row[f"{part}_{kind}"] = counter.counts[(part, kind)] / lists
                 row["kernel_total"] = sum(row[f"{part}_kernel"] for part in PARTS)
                 row["target_kernels_per_call"] = row["target_kernel"] / max(row["target_calls"], 1e-9)
+                row["draft_kernels_per_call"] = row["draft_kernel"] / max(row["draft_calls"], 1e-9)
                 row["top_search_ops"] = {n: c / lists for n, c in counter.names["search"].most_common(12)}
                 for part in PARTS:
                     counter.names[part].clear()

@@ -141,6 +141,25 @@ def test_count_ops_charges_each_forward_to_its_model(tmp_path, capsys):
     assert "search kernels" in text and f"| 5 | 1 | 10 | sd_strict | {sd['target_calls']:.2f} |" in text
 
 
+def test_count_ops_charges_the_layer_skip_drafts_to_the_draft_and_they_shrink_with_the_skip_set(tmp_path):
+    """The layer-skip drafter's forwards (a view of the target) count as draft kernels: with nothing skipped a draft
+    call runs the target's ops (up to the prefill's concatenations), and each skipped sublayer removes its ops."""
+    common = ["--target-config", str(REPO / "conf" / "model" / "llama_tiny.yaml"), "--data-name", "synthetic",
+              "--data-root", str(tmp_path / "synthetic"), "--users", "2", "--ks", "5", "--warmup", "1",
+              "--threads", "1", "--methods", "beam_tree,sd_strict", "--draft-beams", "10", "--gamma", "1",
+              "--drafter", "layer_skip", "--backend", "lean"]
+    per_call = {}
+    for label, skip in (("none", []), ("mlp", ["--skip-mlp", "1"]), ("more", ["--skip-mlp", "0,1",
+                                                                           "--skip-attention", "1"])):
+        report = load_script("count_ops").count(common + skip)
+        sd = next(row for row in report["rows"] if row["method"] == "sd_strict_layer_skip")
+        assert sd["draft_calls"] >= 1 and sd["draft_kernel"] > 0
+        per_call[label] = (sd["draft_kernels_per_call"], sd["target_kernels_per_call"])
+    assert abs(per_call["none"][0] - per_call["none"][1]) <= 4
+    assert per_call["none"][0] > per_call["mlp"][0] > per_call["more"][0] > 0
+    assert load_script("bench_decoding").int_list("1, 3,") == (1, 3)
+
+
 def test_perf_tables_come_from_the_benchmark_json(tmp_path, capsys):
     bench = load_script("bench_decoding")
     common = ["--target-config", str(REPO / "conf" / "model" / "llama_tiny.yaml"), "--data-name", "synthetic",
