@@ -280,7 +280,7 @@ def test_stage_lock_makes_a_second_process_wait_and_reuse_the_stage(tmp_path):
     first = _python(_BUILD_ONCE, str(stage))
     _wait_for(tmp_path / "artifacts" / "target" / "builds.log")  # the first holds the lock and is building
     second = _python(_BUILD_ONCE, str(stage))
-    (out1, err1), (out2, err2) = first.communicate(timeout=60), second.communicate(timeout=60)
+    (out1, err1), (out2, err2) = first.communicate(), second.communicate()
     assert first.returncode == 0 and second.returncode == 0, err1 + err2
     assert (out1.strip(), out2.strip()) == ("built", "reused")
     assert (tmp_path / "artifacts" / "target" / "builds.log").read_text() == "build\n"  # the work ran once
@@ -297,7 +297,7 @@ def test_stage_lock_is_released_when_its_process_is_killed(tmp_path):
         with pytest.raises(BlockingIOError):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         holder.kill()
-        holder.communicate(timeout=30)
+        holder.communicate()
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again: the lock died with its process
 
 

@@ -121,7 +121,7 @@ def target_val_loss(tmp_path, *overrides: str) -> float:
             *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
     done = subprocess.run([sys.executable, str(root / "run.py"), *args], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     (metrics,) = (tmp_path / "out").glob("*-target/version_0/metrics.csv")
     losses = [float(row["target/val_loss"]) for row in csv.DictReader(metrics.open()) if row["target/val_loss"]]

@@ -141,7 +141,7 @@ def _run_child(stage: str, signal_name: str, step: int, overrides: list[str]) ->
     """``tests/resume_child.py``: a real process training ``stage`` that sends itself ``signal_name`` at ``step``."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(REPO / "tests" / "resume_child.py"), stage, signal_name, str(step),
-                           *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                           *overrides], cwd=REPO, env=env, capture_output=True, text=True)
 
 
 def _stopped_mid_epoch_at(stage: str, every: int, steps_per_epoch: int, seed: str) -> int:
