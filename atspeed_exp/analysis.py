@@ -73,8 +73,8 @@ def _drop_inactive(config: dict[str, Any]) -> None:
     """Remove the settings a run does not use (and the defaults of settings added after it was made), so runs of one
     setting group together whichever version wrote them: a drafter's options unless it drafts, DARE's unless a mode
     is dare, the ghost threshold without ghost_debias, the assistant's weight and floor without cf_assistant, no
-    score processors, the model drafter, and the batch-1 check's user count (a measurement beside the figures, not a
-    setting of them)."""
+    score processors, the model drafter, the batch-1 check's user count (a measurement beside the figures, not a
+    setting of them), and the target's validation metric at its default (recall)."""
     decoding = config.get("decoding")
     if isinstance(decoding, dict):
         drafter = decoding.get("drafter", "model")
@@ -95,6 +95,9 @@ def _drop_inactive(config: dict[str, Any]) -> None:
             decoding.pop("drafter", None)
     if isinstance(config.get("eval"), dict):
         config["eval"].pop("batch1_users", None)
+    training = config.get("target_training")
+    if isinstance(training, dict) and training.get("val_metric", "recall") == "recall":
+        training.pop("val_metric", None)  # the selection every target used before the key existed
 
 
 def group_key(config: dict[str, Any]) -> str:

@@ -87,19 +87,22 @@ def test_across_seeds_aggregates_all_users_rows_by_form_mode_and_k():
 
 
 def test_group_key_ignores_settings_a_run_does_not_use():
-    """A run written before the tri-gram or layer-skip drafter, DARE, score processors or the batch-1 check existed
+    """A run written before the tri-gram or layer-skip drafter, DARE, score processors, the batch-1 check or the
+    target's validation metric existed
     groups with one written after, when it uses none of them; a run that uses one of them is another setting."""
     from atspeed_exp.analysis import group_key
 
-    old = {"alignment": {"name": "atspeed_s"}, "decoding": {"modes": ["strict"], "gamma": 3}, "eval": {"num_beams": 20}}
+    old = {"alignment": {"name": "atspeed_s"}, "decoding": {"modes": ["strict"], "gamma": 3}, "eval": {"num_beams": 20},
+           "target_training": {"lr": 0.002}}
     new = {"alignment": {"name": "atspeed_s"},
            "decoding": {"modes": ["strict"], "gamma": 3, "drafter": "model", "dare_top_k": None,
                         "dare_threshold": 0.0, "processors": [], "ghost_threshold": None,
                         "trigram": {"adapt": "evaluation"}, "retrieval": {"groups": 8},
                         "layer_skip": {"skip_attention": [], "search": False},
                         "cf_weight": 0.5, "cf_epsilon": 1e-8},
-           "eval": {"num_beams": 20, "batch1_users": 500}}
+           "eval": {"num_beams": 20, "batch1_users": 500}, "target_training": {"lr": 0.002, "val_metric": "recall"}}
     assert group_key(old) == group_key(new)
+    assert group_key({**new, "target_training": {"lr": 0.002, "val_metric": "ndcg"}}) != group_key(new)  # another target
     for changed in ({"drafter": "trigram"}, {"drafter": "layer_skip"}, {"modes": ["strict", "dare"]},
                     {"processors": ["ghost_debias"]}, {"processors": ["cf_assistant"]}, {"gamma": 2}):
         other = {**new, "decoding": {**new["decoding"], **changed}}
