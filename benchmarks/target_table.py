@@ -55,7 +55,10 @@ def target_row(target_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     evaluation = cached_evaluation(target_dir)
     metrics = evaluation["metrics"]
     users = int(metrics.get("eval/num_users", evaluation["settings"].get("users", 0)))
-    row = {"list": "target", "label": f"target, {training.get('max_epochs')} epochs", "target": target_dir.name, "model": settings.get("model", {}).get("name"),
+    selection = (f"best of {training.get('val_users') or 'all'} validation users by "
+                 f"{training.get('val_metric', 'recall')}@{training.get('val_beams', 10)}")
+    row = {"list": "target", "label": f"target, {training.get('max_epochs')} epochs, {selection}",
+           "target": target_dir.name, "model": settings.get("model", {}).get("name"),
            "epochs": training.get("max_epochs"), "seed": settings.get("seed"), "users": users,
            "train_seconds": stage.get("train_seconds_this_run")}
     popular = {"list": "most_popular", "label": "most_popular", "target": None, "users": users}
