@@ -54,3 +54,23 @@ class StopAtEpoch(pl.Callback):
     def on_train_epoch_start(self, trainer, module):
         if trainer.current_epoch == self.epoch:
             raise RuntimeError("simulated crash")
+
+
+def random_target_stage(cfg: DictConfig, root: Path) -> Path:
+    """``root/target/synthetic-random``: a target stage dir holding an untrained tiny target (``cfg.model``, seed 0)
+    and the tokenizer of ``cfg``'s data, as the teacher stage and the benchmarks read them."""
+    import torch
+    from hydra.utils import instantiate
+
+    from atspeed_exp import pipeline
+    from atspeed_exp.data.tokenizer import save_tokenizer
+    from atspeed_exp.models.build import save_model
+
+    data = pipeline.load_data(cfg)
+    torch.manual_seed(0)
+    blocks = data.sid_index.level_blocks
+    model = instantiate(cfg.model, tokenizer=data.tokenizer, sid_token_ids=list(range(blocks[0][0], blocks[-1][1])))
+    target_dir = root / "target" / "synthetic-random"
+    save_model(model, target_dir / "model")
+    save_tokenizer(data.tokenizer, target_dir / "tokenizer")
+    return target_dir

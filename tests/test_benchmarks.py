@@ -324,22 +324,12 @@ def test_target_table_takes_each_targets_widest_cached_evaluation(tmp_path, caps
 
 def _random_target_stage(root: Path) -> tuple[Path, Path]:
     """(a target stage dir with an untrained tiny target and its tokenizer, the synthetic data folder it was made on)."""
-    from hydra.utils import instantiate
-    from pipeline_helpers import compose_config, tiny_overrides
+    from pipeline_helpers import compose_config, random_target_stage, tiny_overrides
 
     from atspeed_exp import pipeline
-    from atspeed_exp.data.tokenizer import save_tokenizer
-    from atspeed_exp.models.build import save_model
 
     cfg = compose_config(tiny_overrides(root))
-    data = pipeline.load_data(cfg)
-    torch.manual_seed(0)
-    blocks = data.sid_index.level_blocks
-    model = instantiate(cfg.model, tokenizer=data.tokenizer, sid_token_ids=list(range(blocks[0][0], blocks[-1][1])))
-    target_dir = root / "target" / "synthetic-random"
-    save_model(model, target_dir / "model")
-    save_tokenizer(data.tokenizer, target_dir / "tokenizer")
-    return target_dir, pipeline.data_root(cfg)
+    return random_target_stage(cfg, root), pipeline.data_root(cfg)
 
 
 @pytest.mark.slow  # three spawned processes that import the pipeline: about a minute on two busy cores

@@ -154,21 +154,9 @@ def stage_config(root: Path, artifacts: str):
 
 def random_target(root: Path) -> Path:
     """A target stage dir holding an untrained tiny target and its tokenizer (the teacher stage reads no more)."""
-    from hydra.utils import instantiate
+    from pipeline_helpers import random_target_stage
 
-    from atspeed_exp import pipeline
-    from atspeed_exp.data.tokenizer import save_tokenizer
-    from atspeed_exp.models.build import save_model
-
-    cfg = stage_config(root, "one")
-    data = pipeline.load_data(cfg)
-    torch.manual_seed(0)
-    blocks = data.sid_index.level_blocks
-    model = instantiate(cfg.model, tokenizer=data.tokenizer, sid_token_ids=list(range(blocks[0][0], blocks[-1][1])))
-    target_dir = root / "target" / "synthetic-random"
-    save_model(model, target_dir / "model")
-    save_tokenizer(data.tokenizer, target_dir / "tokenizer")
-    return target_dir
+    return random_target_stage(stage_config(root, "one"), root)
 
 
 def make_teacher_stage(root: Path, artifacts: str, target_dir: Path) -> Path:

@@ -52,7 +52,8 @@ def _flatten(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _unflatten(flat: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
-    return [chunk.tolist() for chunk in torch.split(flat, lengths.tolist())]
+    ids, ends = flat.tolist(), torch.cumsum(lengths, 0).tolist()  # one host copy each, then list slices
+    return [ids[end - n:end] for end, n in zip(ends, lengths.tolist())]
 
 
 def load(path: Path, key: str) -> tuple[list[list[int]], list[list[int]]] | None:
